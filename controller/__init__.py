@@ -1,0 +1,1 @@
+"""The supervisory application: decision core, scan loop, BMS server, commissioning and CLI."""

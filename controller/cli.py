@@ -1,0 +1,119 @@
+"""The `heatloop` command line. Exit codes: 0 success, 2 bad usage or site file, 1 failure."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from plc_io.site import Site, SiteError, demo_site_text, load_site
+from plc_io.tags import Tag
+
+EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command-line usage; exits with code 2."""
+
+
+def _fmt_num(x: float) -> str:
+    return f"{x:g}"
+
+
+def tag_table_lines(site: Site) -> list[str]:
+    """The tag table as fixed-width text (what `heatloop check` prints)."""
+    rows = [("tag", "dir", "type", "unit", "range", "modbus", "encoding", "safe")]
+
+    def enc(t: Tag) -> str:
+        m = t.modbus
+        s = m.encoding.value
+        if m.scale != 1.0:
+            s += f" ×{_fmt_num(m.scale)}"
+        if m.width == 2:
+            s += f" {m.word_order}"
+        return s
+
+    for t in site.tags:
+        rows.append(
+            (
+                t.name,
+                "out" if t.is_output else "in",
+                t.type.value,
+                t.unit,
+                f"{_fmt_num(t.lo)}…{_fmt_num(t.hi)}",
+                f"{t.modbus.table.value}:{t.modbus.address}",
+                enc(t),
+                "" if t.safe is None else str(t.safe).lower(),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path = Path(args.path)
+    if path.exists() and not args.force:
+        raise UsageError(f"{path} exists; use --force to overwrite")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(demo_site_text(), encoding="utf-8")
+    print(f"wrote the demo site file to {path}")
+    return EXIT_OK
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    site = load_site(args.site)
+    print(f"site {site.site.name!r}: {len(site.inputs)} inputs, {len(site.outputs)} outputs — OK")
+    print()
+    print("\n".join(tag_table_lines(site)))
+    return EXIT_OK
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from controller.demo import run_demo
+
+    return run_demo(minutes=args.minutes, speed=args.speed)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="heatloop", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("init", help="write the demo site file as a starting point")
+    s.add_argument("path")
+    s.add_argument("--force", action="store_true", help="overwrite an existing file")
+    s.set_defaults(func=cmd_init)
+
+    s = sub.add_parser("check", help="validate a site file and print its tag table")
+    s.add_argument("site")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("demo", help="run the embedded demo site")
+    s.add_argument("--minutes", type=float, default=None, help="stop after N wall minutes")
+    s.add_argument("--speed", type=float, default=None, help="simulated seconds per wall second")
+    s.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # argparse exits 2 on bad usage already; keep 0 for --help
+        return int(e.code or 0)
+    try:
+        return int(args.func(args))
+    except SiteError as e:
+        for p in e.problems:
+            print(f"{e.source}: {p}", file=sys.stderr)
+        print(f"{e.source}: {len(e.problems)} problem(s); nothing started", file=sys.stderr)
+        return EXIT_USAGE
+    except UsageError as e:
+        print(f"heatloop: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The hard safety layer: sensor validation, interlock rules as data, latches."""

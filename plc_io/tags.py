@@ -1,0 +1,146 @@
+"""The tag table: one entry per plant signal, the single source for every view of it."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Direction(StrEnum):
+    INPUT = "input"
+    OUTPUT = "output"
+
+
+class DataType(StrEnum):
+    FLOAT = "float"
+    BOOL = "bool"
+
+
+class ModbusTable(StrEnum):
+    """Modbus object types. Only holding registers and coils can be written."""
+
+    HOLDING = "holding"
+    INPUT = "input"
+    COIL = "coil"
+    DISCRETE = "discrete"
+
+
+class Encoding(StrEnum):
+    INT16 = "int16"  # signed, value = raw * scale
+    UINT16 = "uint16"  # unsigned, value = raw * scale
+    INT32 = "int32"  # two registers, value = raw * scale
+    FLOAT32 = "float32"  # two registers, IEEE 754
+    BIT = "bit"  # coil or discrete input
+
+
+REGISTER_WIDTH: dict[Encoding, int] = {
+    Encoding.INT16: 1,
+    Encoding.UINT16: 1,
+    Encoding.INT32: 2,
+    Encoding.FLOAT32: 2,
+    Encoding.BIT: 1,
+}
+
+# Units the project speaks (DESIGN §8), plus counters and seconds for diagnostics.
+UNITS = frozenset({"°C", "m³/h", "bar", "kW", "kWh", "%", "bool", "count", "s"})
+
+# The tags DESIGN §8 promises every site defines.
+REQUIRED_INPUTS = (
+    "it_supply_temp",
+    "it_return_temp",
+    "primary_flow",
+    "primary_pressure",
+    "hx_primary_out_temp",
+    "hx_secondary_in_temp",
+    "hx_secondary_out_temp",
+    "secondary_flow",
+    "secondary_pressure",
+    "tank_top_temp",
+    "tank_mid_temp",
+    "tank_bottom_temp",
+    "customer_supply_temp",
+    "customer_return_temp",
+    "customer_flow",
+    "drycooler_out_temp",
+    "ambient_temp",
+    "it_power",
+    "heat_meter_power",
+    "heat_meter_energy",
+    "reuse_valve_pos",
+    "leak_primary",
+    "leak_reuse",
+    "customer_ready",
+    "primary_pump_a_running",
+    "primary_pump_b_running",
+    "secondary_pump_running",
+    "drycooler_fault",
+)
+REQUIRED_OUTPUTS = (
+    "reuse_valve_cmd",
+    "drycooler_fan_cmd",
+    "primary_pump_a_cmd",
+    "primary_pump_b_cmd",
+    "primary_pump_speed_cmd",
+    "secondary_pump_cmd",
+    "secondary_pump_speed_cmd",
+    "customer_isolation_cmd",
+    "reuse_isolation_cmd",
+    "heartbeat",
+)
+
+Value = float | bool
+
+
+class ModbusPoint(BaseModel):
+    """Where and how a tag lives in the PLC's Modbus map."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    table: ModbusTable
+    address: int = Field(ge=0, le=65535)
+    encoding: Encoding
+    scale: float = 1.0
+    word_order: Literal["big", "little"] = "big"
+
+    @property
+    def width(self) -> int:
+        return REGISTER_WIDTH[self.encoding]
+
+    @property
+    def is_bit(self) -> bool:
+        return self.table in (ModbusTable.COIL, ModbusTable.DISCRETE)
+
+
+class Tag(BaseModel):
+    """One plant signal: its name, unit, engineering range and where the PLC keeps it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    direction: Direction
+    type: DataType
+    unit: str
+    range: tuple[float, float]
+    description: str = ""
+    modbus: ModbusPoint
+    opcua_node: str | None = None
+    safe: Value | None = None  # outputs only: the value the PLC watchdog falls back to
+    verify: bool = False  # outputs only: read back after writing
+
+    @property
+    def lo(self) -> float:
+        return self.range[0]
+
+    @property
+    def hi(self) -> float:
+        return self.range[1]
+
+    @property
+    def is_output(self) -> bool:
+        return self.direction is Direction.OUTPUT
+
+    @property
+    def is_bool(self) -> bool:
+        return self.type is DataType.BOOL
