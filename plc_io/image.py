@@ -1,0 +1,97 @@
+"""The process image: every tag's last sample with its quality and the time it was taken.
+
+Staleness is never stored: a sample knows when it was read, and `quality_at(now, …)` computes
+whether it is still fresh. A value that could not be read is never served as good.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+
+from plc_io.tags import Tag, Value
+
+
+class Quality(StrEnum):
+    GOOD = "good"
+    STALE = "stale"
+    OUT_OF_RANGE = "out_of_range"
+    COMMS_LOST = "comms_lost"
+    BAD_REPLY = "bad_reply"
+    FORCED = "forced"
+
+    @property
+    def usable(self) -> bool:
+        """Whether a value of this quality may drive a decision."""
+        return self in (Quality.GOOD, Quality.FORCED)
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    value: Value | None
+    quality: Quality
+    at_s: float  # when it was read, in the caller's clock
+
+    def age_s(self, now_s: float) -> float:
+        return now_s - self.at_s
+
+    def quality_at(self, now_s: float, stale_after_s: float) -> Quality:
+        if self.quality is Quality.GOOD and self.age_s(now_s) > stale_after_s:
+            return Quality.STALE
+        return self.quality
+
+    def usable_at(self, now_s: float, stale_after_s: float) -> bool:
+        return self.quality_at(now_s, stale_after_s).usable
+
+
+MISSING = Sample(None, Quality.COMMS_LOST, -math.inf)
+
+
+def judge(tag: Tag, value: Value | None, at_s: float) -> Sample:
+    """A freshly decoded value's sample: GOOD inside the engineering range, else OUT_OF_RANGE."""
+    if value is None:
+        return Sample(None, Quality.BAD_REPLY, at_s)
+    if tag.is_bool or isinstance(value, bool):
+        return Sample(bool(value), Quality.GOOD, at_s)
+    v = float(value)
+    ok = math.isfinite(v) and tag.lo <= v <= tag.hi
+    return Sample(v, Quality.GOOD if ok else Quality.OUT_OF_RANGE, at_s)
+
+
+class ProcessImage(Mapping[str, Sample]):
+    """An immutable view of samples by tag name; a tag never read is MISSING (comms lost)."""
+
+    __slots__ = ("_samples",)
+
+    def __init__(self, samples: Mapping[str, Sample] | Iterable[tuple[str, Sample]] = ()) -> None:
+        self._samples = dict(samples)
+
+    def __getitem__(self, name: str) -> Sample:
+        return self._samples.get(name, MISSING)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._samples)
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._samples
+
+    def value(self, name: str) -> Value | None:
+        return self[name].value
+
+    def updated(self, samples: Mapping[str, Sample]) -> ProcessImage:
+        return ProcessImage({**self._samples, **samples})
+
+    def marked(self, names: Iterable[str], quality: Quality, at_s: float) -> ProcessImage:
+        """These points could not be read: keep the last value for diagnosis, never as good."""
+        new = dict(self._samples)
+        for n in names:
+            new[n] = Sample(self[n].value, quality, at_s)
+        return ProcessImage(new)
+
+    def __repr__(self) -> str:
+        return f"ProcessImage({self._samples!r})"
