@@ -1,0 +1,112 @@
+"""Sequences: what each mode asks of the actuators, with PI loops whose time is passed in.
+
+The fan loop holds `it_supply_temp` at its setpoint in every mode; it is direct-acting (hotter
+→ faster) with clamping anti-windup, and bumpless: when the fans come back from a forced value
+the integrator is re-seeded so the command continues from where the fans really are.
+The reuse valve follows the tank: fully open while the tank has plenty of room, closing down
+as the bottom of the tank approaches its full threshold, so the HX never pushes heat the tank
+cannot hold (the dry cooler, in series after the HX, takes the rest).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+
+from controller.modes import Mode
+from plc_io.tags import Value
+
+
+@dataclass(frozen=True, slots=True)
+class PI:
+    kp: float  # output % per K
+    ti_s: float  # integral time
+    lo: float
+    hi: float
+    integral: float = 0.0  # the integral term, in output %
+    last_s: float | None = None
+
+    def update(self, error: float, now_s: float) -> tuple[float, PI]:
+        """One PI step. A NaN error holds the integral and returns the upper limit (fail safe)."""
+        if math.isnan(error):
+            return self.hi, replace(self, last_s=now_s)
+        dt = 0.0 if self.last_s is None else max(0.0, now_s - self.last_s)
+        # anti-windup as simple-pid does it: the integral itself never leaves the output range
+        i = min(max(self.integral + self.kp * error * dt / self.ti_s, self.lo), self.hi)
+        out = min(max(self.kp * error + i, self.lo), self.hi)
+        return out, replace(self, integral=i, last_s=now_s)
+
+    def track(self, actual: float, error: float, now_s: float) -> PI:
+        """Bumpless transfer: seed the integral so the next output equals `actual`."""
+        p = 0.0 if math.isnan(error) else self.kp * error
+        i = min(max(actual - p, self.lo), self.hi)
+        return replace(self, integral=i, last_s=now_s)
+
+
+@dataclass(frozen=True)
+class SequenceConfig:
+    supply_setpoint_c: float
+    tank_full_c: float
+    fan_min_pct: float
+    primary_speed_pct: float
+    secondary_speed_pct: float
+    valve_band_k: float = 6.0  # the valve closes over this band below tank_full_c
+    valve_min_pct: float = 20.0  # least flow through the HX while the tank still charges
+    buffer_full_valve_pct: float = 25.0  # BUFFER_FULL: tank in circuit, surplus to dry cooler
+
+
+def _num(p: Mapping[str, float], name: str) -> float:
+    return p.get(name, math.nan)
+
+
+def reuse_valve_pct(tank_bottom_c: float, cfg: SequenceConfig) -> float:
+    """Valve opening for charging: open with room in the tank, closing near full."""
+    if math.isnan(tank_bottom_c):
+        return 0.0  # an unknown tank is no place to send heat
+    room_k = cfg.tank_full_c - tank_bottom_c
+    if room_k <= 0:
+        return 0.0
+    frac = min(1.0, room_k / cfg.valve_band_k)
+    return cfg.valve_min_pct + (100.0 - cfg.valve_min_pct) * frac
+
+
+def mode_outputs(
+    mode: Mode, values: Mapping[str, float], fan_pct: float, cfg: SequenceConfig
+) -> dict[str, Value]:
+    """Requested outputs for a mode. `values` holds valid analogue inputs (NaN when invalid)."""
+    out: dict[str, Value] = {
+        "drycooler_fan_cmd": fan_pct,
+        "primary_pump_a_cmd": True,
+        "primary_pump_b_cmd": False,
+        "primary_pump_speed_cmd": cfg.primary_speed_pct,
+        "reuse_valve_cmd": 0.0,
+        "secondary_pump_cmd": False,
+        "secondary_pump_speed_cmd": 0.0,
+        "customer_isolation_cmd": False,
+        "reuse_isolation_cmd": False,
+    }
+    if mode in (Mode.STARTUP, Mode.LEAK_TRIP):
+        out["drycooler_fan_cmd"] = 100.0  # nothing is trusted yet, or we are tripped: full cooling
+        return out
+    charge = {
+        "secondary_pump_cmd": True,
+        "secondary_pump_speed_cmd": cfg.secondary_speed_pct,
+        "reuse_isolation_cmd": True,
+    }
+    tank_bottom = _num(values, "tank_bottom_temp")
+    if mode is Mode.NORMAL_REUSE:
+        out |= charge | {
+            "reuse_valve_cmd": max(reuse_valve_pct(tank_bottom, cfg), cfg.valve_min_pct),
+            "customer_isolation_cmd": True,
+        }
+    elif mode is Mode.BUFFER_FULL:
+        out |= charge | {
+            "reuse_valve_cmd": cfg.buffer_full_valve_pct,
+            "customer_isolation_cmd": True,
+        }
+    elif mode is Mode.CUSTOMER_OFFLINE:
+        valve = reuse_valve_pct(tank_bottom, cfg)
+        if valve > 0:
+            out |= charge | {"reuse_valve_cmd": valve}
+    return out

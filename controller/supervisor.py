@@ -1,0 +1,279 @@
+"""The supervisor step: a process image and a time in, a decision out. No I/O, no clock.
+
+Order inside a step, as in DESIGN §4: validate the inputs, evaluate the interlocks, advance the
+mode machine, let the mode's sequence ask for outputs (the fan PI loop among them), arbitrate
+the priority array, and guard the result. The same object runs in the scan loop over Modbus,
+in the in-process closed loop of `heatloop study`, and under hypothesis in the tests.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from controller.arbitration import Level, Manual, Output, arbitrate, guard
+from controller.modes import Conditions, Mode, ModeMachine, Timing
+from controller.sequences import PI, SequenceConfig, mode_outputs
+from interlocks.engine import Event, InterlockState, evaluate
+from interlocks.rules import Thresholds
+from interlocks.validation import EMPTY_MEMORY, Point, ValidationConfig, validate
+from plc_io.image import ProcessImage
+from plc_io.site import Site
+from plc_io.tags import Tag, Value
+
+LEAK_RULES = frozenset({"IL-04", "IL-05"})
+COOLING_RULES = frozenset({"IL-01", "IL-02", "IL-03", "IL-06", "IL-08"})
+# Without these the reuse circuit runs blind: leave it to the dry cooler.
+REUSE_SENSORS = (
+    "tank_top_temp",
+    "tank_mid_temp",
+    "tank_bottom_temp",
+    "hx_secondary_out_temp",
+    "secondary_pressure",
+    "leak_reuse",
+    "leak_primary",
+)
+ANALOGUE_USED = ("it_supply_temp", "it_return_temp", "tank_bottom_temp", "primary_flow")
+
+
+@dataclass(frozen=True)
+class Commands:
+    """What operators, engineers and the BMS ask for this scan (already authorised)."""
+
+    reset: bool = False
+    request_reject: bool = False
+    maintenance: bool = False
+    manual: Mapping[str, Manual] = field(default_factory=dict)
+    bypasses: Mapping[str, float] = field(default_factory=dict)  # rule id -> expiry
+    supply_setpoint_c: float | None = None
+    link_ok: bool = True
+
+
+@dataclass(frozen=True)
+class Decision:
+    now_s: float
+    mode: Mode
+    mode_since_s: float
+    outputs: Mapping[str, Output]
+    active: frozenset[str]
+    latched: frozenset[str]
+    bypassed: frozenset[str]
+    events: tuple[Event, ...]
+    blocked: tuple[str, ...]
+    reject_reasons: tuple[str, ...]
+    invalid: Mapping[str, str]  # tag -> why it is not trusted
+
+    def values(self) -> dict[str, Value]:
+        return {k: o.value for k, o in self.outputs.items()}
+
+
+@dataclass(frozen=True)
+class SupervisorConfig:
+    inputs: tuple[Tag, ...]
+    safe: Mapping[str, Value]
+    thresholds: Thresholds
+    validation: ValidationConfig
+    sequence: SequenceConfig
+    timing: Timing
+    tank_full_hysteresis_k: float
+    primary_flow_low_m3h: float
+    fan_kp: float = 8.0  # % per K
+    fan_ti_s: float = 120.0
+    pump_fail_s: float = 10.0  # commanded but not running this long: the pump has failed
+
+    @classmethod
+    def from_site(cls, site: Site) -> SupervisorConfig:
+        il, c = site.interlocks, site.control
+        return cls(
+            inputs=site.inputs,
+            safe=site.safe_outputs(),
+            thresholds=Thresholds(
+                it_supply_high_c=il.it_supply_high_c,
+                primary_flow_low_m3h=il.primary_flow_low_m3h,
+                tank_top_high_c=il.tank_top_high_c,
+                secondary_pressure_high_bar=il.secondary_pressure_high_bar,
+                customer_supply_high_c=il.customer_supply_high_c,
+                freeze_ambient_c=il.freeze_ambient_c,
+                freeze_drycooler_out_c=il.freeze_drycooler_out_c,
+                fan_min_pct=c.fan_min_pct,
+            ),
+            validation=ValidationConfig(il.stale_s, il.frozen_s, il.max_rate_k_per_s),
+            sequence=SequenceConfig(
+                supply_setpoint_c=c.it_supply_setpoint_c,
+                tank_full_c=c.tank_full_c,
+                fan_min_pct=c.fan_min_pct,
+                primary_speed_pct=c.primary_pump_speed_pct,
+                secondary_speed_pct=c.secondary_pump_speed_pct,
+            ),
+            timing=Timing(
+                min_dwell_s=c.min_mode_dwell_s,
+                reject_dwell_s=c.reject_dwell_s,
+                customer_ready_dwell_s=c.customer_ready_dwell_s,
+                reuse_reentry_min_s=c.reuse_reentry_min_s,
+                hunting_changes_per_h=c.hunting_changes_per_h,
+            ),
+            tank_full_hysteresis_k=c.tank_full_hysteresis_k,
+            primary_flow_low_m3h=il.primary_flow_low_m3h,
+        )
+
+
+class Supervisor:
+    """The decision core. `latched` restores trips that were latched before a restart."""
+
+    def __init__(
+        self, cfg: SupervisorConfig, now_s: float = 0.0, latched: frozenset[str] = frozenset()
+    ) -> None:
+        self.cfg = cfg
+        self.machine = ModeMachine(cfg.timing, Mode.STARTUP, now_s)
+        self.il = InterlockState(latched=latched, active=latched)
+        self.memory = EMPTY_MEMORY
+        c = cfg.sequence
+        self.fan_pi = PI(cfg.fan_kp, cfg.fan_ti_s, c.fan_min_pct, 100.0)
+        self.last: Mapping[str, Output] = {}
+        self.pump_fail_since: dict[str, float] = {}
+        self.blocked_total = 0
+        self.was_hunting = False
+
+    @property
+    def mode(self) -> Mode:
+        return self.machine.mode
+
+    @property
+    def latched(self) -> frozenset[str]:
+        return self.il.latched
+
+    def step(self, image: ProcessImage, now_s: float, cmds: Commands = Commands()) -> Decision:
+        cfg = self.cfg
+        flow = image["primary_flow"]
+        flowing = (
+            flow.quality.usable
+            and isinstance(flow.value, float)
+            and flow.value > cfg.primary_flow_low_m3h
+        )
+        points, self.memory = validate(
+            cfg.inputs, image, self.memory, now_s, cfg.validation, flowing
+        )
+        verdict = evaluate(
+            points,
+            self.il,
+            now_s,
+            cfg.thresholds,
+            link_ok=cmds.link_ok,
+            reset=cmds.reset,
+            bypasses=cmds.bypasses,
+        )
+        self.il = verdict.state
+        events = list(verdict.events)
+
+        reasons = self._reject_reasons(points, verdict.active, cmds, now_s)
+        mode = self.machine.mode
+        tank = points["tank_bottom_temp"].num() if "tank_bottom_temp" in points else math.nan
+        full_at = cfg.sequence.tank_full_c - (
+            cfg.tank_full_hysteresis_k if mode is Mode.BUFFER_FULL else 0.0
+        )
+        ready = points.get("customer_ready")
+        cond = Conditions(
+            inputs_valid=cmds.link_ok and points["it_supply_temp"].valid,
+            leak_latched=bool(verdict.latched & LEAK_RULES),
+            reset=cmds.reset,
+            maintenance=cmds.maintenance,
+            reject=bool(reasons),
+            customer_ready=ready is not None and ready.valid and ready.value is True,
+            tank_full=tank > full_at,
+        )
+        moved = self.machine.advance(cond, now_s)
+        if moved:
+            events.append(
+                Event(
+                    "mode_changed",
+                    now_s,
+                    moved[1].value,
+                    {"from": moved[0].value, "reasons": list(reasons)},
+                )
+            )
+        if self.machine.hunting and not self.was_hunting:
+            events.append(
+                Event("mode_hunting", now_s, "modes", {"changes_1h": len(self.machine.changes)})
+            )
+        self.was_hunting = self.machine.hunting
+
+        values = {n: points[n].num() if n in points else math.nan for n in ANALOGUE_USED}
+        setpoint = cmds.supply_setpoint_c or cfg.sequence.supply_setpoint_c
+        error = values["it_supply_temp"] - setpoint
+        last_fan = self.last.get("drycooler_fan_cmd")
+        if last_fan is not None and last_fan.level is not Level.SEQUENCE:
+            self.fan_pi = self.fan_pi.track(float(last_fan.value), error, now_s)
+        fan_pct, self.fan_pi = self.fan_pi.update(error, now_s)
+        seq = mode_outputs(self.machine.mode, values, fan_pct, cfg.sequence)
+        self._pump_failover(seq, points, now_s)
+
+        forced = {k: (f.value, ",".join(f.by)) for k, f in verdict.forced.items()}
+        outputs = arbitrate(cfg.safe, now_s, interlock=forced, manual=cmds.manual, sequence=seq)
+        running = {
+            fb: (points[fb].value if fb in points and points[fb].valid else None)
+            for fb in ("primary_pump_a_running", "primary_pump_b_running")
+        }
+        blocked = guard(
+            outputs,
+            running,  # type: ignore[arg-type]
+            min_fan_pct=cfg.sequence.fan_min_pct,
+            min_pump_speed_pct=min(cfg.sequence.primary_speed_pct, 30.0),
+        )
+        if blocked:
+            self.blocked_total += len(blocked)
+            events.append(Event("command_blocked", now_s, "guard", {"blocked": blocked}))
+        self.last = outputs
+        return Decision(
+            now_s=now_s,
+            mode=self.machine.mode,
+            mode_since_s=self.machine.since_s,
+            outputs=outputs,
+            active=verdict.active,
+            latched=verdict.latched,
+            bypassed=verdict.bypassed,
+            events=tuple(events),
+            blocked=tuple(blocked),
+            reject_reasons=reasons,
+            invalid={k: p.reason for k, p in points.items() if not p.valid},
+        )
+
+    def _reject_reasons(
+        self, points: Mapping[str, Point], active: frozenset[str], cmds: Commands, now_s: float
+    ) -> tuple[str, ...]:
+        r = [f"interlock {i}" for i in sorted(active & COOLING_RULES)]
+        r += [
+            f"{n} {points[n].reason}" for n in REUSE_SENSORS if n in points and not points[n].valid
+        ]
+        if cmds.request_reject:
+            r.append("reject requested")
+        if not cmds.link_ok:
+            r.append("PLC link lost")
+        sec = self.pump_fail_since.get("secondary_pump_running")
+        if sec is not None and now_s - sec >= self.cfg.pump_fail_s:
+            r.append("secondary pump failed")
+        return tuple(r)
+
+    def _pump_failover(
+        self, seq: dict[str, Value], points: Mapping[str, Point], now_s: float
+    ) -> None:
+        """Note pumps commanded but not running; hand duty from a failed pump A to pump B."""
+        for cmd, fb in (
+            ("primary_pump_a_cmd", "primary_pump_a_running"),
+            ("secondary_pump_cmd", "secondary_pump_running"),
+        ):
+            last = self.last.get(cmd)
+            p = points.get(fb)
+            if (
+                last is not None
+                and last.value is True
+                and p is not None
+                and p.valid
+                and p.value is False
+            ):
+                self.pump_fail_since.setdefault(fb, now_s)
+            else:
+                self.pump_fail_since.pop(fb, None)
+        since = self.pump_fail_since.get("primary_pump_a_running")
+        if since is not None and now_s - since >= self.cfg.pump_fail_s:
+            seq["primary_pump_b_cmd"] = True

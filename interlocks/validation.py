@@ -1,0 +1,127 @@
+"""Sensor validation: turn raw samples into points the interlocks and modes may trust.
+
+A point is valid only if its sample is usable (good or forced), fresh, finite, inside its
+engineering range, not frozen while the loop flows, and not jumping faster than physics allows.
+Anything else is invalid, and every consumer treats invalid as "unknown": fail toward cooling.
+Validation keeps a little memory (last value and when it last changed) which it returns anew
+each scan, so it stays a pure function of (image, memory, now).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from plc_io.image import ProcessImage
+from plc_io.tags import Tag, Value
+
+# Reasons a point is invalid, in the order they are checked.
+QUALITY, STALE, NAN, RANGE, FROZEN, RATE = "quality", "stale", "nan", "range", "frozen", "rate"
+
+# Analogue tags that must move while the primary loop flows; a flat line there is a dead sensor.
+FROZEN_CHECKED = ("it_supply_temp", "it_return_temp")
+# Tags whose rate of change is checked (°C per second).
+RATE_CHECKED = ("it_supply_temp", "it_return_temp")
+
+
+@dataclass(frozen=True, slots=True)
+class Point:
+    value: Value | None
+    valid: bool
+    reason: str = ""  # why not valid; empty when valid
+
+    def num(self) -> float:
+        """The value as a float; NaN when invalid, so comparisons are false."""
+        return float(self.value) if self.valid and self.value is not None else math.nan
+
+
+@dataclass(frozen=True, slots=True)
+class Memory:
+    """What validation remembers between scans, per tag: (value, changed_at_s, seen_at_s)."""
+
+    last: Mapping[str, tuple[float, float, float]]
+
+
+EMPTY_MEMORY = Memory({})
+
+
+@dataclass(frozen=True)
+class ValidationConfig:
+    stale_s: float
+    frozen_s: float
+    max_rate_k_per_s: float
+    frozen_noise_k: float = 0.005  # changes smaller than this count as "no change"
+    redundant: Mapping[str, str] | None = None  # tag -> its twin; the worse (higher) one counts
+
+
+def validate(
+    tags: tuple[Tag, ...],
+    image: ProcessImage,
+    memory: Memory,
+    now_s: float,
+    cfg: ValidationConfig,
+    flowing: bool,
+) -> tuple[dict[str, Point], Memory]:
+    """Validate every input tag; `flowing` (the primary loop runs) arms the frozen check."""
+    points: dict[str, Point] = {}
+    last = dict(memory.last)
+    for tag in tags:
+        s = image[tag.name]
+        reason = ""
+        v = s.value
+        if not s.quality.usable:
+            reason = QUALITY
+        elif s.age_s(now_s) > cfg.stale_s:
+            reason = STALE
+        elif v is None:
+            reason = QUALITY
+        elif not tag.is_bool:
+            x = float(v)
+            if math.isnan(x):
+                reason = NAN
+            elif not tag.lo <= x <= tag.hi:
+                reason = RANGE
+            elif tag.name in FROZEN_CHECKED or tag.name in RATE_CHECKED:
+                reason = _dynamics(tag.name, x, s.at_s, last, cfg, flowing)
+        points[tag.name] = Point(v, not reason, reason)
+    if cfg.redundant:
+        for name, twin in cfg.redundant.items():
+            if name in points and twin in points:
+                points[name] = worse_of_two(points[name], points[twin])
+    return points, Memory(last)
+
+
+def _dynamics(
+    name: str,
+    x: float,
+    at_s: float,
+    last: dict[str, tuple[float, float, float]],
+    cfg: ValidationConfig,
+    flowing: bool,
+) -> str:
+    prev = last.get(name)
+    if prev is None:
+        last[name] = (x, at_s, at_s)
+        return ""
+    px, changed_at, seen_at = prev
+    if at_s <= seen_at:  # same sample seen again: nothing new to judge, keep the verdict clean
+        return FROZEN if flowing and at_s - changed_at > cfg.frozen_s else ""
+    dt = at_s - seen_at
+    if name in RATE_CHECKED and abs(x - px) / dt > cfg.max_rate_k_per_s:
+        # keep the old reference so one spike does not become the new normal
+        last[name] = (px, changed_at, at_s)
+        return RATE
+    if abs(x - px) > cfg.frozen_noise_k:
+        changed_at = at_s
+    last[name] = (x, changed_at, at_s)
+    if name in FROZEN_CHECKED and flowing and at_s - changed_at > cfg.frozen_s:
+        return FROZEN
+    return ""
+
+
+def worse_of_two(a: Point, b: Point) -> Point:
+    """Redundant sensors: trust the worse (hotter) valid reading; one valid one is enough."""
+    if a.valid and b.valid:
+        return a if a.num() >= b.num() else b
+    return a if a.valid else b
