@@ -30,7 +30,7 @@ class Event:
 
 @dataclass(frozen=True)
 class InterlockState:
-    cause_since: Mapping[str, float] = field(default_factory=dict)  # rule id -> cause first seen
+    cause_since: Mapping[str, float] = field(default_factory=dict)  # rule clock -> cause since
     active: frozenset[str] = frozenset()
     latched: frozenset[str] = frozenset()
     bypassed: frozenset[str] = frozenset()
@@ -78,16 +78,17 @@ def evaluate(
     acting: set[str] = set()
     latched = set(state.latched)
     bypassed: set[str] = set()
+    held_now = {r.id: (not link_ok) if r.id == "IL-08" else r.cause(points, th) for r in rules}
     for r in rules:
-        held = (not link_ok) if r.id == "IL-08" else r.cause(points, th)
-        if held:
-            since = state.cause_since.get(r.id, now_s)
-            cause_since[r.id] = since
-            if now_s - since >= r.delay_s:
-                acting.add(r.id)
-                if r.latching and r.id not in latched:
-                    latched.add(r.id)
-                    events.append(Event("trip_latched", now_s, r.id, {"hazard": r.hazard}))
+        if held_now[r.id]:
+            cause_since[r.clock] = state.cause_since.get(r.clock, now_s)
+    for r in rules:
+        held = held_now[r.id]
+        if held and now_s - cause_since[r.clock] >= r.delay_s:
+            acting.add(r.id)
+            if r.latching and r.id not in latched:
+                latched.add(r.id)
+                events.append(Event("trip_latched", now_s, r.id, {"hazard": r.hazard}))
         if r.id in latched and reset:
             if held:
                 events.append(Event("reset_refused", now_s, r.id, {"why": "cause still present"}))

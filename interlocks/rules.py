@@ -51,6 +51,13 @@ class Rule:
     response_s: float = 1.0  # required time from cause to effect at the PLC outputs
     isolation: bool = False  # a leak's isolation of the reuse circuit always holds
     alarm: str = ""  # who is alarmed besides the operator
+    # Rules of one group share their debounce clock: a cause that flips between "too hot" and
+    # "unknown" still acts after the delay, instead of restarting both clocks at every flip.
+    group: str = ""
+
+    @property
+    def clock(self) -> str:
+        return self.group or self.id
 
 
 def _invalid(p: Points, name: str) -> bool:
@@ -172,6 +179,7 @@ RULES: tuple[Rule, ...] = (
         bypassable=False,
         response_s=1.0,
         alarm="IT",
+        group="supply",
     ),
     Rule(
         "IL-02",
@@ -184,6 +192,7 @@ RULES: tuple[Rule, ...] = (
         bypassable=False,
         response_s=1.0,
         alarm="IT",
+        group="supply",
     ),
     Rule(
         "IL-03",

@@ -109,8 +109,8 @@ def _dynamics(
         return FROZEN if flowing and at_s - changed_at > cfg.frozen_s else ""
     dt = at_s - seen_at
     if name in RATE_CHECKED and abs(x - px) / dt > cfg.max_rate_k_per_s:
-        # keep the old reference so one spike does not become the new normal
-        last[name] = (px, changed_at, at_s)
+        # implausible jump: distrust this reading; a value that stays is judged from here on
+        last[name] = (x, at_s, at_s)
         return RATE
     if abs(x - px) > cfg.frozen_noise_k:
         changed_at = at_s
