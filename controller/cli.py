@@ -9,6 +9,7 @@ from pathlib import Path
 
 from plc_io.site import Site, SiteError, demo_site_text, load_site
 from plc_io.tags import Tag
+from sim.scenario import ScenarioError
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
@@ -75,6 +76,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(minutes=args.minutes, speed=args.speed)
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from controller.runtime import run_service
+
+    site = load_site(args.site)
+    return asyncio.run(run_service(site, json_logs=not args.console))
+
+
+def cmd_study(args: argparse.Namespace) -> int:
+    import time
+
+    from controller.study import ClosedLoop
+    from sim.scenario import load_scenario
+
+    site = load_site(args.site)
+    scenario = load_scenario(args.scenario) if args.scenario else None
+    loop = ClosedLoop(site, seed=args.seed, scenario=scenario, dt_s=args.step)
+    t0 = time.perf_counter()
+    result = loop.run(args.days * 86400.0)
+    wall = time.perf_counter() - t0
+    print(f"study of {site.site.name!r}: {args.days:g} days at {args.step:g} s steps")
+    print("\n".join(result.lines()))
+    print(f"speed                  {result.sim_s / wall:10.0f} × real time ({wall:.1f} s wall)")
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="heatloop", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -92,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--minutes", type=float, default=None, help="stop after N wall minutes")
     s.add_argument("--speed", type=float, default=None, help="simulated seconds per wall second")
     s.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("run", help="the production controller")
+    s.add_argument("--site", required=True)
+    s.add_argument("--console", action="store_true", help="readable logs instead of JSON")
+    s.set_defaults(func=cmd_run)
+
+    s = sub.add_parser("study", help="plant and supervisor in-process at full speed")
+    s.add_argument("--site", required=True)
+    s.add_argument("--days", type=float, default=1.0)
+    s.add_argument("--step", type=float, default=10.0, help="simulated seconds per step")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--scenario", default=None, help="scenario file (TOML) of timed faults")
+    s.set_defaults(func=cmd_study)
+
+    from sim.serve import add_parser as add_sim_parser
+
+    add_sim_parser(sub)
     return p
 
 
@@ -107,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for p in e.problems:
             print(f"{e.source}: {p}", file=sys.stderr)
         print(f"{e.source}: {len(e.problems)} problem(s); nothing started", file=sys.stderr)
+        return EXIT_USAGE
+    except ScenarioError as e:
+        print(f"heatloop: {e}", file=sys.stderr)
         return EXIT_USAGE
     except UsageError as e:
         print(f"heatloop: {e}", file=sys.stderr)

@@ -86,11 +86,15 @@ class ProcessImage(Mapping[str, Sample]):
     def updated(self, samples: Mapping[str, Sample]) -> ProcessImage:
         return ProcessImage({**self._samples, **samples})
 
-    def marked(self, names: Iterable[str], quality: Quality, at_s: float) -> ProcessImage:
-        """These points could not be read: keep the last value for diagnosis, never as good."""
+    def marked(self, names: Iterable[str], quality: Quality, at_s: float | None) -> ProcessImage:
+        """These points could not be read: keep the last value for diagnosis, never as good.
+
+        at_s=None keeps each sample's own time, so the age stays the age of the kept value.
+        """
         new = dict(self._samples)
         for n in names:
-            new[n] = Sample(self[n].value, quality, at_s)
+            old = self[n]
+            new[n] = Sample(old.value, quality, old.at_s if at_s is None else at_s)
         return ProcessImage(new)
 
     def __repr__(self) -> str:

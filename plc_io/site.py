@@ -121,7 +121,7 @@ class InterlockConfig(BaseModel):
     freeze_ambient_c: float = Field(-5.0, ge=-50, le=10)
     freeze_drycooler_out_c: float = Field(5.0, ge=-20, le=20)
     stale_s: float = Field(2.0, gt=0)
-    frozen_s: float = Field(120.0, gt=0)
+    frozen_s: float = Field(600.0, gt=0)
     max_rate_k_per_s: float = Field(5.0, gt=0)
 
 

@@ -8,13 +8,16 @@ always returns a whole image in which unreadable points carry a bad quality, and
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import math
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Protocol
+from typing import Any, Protocol
+
+import structlog
 
 from plc_io.image import ProcessImage
-from plc_io.tags import Value
+from plc_io.tags import Tag, Value
 
 
 class LinkState(StrEnum):
@@ -82,3 +85,164 @@ class Transport(Protocol):
 
     async def read_outputs(self) -> ProcessImage:
         """Read back the output tags as the PLC holds them."""
+
+
+# ---- shared bookkeeping for the transports (link health, back-off, change-only logging) ----
+
+MODBUS_EXCEPTIONS: dict[int, str] = {
+    1: "illegal function",
+    2: "illegal data address",
+    3: "illegal data value",
+    4: "device failure",
+    5: "acknowledge",
+    6: "device busy",
+    10: "gateway path unavailable",
+    11: "gateway target failed to respond",
+}
+
+
+class LinkMonitor:
+    """Link state, request counters and a bounded exponential back-off for reconnects.
+
+    Also logs each failure cause once when it starts and once when it clears (keyed per block
+    or per link), never every scan: a PLC that refuses one block for a week makes two lines.
+    """
+
+    def __init__(
+        self, name: str, reconnect_max_s: float, base_s: float = 0.1, log: Any = None
+    ) -> None:
+        self.name = name
+        self.reconnect_max_s = reconnect_max_s
+        self.base_s = min(base_s, reconnect_max_s)
+        self.log = log if log is not None else structlog.get_logger("plc_io")
+        self.state = LinkState.CONNECTING
+        self.since_s = 0.0
+        self.last_ok_s: float | None = None
+        self.consecutive_failures = 0
+        self.requests = 0
+        self.failures = 0
+        self.last_error: str | None = None
+        self.next_attempt_s = -math.inf
+        self._causes: dict[str, str] = {}
+
+    @property
+    def health(self) -> CommsHealth:
+        return CommsHealth(
+            self.state,
+            self.since_s,
+            self.last_ok_s,
+            self.consecutive_failures,
+            self.requests,
+            self.failures,
+            self.last_error,
+        )
+
+    def _enter(self, state: LinkState, now_s: float) -> None:
+        if state is not self.state:
+            self.log.info("plc_link", transport=self.name, state=state.value, was=self.state.value)
+            self.state, self.since_s = state, now_s
+
+    def may_attempt(self, now_s: float) -> bool:
+        """Whether the back-off allows another connect attempt now."""
+        return now_s >= self.next_attempt_s
+
+    def ok(self, now_s: float) -> None:
+        """A request was answered: the link works (even if the answer was an error reply)."""
+        self.consecutive_failures = 0
+        self.last_ok_s = now_s
+        self.next_attempt_s = -math.inf
+        self._enter(LinkState.OK, now_s)
+        self.cause("link", None)
+
+    def lost(self, now_s: float, error: str) -> None:
+        """A connect or request failed for comms: back off before the next connect attempt."""
+        self.failures += 1
+        self.consecutive_failures += 1
+        self.last_error = error
+        delay = min(self.reconnect_max_s, self.base_s * 2 ** (self.consecutive_failures - 1))
+        self.next_attempt_s = now_s + delay
+        self._enter(LinkState.LOST, now_s)
+        self.cause("link", error)
+
+    def error_reply(self, error: str) -> None:
+        """The PLC answered with an error (counted, but the link itself is fine)."""
+        self.failures += 1
+        self.last_error = error
+
+    def cause(self, key: str, cause: str | None) -> None:
+        """Log a failure cause for `key` only when it changes (None: it cleared)."""
+        old = self._causes.get(key)
+        if old == cause:
+            return
+        if cause is None:
+            del self._causes[key]
+            self.log.info("plc_fault_cleared", transport=self.name, where=key, was=old)
+        else:
+            self._causes[key] = cause
+            self.log.warning("plc_fault", transport=self.name, where=key, cause=cause)
+
+
+HEARTBEAT = "heartbeat"
+
+
+class OutputCache:
+    """Which outputs a pass must send: the changed ones, `heartbeat` always, all after a reconnect.
+
+    `normalise(tag, value)` turns a value into what is compared and sent (a Modbus encoding, an
+    OPC UA Variant value) and raises ValueError (CodecError is one) for a value that must never
+    be sent, such as NaN: that tag fails for this pass and its previous command stays in force.
+    If the caller passes no `heartbeat`, the cache counts one itself (0 … 65535, wrapping).
+    """
+
+    def __init__(
+        self, site_name: str, outputs: Iterable[Tag], normalise: Callable[[Tag, Value], Any]
+    ) -> None:
+        self.site_name = site_name
+        self.tags = {t.name: t for t in outputs}
+        self.normalise = normalise
+        self.desired: dict[str, Any] = {}
+        self.written: dict[str, Any] = {}  # acknowledged by the PLC since the last connect
+        self.heartbeat = 0
+
+    def accept(self, values: Mapping[str, Value]) -> dict[str, str]:
+        """Take a pass's values; return the refused ones. Raises UnknownTagError."""
+        failed: dict[str, str] = {}
+        for name, v in values.items():
+            tag = self.tags.get(name)
+            if tag is None:
+                raise UnknownTagError(
+                    f"{name!r} is not an output tag of site {self.site_name!r} "
+                    f"(outputs: {', '.join(self.tags)})"
+                )
+            try:
+                self.desired[name] = self.normalise(tag, v)
+            except (ValueError, TypeError) as e:
+                failed[name] = f"refused, not sent: {e}"
+        if HEARTBEAT in self.tags:
+            if HEARTBEAT not in values:
+                self.heartbeat = (self.heartbeat + 1) % 65536
+                self.desired[HEARTBEAT] = self.normalise(self.tags[HEARTBEAT], self.heartbeat)
+            elif HEARTBEAT in failed:
+                self.desired.pop(HEARTBEAT, None)  # never resend an old beat as if alive
+        return failed
+
+    def due(self) -> list[Tag]:
+        """Outputs to send this pass, in tag-table order."""
+        d, w = self.desired, self.written
+        return [
+            t
+            for n, t in self.tags.items()
+            if n in d and (n == HEARTBEAT or n not in w or w[n] != d[n])
+        ]
+
+    def sent(self, names: Iterable[str]) -> None:
+        for n in names:
+            self.written[n] = self.desired[n]
+
+    def unsent(self, names: Iterable[str]) -> None:
+        for n in names:
+            self.written.pop(n, None)
+
+    def reconnected(self) -> None:
+        """The PLC may have lost every output: send them all again."""
+        self.written.clear()

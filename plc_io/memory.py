@@ -1,0 +1,274 @@
+"""An in-memory PLC and transport: the controller's unit-test double, held to the Modbus contract.
+
+`MemoryPlc` holds every tag's value and offers the simulated PLC's fault hooks (`inject`,
+`clear`, `clear_all`, `stop`/`start`). `MemoryTransport` talks to it the way `ModbusTransport`
+talks to a real PLC: the same read plan (one request per block), changed-only writes grouped as
+FC16/FC15 would be, the same timeout, back-off and quality rules. Both run one conformance suite.
+
+Faults (names as on the simulated PLC; `target` "" means every block, else the block holding
+that tag):
+- `comms_drop` value = seconds of no answer: requests wait `timeout_s`, then fail comms_lost;
+- `comms_slow` value = seconds of delay per answer, until cleared (≥ timeout_s: no answer);
+- `comms_error` value = Modbus exception code: the block's points come back bad_reply;
+- `comms_garble`: replies carry fewer values than asked for: bad_reply.
+`stop()` refuses connections at once (a stopped PLC); `start()` is a PLC restart, which forgets
+every output (back to its safe value) and so makes the transport write all outputs again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Any, NoReturn
+
+import structlog
+
+from plc_io.codec import Block, decode, encode, plan_reads
+from plc_io.image import ProcessImage, Quality, Sample, judge
+from plc_io.modbus import plan_writes
+from plc_io.site import Site
+from plc_io.tags import Tag, Value
+from plc_io.transport import (
+    MODBUS_EXCEPTIONS,
+    CommsHealth,
+    LinkMonitor,
+    OutputCache,
+    PlcError,
+    WriteResult,
+)
+
+FAULTS = ("comms_drop", "comms_slow", "comms_error", "comms_garble")
+
+
+class MemoryPlc:
+    """A PLC as a dict of tag values, with fault hooks. Times come from `clock`."""
+
+    def __init__(self, site: Site, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.site = site
+        self._clock = clock
+        self._tags = {t.name: t for t in site.tags}
+        self.values: dict[str, Value] = {}
+        for t in site.tags:
+            if t.is_output:
+                self.values[t.name] = t.safe if t.safe is not None else 0.0
+            else:
+                self.values[t.name] = False if t.is_bool else max(t.lo, min(t.hi, 20.0))
+        self.faults: dict[tuple[str, str], float] = {}
+        self.running = True
+        self.epoch = 0  # bumped by every start(): connections of an older epoch are broken
+        self.requests = 0
+        self.write_log: list[dict[str, Value]] = []  # one entry per write request
+
+    # ---- the test's side ----
+
+    def set(self, name: str, value: Value) -> None:
+        """Set a measured value (or force an output as the PLC would)."""
+        if name not in self._tags:
+            raise KeyError(name)
+        self.values[name] = value
+
+    def set_many(self, values: Mapping[str, Value]) -> None:
+        for k, v in values.items():
+            self.set(k, v)
+
+    def inject(self, name: str, target: str = "", value: float = 1.0) -> None:
+        if name not in FAULTS:
+            raise ValueError(f"unknown fault {name!r}; known: {', '.join(FAULTS)}")
+        if name == "comms_drop":
+            value = self._clock() + value  # held as the time the drop ends
+        self.faults[(name, target)] = value
+
+    def clear(self, name: str, target: str = "") -> None:
+        self.faults.pop((name, target), None)
+
+    def clear_all(self) -> None:
+        self.faults.clear()
+
+    def stop(self) -> None:
+        """The PLC goes away: connections are refused and open ones break."""
+        self.running = False
+
+    def start(self) -> None:
+        """The PLC restarts: outputs fall back to their safe values."""
+        self.running = True
+        self.epoch += 1
+        for t in self.site.outputs:
+            self.values[t.name] = t.safe if t.safe is not None else 0.0
+
+    def commanded(self) -> dict[str, Value]:
+        return {t.name: self.values[t.name] for t in self.site.outputs}
+
+    outputs = commanded  # this PLC has no watchdog of its own: outputs are as commanded
+
+    def measured(self) -> dict[str, Value]:
+        return {t.name: self.values[t.name] for t in self.site.inputs}
+
+    # ---- the transport's side ----
+
+    def fault(self, name: str, tags: Iterable[Tag]) -> float | None:
+        """The active fault of this kind for a request touching `tags`, if any."""
+        if not self.faults:
+            return None
+        for target in ("", *(t.name for t in tags)):
+            v = self.faults.get((name, target))
+            if v is None:
+                continue
+            if name == "comms_drop" and self._clock() >= v:
+                del self.faults[(name, target)]
+                continue
+            return v
+        return None
+
+
+class MemoryTransport:
+    """The `Transport` over a `MemoryPlc`, with Modbus's request structure and quality rules."""
+
+    def __init__(
+        self,
+        site: Site,
+        plc: MemoryPlc | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        log: Any = None,
+    ) -> None:
+        self.site = site
+        self.plc = plc if plc is not None else MemoryPlc(site, clock=clock)
+        cfg = site.plc
+        self.timeout_s = cfg.timeout_s
+        self._clock = clock
+        self._sleep = sleep
+        self.link = LinkMonitor(
+            "memory", cfg.reconnect_max_s, log=log or structlog.get_logger("plc_io.memory")
+        )
+        self._outputs = {t.name: t for t in site.outputs}
+        self._input_plan = plan_reads(site.inputs, cfg.gap_registers, cfg.gap_bits)
+        self._output_plan = plan_reads(site.outputs, cfg.gap_registers, cfg.gap_bits)
+        self._out = OutputCache(site.site.name, site.outputs, encode)
+        self._epoch: int | None = None  # the PLC epoch we are connected to
+        self._image = ProcessImage()
+
+    @property
+    def health(self) -> CommsHealth:
+        return self.link.health
+
+    async def connect(self) -> None:
+        self._ensure_connected(self._clock())
+
+    async def close(self) -> None:
+        self._epoch = None
+
+    async def read_inputs(self) -> ProcessImage:
+        self._image = await self._read(self._input_plan, self._image)
+        return self._image
+
+    async def read_outputs(self) -> ProcessImage:
+        return await self._read(self._output_plan, ProcessImage())
+
+    async def write_outputs(self, values: Mapping[str, Value]) -> WriteResult:
+        out = self._out
+        failed = out.accept(values)
+        due = out.due()
+        if not due:
+            return WriteResult((), failed)
+        if not self._ensure_connected(self._clock()):
+            reason = f"comms: link {self.link.state.value} ({self.link.last_error})"
+            return WriteResult((), {**failed, **{t.name: reason for t in due}})
+        written: list[str] = []
+        for _table, _start, tags in plan_writes(due):
+            names = [t.name for t in tags]
+            try:
+                await self._request(tags)
+            except PlcError as e:
+                failed.update(dict.fromkeys(names, f"{e.kind}: {e}"))
+                out.unsent(names)
+                continue
+            write = {t.name: decode(t, _raw(out.desired[t.name])) for t in tags}
+            self.plc.values.update(write)
+            self.plc.write_log.append(write)
+            out.sent(names)
+            written += names
+        for n in written:
+            t = self._outputs[n]
+            if t.verify and encode(t, self.plc.values[n]) != out.desired[n]:
+                failed[n] = f"verify: PLC holds {self.plc.values[n]!r}"
+                out.unsent([n])
+        return WriteResult(tuple(n for n in written if n not in failed), failed)
+
+    # ---- internals ----
+
+    def _ensure_connected(self, now: float) -> bool:
+        if self._epoch is not None and self.plc.running and self._epoch == self.plc.epoch:
+            return True
+        if self._epoch is not None:
+            self._epoch = None
+            self.link.lost(now, "comms: connection closed by peer")
+        if not self.link.may_attempt(now):
+            return False
+        if not self.plc.running:
+            self.link.lost(now, "comms: connection refused")
+            return False
+        self._epoch = self.plc.epoch
+        self._out.reconnected()
+        return True
+
+    async def _request(self, tags: Sequence[Tag]) -> None:
+        """One simulated request: apply the PLC's faults, raise PlcError like ModbusTransport."""
+        self.link.requests += 1
+        self.plc.requests += 1
+        plc = self.plc
+        if not plc.running or self._epoch != plc.epoch:
+            self._comms_failed("connection reset")
+        delay = plc.fault("comms_slow", tags) or 0.0
+        if plc.fault("comms_drop", tags) is not None or delay >= self.timeout_s:
+            await self._sleep(self.timeout_s)
+            self._comms_failed(f"no answer within {self.timeout_s} s")
+        if delay:
+            await self._sleep(delay)
+        self.link.ok(self._clock())
+        code = plc.fault("comms_error", tags)
+        if code is not None:
+            msg = f"exception code {int(code)} ({MODBUS_EXCEPTIONS.get(int(code), 'unknown')})"
+            self.link.error_reply(msg)
+            raise PlcError("exception", msg, int(code))
+        if plc.fault("comms_garble", tags) is not None:
+            self.link.error_reply("short reply")
+            raise PlcError("bad_reply", "reply has fewer values than asked for")
+
+    def _comms_failed(self, msg: str) -> NoReturn:
+        self._epoch = None
+        self.link.lost(self._clock(), f"comms: {msg}")
+        raise PlcError("comms", msg)
+
+    async def _read(self, plan: Sequence[Block], prev: ProcessImage) -> ProcessImage:
+        if not self._ensure_connected(self._clock()):
+            names = [t.name for b in plan for t in b.tags]
+            return prev.marked(names, Quality.COMMS_LOST, None)
+        samples: dict[str, Sample] = {}
+        bad: dict[Quality, list[str]] = {}
+        for block in plan:
+            key = f"read {block.table.value} {block.start}+{block.count}"
+            if self._epoch is None:
+                bad.setdefault(Quality.COMMS_LOST, []).extend(t.name for t in block.tags)
+                continue
+            try:
+                await self._request(block.tags)
+            except PlcError as e:
+                q = Quality.COMMS_LOST if e.kind == "comms" else Quality.BAD_REPLY
+                bad.setdefault(q, []).extend(t.name for t in block.tags)
+                if e.kind != "comms":
+                    self.link.cause(key, f"{e.kind}: {e}")
+                continue
+            self.link.cause(key, None)
+            at = self._clock()
+            for t in block.tags:
+                samples[t.name] = judge(t, self.plc.values[t.name], at)
+        image = prev.updated(samples) if samples else prev
+        for q, names in bad.items():
+            image = image.marked(names, q, None)
+        return image
+
+
+def _raw(encoded: list[int] | bool) -> list[int] | list[bool]:
+    return [encoded] if isinstance(encoded, bool) else encoded

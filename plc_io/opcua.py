@@ -1,0 +1,430 @@
+"""OPC UA client transport (asyncua) for PLCs that speak OPC UA: same contract as Modbus.
+
+Theory of operation. Each tag maps to `tag.opcua_node` (a NodeId string) when set, else to the
+browse path `Objects/PLC/<tag>` in namespace `site.plc.opcua.namespace`, resolved in one
+TranslateBrowsePaths call per connect. Inputs arrive by subscription (`subscribe = true`) or by
+one polled Read per scan. asyncua's own reconnect is off: this transport reconnects itself with
+`LinkMonitor`'s bounded back-off and then writes every output again, exactly like Modbus.
+
+Freshness with a subscription: the server only sends changes, so an unchanged value is
+confirmed by every publish response (data or keep-alive; the keep-alive count is set so one
+comes at least every timeout_s/2). A sample's time is therefore the later of its arrival and
+the last publish response, and `quality_at(now, stale_after_s)` makes it stale when publishes
+stop. No publish response for keep-alive period + timeout_s means the link is dead: every
+input goes comms_lost and the client reconnects.
+
+Status codes to quality (documented in docs/plc-io.md):
+  Good*                                                   → good (then the range check)
+  BadNoCommunication, BadCommunicationError, BadNotConnected, BadServerNotConnected,
+  BadTimeout, BadConnectionClosed, BadSecureChannelClosed, BadSessionClosed      → comms_lost
+  UncertainLastUsableValue, UncertainNoCommunicationLastUsableValue,
+  UncertainSubstituteValue                                → stale (an old value, honestly labelled)
+  any other Uncertain or Bad                              → bad_reply
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import structlog
+from asyncua import Client, ua
+from asyncua.client.ua_client import UaClientState
+from asyncua.ua.uaerrors import UaError
+
+from plc_io.image import ProcessImage, Quality, Sample, judge
+from plc_io.site import Site
+from plc_io.tags import Tag, Value
+from plc_io.transport import CommsHealth, LinkMonitor, OutputCache, PlcError, WriteResult
+
+S = ua.StatusCodes
+COMMS_CODES = frozenset(
+    {
+        S.BadNoCommunication,
+        S.BadCommunicationError,
+        S.BadNotConnected,
+        S.BadServerNotConnected,
+        S.BadTimeout,
+        S.BadConnectionClosed,
+        S.BadSecureChannelClosed,
+        S.BadSessionClosed,
+    }
+)
+LAST_USABLE_CODES = frozenset(
+    {
+        S.UncertainLastUsableValue,
+        S.UncertainNoCommunicationLastUsableValue,
+        S.UncertainSubstituteValue,
+    }
+)
+
+
+def quality_of(status: ua.StatusCode | None) -> Quality:
+    """Map an OPC UA status code to a point quality (GOOD still needs the range check)."""
+    if status is None:
+        return Quality.GOOD
+    code = status.value & 0xFFFF0000  # the low bits are info bits (overflow, limits)
+    if code & 0xC0000000 == 0:
+        return Quality.GOOD
+    if code in COMMS_CODES:
+        return Quality.COMMS_LOST
+    if code in LAST_USABLE_CODES:
+        return Quality.STALE
+    return Quality.BAD_REPLY
+
+
+def _normalise(tag: Tag, value: Value) -> bool | float:
+    """The Python value to send for a tag; refuses what must never reach the PLC."""
+    if tag.is_bool:
+        return bool(value)
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{tag.name}: value {value!r} is not a finite number")
+    return v
+
+
+class _Handler:
+    """Subscription callbacks: remember each node's last DataValue and when it came."""
+
+    def __init__(self, owner: OpcuaTransport) -> None:
+        self.owner = owner
+
+    def datachange_notification(self, node: Any, val: Any, data: Any) -> None:
+        self.owner._arrived(node.nodeid, data.monitored_item.Value)
+
+
+class OpcuaTransport:
+    """The `Transport` over OPC UA. `endpoint` defaults to site.plc.opcua.endpoint."""
+
+    def __init__(
+        self,
+        site: Site,
+        *,
+        endpoint: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        log: Any = None,
+    ) -> None:
+        self.site = site
+        self.cfg = cfg = site.plc.opcua
+        self.endpoint = endpoint or cfg.endpoint
+        self.timeout_s = site.plc.timeout_s
+        self._clock = clock
+        self._log = log if log is not None else structlog.get_logger("plc_io.opcua")
+        self.link = LinkMonitor("opcua", site.plc.reconnect_max_s, log=self._log)
+        self._password: str | None = None
+        if cfg.password_env:
+            # bad configuration fails at start-up, not as a comms fault at 3 a.m.
+            if cfg.password_env not in os.environ:
+                raise ValueError(
+                    f"plc.opcua.password_env: environment variable {cfg.password_env!r} is not set"
+                )
+            self._password = os.environ[cfg.password_env]
+        self._inputs = site.inputs
+        self._outputs = {t.name: t for t in site.outputs}
+        self._out = OutputCache(site.site.name, site.outputs, _normalise)
+        self._client: Client | None = None
+        self._sub: Any = None
+        self._nodes: dict[str, ua.NodeId] = {}  # tag -> node, for the tags that resolved
+        self._by_node: dict[ua.NodeId, str] = {}
+        self._unresolved: dict[str, str] = {}  # tag -> why it has no node
+        self._latest: dict[str, tuple[ua.DataValue, float]] = {}  # subscription: dv, arrival
+        self._image = ProcessImage()
+        self._subscribed_at = 0.0
+        # keep-alive: at least every timeout_s/2, so a dead link shows within one timeout
+        pi_s = cfg.publish_interval_ms / 1000
+        self._keepalive_count = max(1, int(self.timeout_s / 2 / pi_s))
+        self._dead_after_s = self._keepalive_count * pi_s + self.timeout_s
+
+    # ---- Transport interface ----
+
+    @property
+    def health(self) -> CommsHealth:
+        return self.link.health
+
+    async def connect(self) -> None:
+        await self._ensure_connected(self._clock())
+
+    async def close(self) -> None:
+        c, self._client = self._client, None
+        if c is not None:
+            try:
+                async with asyncio.timeout(self.timeout_s * 2):
+                    await c.disconnect()
+            except Exception:  # orderly close is best effort; the socket goes regardless
+                c.disconnect_socket()
+
+    async def read_inputs(self) -> ProcessImage:
+        now = self._clock()
+        names = [t.name for t in self._inputs]
+        if not await self._ensure_connected(now):
+            self._image = self._image.marked(names, Quality.COMMS_LOST, None)
+        elif self.cfg.subscribe:
+            self._image = self._from_subscription(now)
+        else:
+            self._image = await self._poll(self._inputs, self._image)
+        return self._image
+
+    async def read_outputs(self) -> ProcessImage:
+        tags = list(self._outputs.values())
+        if not await self._ensure_connected(self._clock()):
+            return ProcessImage().marked([t.name for t in tags], Quality.COMMS_LOST, None)
+        return await self._poll(tags, ProcessImage())
+
+    async def write_outputs(self, values: Mapping[str, Value]) -> WriteResult:
+        out = self._out
+        failed = out.accept(values)
+        due = out.due()
+        if not due:
+            return WriteResult((), failed)
+        if not await self._ensure_connected(self._clock()):
+            reason = f"comms: link {self.link.state.value} ({self.link.last_error})"
+            return WriteResult((), {**failed, **{t.name: reason for t in due}})
+        send = [t for t in due if t.name in self._nodes]
+        for t in due:
+            if t.name not in self._nodes:
+                failed[t.name] = f"bad_reply: {self._unresolved.get(t.name, 'no node')}"
+        if not send:
+            return WriteResult((), failed)
+        dvs = [
+            ua.DataValue(
+                ua.Variant(
+                    out.desired[t.name],
+                    ua.VariantType.Boolean if t.is_bool else ua.VariantType.Double,
+                )
+            )
+            for t in send
+        ]
+        try:
+            results = await self._call(
+                self._client_or_raise().uaclient.write_attributes(
+                    [self._nodes[t.name] for t in send], dvs, ua.AttributeIds.Value
+                )
+            )
+        except PlcError as e:
+            out.unsent(t.name for t in send)
+            failed.update({t.name: f"{e.kind}: {e}" for t in send})
+            return WriteResult((), failed)
+        written: list[str] = []
+        for t, st in zip(send, results, strict=True):
+            if st.is_good():
+                out.sent([t.name])
+                written.append(t.name)
+                self.link.cause(f"write {t.name}", None)
+            else:
+                out.unsent([t.name])
+                failed[t.name] = f"exception: {st.name}"
+                self.link.cause(f"write {t.name}", st.name)
+        return WriteResult(tuple(written), failed)
+
+    # ---- connection ----
+
+    def _client_or_raise(self) -> Client:
+        if self._client is None:
+            raise PlcError("comms", "not connected")
+        return self._client
+
+    async def _ensure_connected(self, now: float) -> bool:
+        c = self._client
+        if c is not None and c.uaclient.state is UaClientState.CONNECTED:
+            return True
+        if c is not None:
+            self._abandon()
+            self.link.lost(now, "comms: connection lost")
+        if not self.link.may_attempt(now):
+            return False
+        client = Client(self.endpoint, timeout=self.timeout_s, watchdog_intervall=1.0)
+        client.session_timeout = 30_000  # an abandoned session frees itself soon on the PLC
+        try:
+            await self._configure(client)
+            async with asyncio.timeout(max(4 * self.timeout_s, 2.0)):
+                await client.connect(auto_reconnect=False)
+                self._client = client
+                await self._resolve(client)
+                if self.cfg.subscribe:
+                    await self._subscribe(client)
+        except Exception as e:  # any failure to connect is a comms fault, retried with back-off
+            self._client = client
+            self._abandon()
+            self.link.lost(self._clock(), f"comms: connect failed: {type(e).__name__} {e}")
+            return False
+        self.link.ok(self._clock())
+        self._out.reconnected()  # the PLC may have lost our outputs: write them all again
+        return True
+
+    async def _configure(self, client: Client) -> None:
+        cfg = self.cfg
+        if cfg.security != "None":
+            policy, mode = cfg.security.split("_", 1)
+            folder = self.site.state_dir / "opcua_client"
+            folder.mkdir(parents=True, exist_ok=True)
+            key, cert = Path(folder, "key.pem"), Path(folder, "cert.der")
+            client.application_uri = "urn:heatloop:controller"
+            await client.setup_self_signed_certificate(key, cert)
+            await client.set_security_string(f"{policy},{mode},{cert},{key}")
+        if cfg.username:
+            client.set_user(cfg.username)
+            if self._password is not None:
+                client.set_password(self._password)
+
+    def _abandon(self) -> None:
+        """Drop a client without waiting on a link that may be dead."""
+        c, self._client, self._sub = self._client, None, None
+        self._latest.clear()
+        if c is None:
+            return
+        c.uaclient.request_disconnect()
+        for task in (c._supervisor_task, c._stale_watchdog_task, c._renew_channel_task):
+            if task is not None and not task.done():
+                task.cancel()
+        c.disconnect_socket()
+
+    async def _resolve(self, client: Client) -> None:
+        self._nodes.clear()
+        self._unresolved.clear()
+        ns = await client.get_namespace_index(self.cfg.namespace)
+        by_path: list[Tag] = []
+        for t in self.site.tags:
+            if t.opcua_node:
+                try:
+                    self._nodes[t.name] = ua.NodeId.from_string(t.opcua_node)
+                except (ValueError, UaError) as e:
+                    self._unresolved[t.name] = f"bad opcua_node {t.opcua_node!r}: {e}"
+            else:
+                by_path.append(t)
+        if by_path:
+            objects = ua.NodeId(ua.ObjectIds.ObjectsFolder, 0)
+            paths = [f"/{ns}:PLC/{ns}:{t.name}" for t in by_path]
+            results = await client.translate_browsepaths(objects, paths)
+            for t, r in zip(by_path, results, strict=True):
+                if r.StatusCode.is_good() and r.Targets:
+                    target = r.Targets[0].TargetId
+                    self._nodes[t.name] = ua.NodeId(target.Identifier, target.NamespaceIndex)
+                else:
+                    self._unresolved[t.name] = f"Objects/PLC/{t.name}: {r.StatusCode.name}"
+        for name, why in self._unresolved.items():
+            self.link.cause(f"node {name}", why)
+        self._by_node = {n: k for k, n in self._nodes.items()}
+
+    async def _subscribe(self, client: Client) -> None:
+        params = ua.CreateSubscriptionParameters()
+        params.RequestedPublishingInterval = self.cfg.publish_interval_ms
+        params.RequestedMaxKeepAliveCount = self._keepalive_count
+        params.RequestedLifetimeCount = max(3 * self._keepalive_count, 300)
+        params.MaxNotificationsPerPublish = 0
+        params.PublishingEnabled = True
+        params.Priority = 0
+        self._latest.clear()
+        sub = await client.create_subscription(params, _Handler(self))
+        nodes = [
+            client.get_node(self._nodes[t.name]) for t in self._inputs if t.name in self._nodes
+        ]
+        if nodes:
+            await sub.subscribe_data_change(nodes, sampling_interval=self.cfg.publish_interval_ms)
+        self._sub = sub
+        self._subscribed_at = time.monotonic()
+        # Seed with one read so the first scan after a connect is not empty.
+        await self._seed([t for t in self._inputs if t.name in self._nodes])
+
+    # ---- reading ----
+
+    def _arrived(self, nodeid: ua.NodeId, dv: ua.DataValue) -> None:
+        name = self._by_node.get(nodeid)
+        if name is not None:
+            self._latest[name] = (dv, self._clock())
+
+    async def _seed(self, tags: Sequence[Tag]) -> None:
+        c = self._client_or_raise()
+        dvs = await c.uaclient.read_attributes(
+            [self._nodes[t.name] for t in tags], ua.AttributeIds.Value
+        )
+        at = self._clock()
+        for t, dv in zip(tags, dvs, strict=True):
+            self._latest.setdefault(t.name, (dv, at))
+
+    def _sample(self, tag: Tag, dv: ua.DataValue, at: float, prev: Sample) -> Sample:
+        q = quality_of(dv.StatusCode)
+        value = dv.Value.Value if dv.Value is not None else None
+        if q is Quality.GOOD:
+            if isinstance(value, bool | int | float):
+                return judge(tag, value, at)
+            q = Quality.BAD_REPLY  # a Good status with no number is a garbled reply
+        keep = value if isinstance(value, bool | int | float) else prev.value
+        return Sample(keep, q, at if q is Quality.STALE else prev.at_s)
+
+    def _from_subscription(self, now: float) -> ProcessImage:
+        sub = self._sub
+        mono = time.monotonic()
+        last = (sub.last_publish_at or self._subscribed_at) if sub is not None else None
+        if sub is None or last is None or mono - last > self._dead_after_s:
+            self._abandon()
+            self.link.lost(now, f"comms: no publish response for {self._dead_after_s:.2f} s")
+            names = [t.name for t in self._inputs]
+            return self._image.marked(names, Quality.COMMS_LOST, None)
+        confirmed = now - (mono - last)
+        samples: dict[str, Sample] = {}
+        for t in self._inputs:
+            prev = self._image[t.name]
+            got = self._latest.get(t.name)
+            if got is None:
+                why = self._unresolved.get(t.name)
+                samples[t.name] = Sample(
+                    prev.value, Quality.BAD_REPLY if why else Quality.COMMS_LOST, prev.at_s
+                )
+                continue
+            dv, arrived = got
+            samples[t.name] = self._sample(t, dv, max(arrived, confirmed), prev)
+        return ProcessImage(samples)
+
+    async def _poll(self, tags: Sequence[Tag], prev: ProcessImage) -> ProcessImage:
+        known = [t for t in tags if t.name in self._nodes]
+        samples: dict[str, Sample] = {
+            t.name: Sample(prev[t.name].value, Quality.BAD_REPLY, prev[t.name].at_s)
+            for t in tags
+            if t.name not in self._nodes
+        }
+        try:
+            dvs = await self._call(
+                self._client_or_raise().uaclient.read_attributes(
+                    [self._nodes[t.name] for t in known], ua.AttributeIds.Value
+                )
+            )
+        except PlcError as e:
+            q = Quality.COMMS_LOST if e.kind == "comms" else Quality.BAD_REPLY
+            return prev.updated(samples).marked([t.name for t in known], q, None)
+        if len(dvs) != len(known):
+            self.link.error_reply(f"read returned {len(dvs)} results for {len(known)} nodes")
+            return prev.updated(samples).marked([t.name for t in known], Quality.BAD_REPLY, None)
+        at = self._clock()
+        for t, dv in zip(known, dvs, strict=True):
+            samples[t.name] = self._sample(t, dv, at, prev[t.name])
+        return prev.updated(samples)
+
+    async def _call(self, request: Any) -> Any:
+        """One service call within the timeout; failures become PlcError (comms drops the link)."""
+        self.link.requests += 1
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                result = await request
+        except TimeoutError:
+            self._comms_failed(f"no answer within {self.timeout_s} s")
+        except (OSError, ConnectionError) as e:
+            self._comms_failed(f"{type(e).__name__}: {e}")
+        except UaError as e:
+            if getattr(e, "code", None) in COMMS_CODES:
+                self._comms_failed(str(e))
+            # a service-level Bad status: the link answered
+            self.link.ok(self._clock())
+            self.link.error_reply(str(e))
+            raise PlcError("exception", str(e)) from e
+        self.link.ok(self._clock())
+        return result
+
+    def _comms_failed(self, msg: str) -> NoReturn:
+        self._abandon()
+        self.link.lost(self._clock(), f"comms: {msg}")
+        raise PlcError("comms", msg)

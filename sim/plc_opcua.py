@@ -1,0 +1,374 @@
+"""The simulated PLC's OPC UA face: the tag table as `Objects/PLC/<tag>`, and the `Sim` test
+instrument (fault methods, true plant values). Security None, bound where told (127.0.0.1): it is
+a test instrument, never a production endpoint.
+
+Node ids are strings in namespace `urn:heatloop:plc`: `PLC.<tag>`, `Sim`, `Sim.InjectFault`,
+`Sim.ClearFault`, `Sim.ClearAllFaults`, `Sim.Plant`, `Sim.Plant.<name>`.
+
+Client writes are intercepted per item in front of asyncua's attribute write service (an internal
+API of asyncua 2.1; pinned, and tests/hil exercises it), so each item gets its own status: an
+output write lands in the PLC's command image (BadOutOfRange outside the tag's range,
+BadTypeMismatch for a wrong variant type, BadNoCommunication during `comms_drop`); every other
+node of ours is BadNotWritable. The variables of the outputs show what the plant gets now (the
+safe values while the watchdog holds), not what was last written.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import structlog
+from asyncua import Server, ua
+from asyncua.crypto.permission_rules import User, UserRole
+
+from plc_io.tags import Tag, Value
+from sim.plc_faults import CommsFaults
+
+log = structlog.get_logger("sim.plc")
+
+NAMESPACE = "urn:heatloop:plc"
+PLANT_WATCHDOG = {
+    "watchdog_tripped": ua.VariantType.Boolean,
+    "watchdog_trips": ua.VariantType.UInt32,
+    "sim_time_s": ua.VariantType.Double,
+}
+_NUMERIC = frozenset(
+    {
+        ua.VariantType.Double,
+        ua.VariantType.Float,
+        ua.VariantType.SByte,
+        ua.VariantType.Byte,
+        ua.VariantType.Int16,
+        ua.VariantType.UInt16,
+        ua.VariantType.Int32,
+        ua.VariantType.UInt32,
+        ua.VariantType.Int64,
+        ua.VariantType.UInt64,
+    }
+)
+
+
+class OpcuaHost(Protocol):
+    """What the OPC UA face needs of the PLC."""
+
+    faults: CommsFaults
+
+    def now(self) -> float: ...
+
+    def apply_writes(self, values: dict[str, Value], source: str) -> None: ...
+
+    def outputs(self) -> dict[str, Value]: ...
+
+    def inject(self, name: str, target: str = "", value: float = 1.0) -> None: ...
+
+    def clear(self, name: str, target: str = "") -> None: ...
+
+    def clear_all(self) -> None: ...
+
+
+def _status(code: int) -> ua.StatusCode:
+    return ua.StatusCode(code)
+
+
+def _arg(name: str, vtype: ua.VariantType, text: str) -> ua.Argument:
+    return ua.Argument(
+        Name=name,
+        DataType=ua.NodeId(vtype.value),
+        ValueRank=-1,
+        ArrayDimensions=[],
+        Description=ua.LocalizedText(text),
+    )
+
+
+class PlcOpcua:
+    """Owns the asyncua server; `port` is the port actually bound after `start`."""
+
+    def __init__(
+        self,
+        host: OpcuaHost,
+        tags: tuple[Tag, ...],
+        plant_names: list[str],
+        bind_host: str,
+        port: int,
+    ) -> None:
+        self.host = host
+        self.tags = tags
+        self.plant_names = plant_names
+        self.bind_host = bind_host
+        self.port = port
+        self.server: Server | None = None
+        self.ns = 0
+        self._plc_nodes: dict[str, ua.NodeId] = {}
+        self._plc_vt: dict[str, ua.VariantType] = {}
+        self._plant_nodes: dict[str, tuple[ua.NodeId, ua.VariantType]] = {}
+        self._outputs: dict[ua.NodeId, Tag] = {}
+        self._read_only: set[ua.NodeId] = set()
+        self._last: dict[ua.NodeId, Any] = {}
+        self._bad = False
+
+    @property
+    def endpoint(self) -> str:
+        return f"opc.tcp://{self.bind_host}:{self.port}/"
+
+    async def start(self) -> None:
+        server = Server()
+        await server.init()
+        server.set_endpoint(self.endpoint)
+        server.set_server_name("heatloop simulated PLC")
+        server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
+        server.allow_remote_admin(False)
+        ns = await server.register_namespace(NAMESPACE)
+        self.ns = ns
+        objects = server.nodes.objects
+
+        plc = await objects.add_folder(ua.NodeId("PLC", ns), ua.QualifiedName("PLC", ns))
+        outputs = self.host.outputs()
+        for tag in self.tags:
+            vt = ua.VariantType.Boolean if tag.is_bool else ua.VariantType.Double
+            nid = ua.NodeId(f"PLC.{tag.name}", ns)
+            init: Value = outputs.get(tag.name, False if tag.is_bool else 0.0)
+            var = await plc.add_variable(
+                nid, ua.QualifiedName(tag.name, ns), ua.Variant(_typed(init, vt), vt)
+            )
+            if tag.description:
+                await var.write_attribute(
+                    ua.AttributeIds.Description,
+                    ua.DataValue(ua.Variant(ua.LocalizedText(tag.description))),
+                )
+            self._plc_nodes[tag.name] = nid
+            self._plc_vt[tag.name] = vt
+            if tag.is_output:
+                await var.set_writable()
+                self._outputs[nid] = tag
+            else:
+                self._read_only.add(nid)
+
+        sim = await objects.add_object(ua.NodeId("Sim", ns), ua.QualifiedName("Sim", ns))
+        msg = [_arg("Message", ua.VariantType.String, "what was done, or why not")]
+        name_arg = _arg("name", ua.VariantType.String, "fault name")
+        target_arg = _arg("target", ua.VariantType.String, "fault target, '' for none")
+        value_arg = _arg("value", ua.VariantType.Double, "fault value (meaning per fault)")
+        for method, fn, args in (
+            ("InjectFault", self._m_inject, [name_arg, target_arg, value_arg]),
+            ("ClearFault", self._m_clear, [name_arg, target_arg]),
+            ("ClearAllFaults", self._m_clear_all, []),
+        ):
+            await sim.add_method(
+                ua.NodeId(f"Sim.{method}", ns), ua.QualifiedName(method, ns), fn, args, msg
+            )
+        plant = await sim.add_folder(ua.NodeId("Sim.Plant", ns), ua.QualifiedName("Plant", ns))
+        kinds: dict[str, ua.VariantType] = dict.fromkeys(self.plant_names, ua.VariantType.Double)
+        kinds.update(PLANT_WATCHDOG)
+        for name, vt in kinds.items():
+            nid = ua.NodeId(f"Sim.Plant.{name}", ns)
+            await plant.add_variable(
+                nid, ua.QualifiedName(name, ns), ua.Variant(_typed(0, vt), vt)
+            )
+            self._plant_nodes[name] = (nid, vt)
+            self._read_only.add(nid)
+
+        self._wrap_write(server)
+        await server.start()
+        if server.bserver is not None:
+            self.port = server.bserver.port
+        self.server = server
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            server, self.server = self.server, None
+            await server.stop()
+
+    # ---- values ----
+
+    async def _write(self, nid: ua.NodeId, value: Any, vt: ua.VariantType, ts: datetime) -> None:
+        assert self.server is not None
+        if self._last.get(nid, _UNSET) == value:
+            return
+        self._last[nid] = value
+        dv = ua.DataValue(
+            ua.Variant(_typed(value, vt), vt), SourceTimestamp=ts, ServerTimestamp=ts
+        )
+        await self.server.write_attribute_value(nid, dv)
+
+    async def publish_plc(self, values: Mapping[str, Value], dropped: bool) -> None:
+        """Show PLC view values (changed ones only), or BadNoCommunication while dropped."""
+        if self.server is None:
+            return
+        ts = datetime.now(UTC)
+        if dropped:
+            if not self._bad:
+                self._bad = True
+                bad = ua.DataValue(
+                    StatusCode=_status(ua.StatusCodes.BadNoCommunication),
+                    SourceTimestamp=ts,
+                    ServerTimestamp=ts,
+                )
+                for nid in self._plc_nodes.values():
+                    self._last.pop(nid, None)
+                    await self.server.write_attribute_value(nid, bad)
+            return
+        self._bad = False
+        for name, v in values.items():
+            nid = self._plc_nodes.get(name)
+            if nid is not None:
+                await self._write(nid, v, self._plc_vt[name], ts)
+
+    async def publish_plant(self, values: Mapping[str, float | bool | int]) -> None:
+        if self.server is None:
+            return
+        ts = datetime.now(UTC)
+        for name, v in values.items():
+            entry = self._plant_nodes.get(name)
+            if entry is not None:
+                await self._write(entry[0], v, entry[1], ts)
+
+    # ---- client writes ----
+
+    def _wrap_write(self, server: Server) -> None:
+        service = server.iserver.attribute_service
+        original: Callable[..., Awaitable[list[ua.StatusCode]]] = service.write
+
+        async def write(
+            params: ua.WriteParameters, user: User = User(role=UserRole.Admin)
+        ) -> list[ua.StatusCode]:
+            items = params.NodesToWrite
+            results: list[ua.StatusCode | None] = [None] * len(items)
+            passthrough: list[int] = []
+            accepted: dict[str, Value] = {}
+            for i, wv in enumerate(items):
+                if wv.NodeId in self._outputs:
+                    code, value = self._check_output_write(self._outputs[wv.NodeId], wv)
+                    results[i] = _status(code)
+                    if code == ua.StatusCodes.Good:
+                        accepted[self._outputs[wv.NodeId].name] = value
+                elif wv.NodeId in self._read_only:
+                    results[i] = _status(ua.StatusCodes.BadNotWritable)
+                else:
+                    passthrough.append(i)
+            if passthrough:
+                sub = ua.WriteParameters(NodesToWrite=[items[i] for i in passthrough])
+                for i, code in zip(passthrough, await original(sub, user=user), strict=True):
+                    results[i] = code
+            if accepted:
+                self.host.apply_writes(accepted, "opcua")
+                await self.publish_plc(self.host.outputs(), dropped=False)
+            return [r if r is not None else _status(ua.StatusCodes.BadInternalError) for r in results]
+
+        service.write = write  # type: ignore[method-assign]
+
+    def _check_output_write(self, tag: Tag, wv: ua.WriteValue) -> tuple[int, Value]:
+        if wv.AttributeId != ua.AttributeIds.Value or wv.IndexRange:
+            return ua.StatusCodes.BadNotWritable, 0.0
+        if self.host.faults.dropped(self.host.now()):
+            return ua.StatusCodes.BadNoCommunication, 0.0
+        variant = wv.Value.Value if wv.Value is not None else None
+        if variant is None or variant.Value is None:
+            return ua.StatusCodes.BadTypeMismatch, 0.0
+        if tag.is_bool:
+            if variant.VariantType != ua.VariantType.Boolean:
+                return ua.StatusCodes.BadTypeMismatch, 0.0
+            return ua.StatusCodes.Good, bool(variant.Value)
+        if variant.VariantType != ua.VariantType.Double:
+            return ua.StatusCodes.BadTypeMismatch, 0.0
+        v = float(variant.Value)
+        if not (math.isfinite(v) and tag.lo <= v <= tag.hi):
+            return ua.StatusCodes.BadOutOfRange, 0.0
+        return ua.StatusCodes.Good, v
+
+    # ---- methods ----
+
+    async def _m_inject(self, parent: ua.NodeId, *args: ua.Variant) -> Any:
+        return self._call(
+            "InjectFault",
+            args,
+            (("name", {ua.VariantType.String}), ("target", {ua.VariantType.String}),
+             ("value", _NUMERIC)),
+            lambda n, t, v: self.host.inject(n, t, float(v)),
+        )
+
+    async def _m_clear(self, parent: ua.NodeId, *args: ua.Variant) -> Any:
+        return self._call(
+            "ClearFault",
+            args,
+            (("name", {ua.VariantType.String}), ("target", {ua.VariantType.String})),
+            lambda n, t: self.host.clear(n, t),
+        )
+
+    async def _m_clear_all(self, parent: ua.NodeId, *args: ua.Variant) -> Any:
+        return self._call("ClearAllFaults", args, (), lambda: self.host.clear_all())
+
+    def _call(
+        self,
+        method: str,
+        args: tuple[ua.Variant, ...],
+        spec: tuple[tuple[str, set[ua.VariantType] | frozenset[ua.VariantType]], ...],
+        fn: Callable[..., None],
+    ) -> ua.CallMethodResult:
+        """Check the arguments, run `fn`, answer Good or a Bad status with a message."""
+        if len(args) != len(spec):
+            code = (
+                ua.StatusCodes.BadArgumentsMissing
+                if len(args) < len(spec)
+                else ua.StatusCodes.BadTooManyArguments
+            )
+            names = ", ".join(n for n, _ in spec) or "none"
+            return self._fail(method, code, f"{len(args)} arguments; expected ({names})", [])
+        arg_results = []
+        bad = []
+        for (name, types), a in zip(spec, args, strict=True):
+            ok = isinstance(a, ua.Variant) and a.VariantType in types and a.Value is not None
+            arg_results.append(_status(ua.StatusCodes.Good if ok else ua.StatusCodes.BadTypeMismatch))
+            if not ok:
+                got = a.VariantType.name if isinstance(a, ua.Variant) else type(a).__name__
+                bad.append(f"{name}: {got}")
+        if bad:
+            return self._fail(
+                method,
+                ua.StatusCodes.BadTypeMismatch,
+                f"wrong argument types ({'; '.join(bad)})",
+                arg_results,
+            )
+        values = [a.Value for a in args]
+        try:
+            fn(*values)
+        except ValueError as e:  # FaultError and friends: the caller's mistake
+            return self._fail(method, ua.StatusCodes.BadInvalidArgument, str(e), [])
+        except Exception as e:  # never let a method call take the instrument down
+            log.exception("sim_method_failed", method=method, args=values)
+            return self._fail(method, ua.StatusCodes.BadInternalError, repr(e), [])
+        text = f"{method}({', '.join(repr(v) for v in values)}): done"
+        return ua.CallMethodResult(
+            StatusCode=_status(ua.StatusCodes.Good),
+            InputArgumentResults=[_status(ua.StatusCodes.Good)] * len(args),
+            OutputArguments=[ua.Variant(text, ua.VariantType.String)],
+        )
+
+    @staticmethod
+    def _fail(
+        method: str, code: int, message: str, arg_results: list[ua.StatusCode]
+    ) -> ua.CallMethodResult:
+        log.warning("sim_method_refused", method=method, status=ua.StatusCode(code).name,
+                    reason=message)
+        return ua.CallMethodResult(
+            StatusCode=_status(code),
+            InputArgumentResults=arg_results,
+            OutputArguments=[ua.Variant(message, ua.VariantType.String)],
+        )
+
+
+class _Unset:
+    pass
+
+
+_UNSET = _Unset()
+
+
+def _typed(value: Any, vt: ua.VariantType) -> Any:
+    if vt == ua.VariantType.Boolean:
+        return bool(value)
+    if vt == ua.VariantType.UInt32:
+        return int(value)
+    return float(value)

@@ -1,0 +1,185 @@
+"""Shared HIL fixtures: free ports, a fast-watchdog site, simulated PLCs and a Modbus probe.
+
+`sim_plc` is a fresh simulated PLC per test (any event loop scope; ~1.7 s to start, mostly
+OPC UA). `shared_sim_plc` is one PLC for the whole session: tests using it must run in the
+session loop (`pytest.mark.asyncio(loop_scope="session")`) and leave no fault behind (the
+fixture below clears faults after each such test via `plc_clean`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import pytest
+import pytest_asyncio
+from pymodbus.client import AsyncModbusTcpClient
+
+from plc_io.codec import decode, encode
+from plc_io.site import Site, demo_site
+from plc_io.tags import ModbusTable, Tag, Value
+from sim.plc import SimPlc
+
+WATCHDOG_S = 1.0
+HOLDOFF_S = 0.5
+
+
+def free_port() -> int:
+    """A TCP port that was free on 127.0.0.1 a moment ago."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def fast_site(watchdog_s: float = WATCHDOG_S, holdoff_s: float = HOLDOFF_S) -> Site:
+    """The demo site with a short watchdog, so watchdog tests take about a second each."""
+    site = demo_site()
+    plc = site.plc.model_copy(update={"watchdog_s": watchdog_s, "watchdog_holdoff_s": holdoff_s})
+    return site.model_copy(update={"plc": plc})
+
+
+def make_plc(site: Site | None = None, **kw: Any) -> SimPlc:
+    return SimPlc(
+        site or fast_site(), modbus_port=free_port(), opcua_port=free_port(), **kw
+    )
+
+
+async def wait_for(pred: Callable[[], bool], timeout_s: float, step_s: float = 0.01) -> float:
+    """Poll `pred` until true; return the monotonic time it became true, or fail."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if pred():
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(step_s)
+
+
+class ModbusProbe:
+    """A plain pymodbus client (timeout 0.5 s, no retries) that speaks tags via plc_io.codec."""
+
+    def __init__(self, site: Site, port: int, timeout_s: float = 0.5) -> None:
+        self.site = site
+        self.unit = site.plc.unit_id
+        self.client = AsyncModbusTcpClient(
+            "127.0.0.1", port=port, timeout=timeout_s, retries=0, reconnect_delay=0.1
+        )
+
+    async def __aenter__(self) -> ModbusProbe:
+        assert await self.client.connect(), "cannot connect to the simulated PLC"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.client.close()
+
+    async def raw(self, table: ModbusTable, address: int, count: int) -> Any:
+        c, u = self.client, self.unit
+        if table is ModbusTable.INPUT:
+            return await c.read_input_registers(address, count=count, device_id=u)
+        if table is ModbusTable.HOLDING:
+            return await c.read_holding_registers(address, count=count, device_id=u)
+        if table is ModbusTable.COIL:
+            return await c.read_coils(address, count=count, device_id=u)
+        return await c.read_discrete_inputs(address, count=count, device_id=u)
+
+    async def read(self, name: str) -> Value:
+        tag = self.site.tag(name)
+        rr = await self.raw(tag.modbus.table, tag.modbus.address, tag.modbus.width)
+        assert not rr.isError(), f"{name}: {rr}"
+        return decode(tag, rr.bits[:1] if tag.modbus.is_bit else rr.registers)
+
+    async def write(self, name: str, value: Value) -> Any:
+        tag = self.site.tag(name)
+        raw = encode(tag, value)
+        if isinstance(raw, bool):
+            return await self.client.write_coil(tag.modbus.address, raw, device_id=self.unit)
+        return await self.client.write_registers(tag.modbus.address, raw, device_id=self.unit)
+
+    async def write_ok(self, name: str, value: Value) -> None:
+        rr = await self.write(name, value)
+        assert not rr.isError(), f"write {name}={value!r}: {rr}"
+
+
+class Heartbeat:
+    """Writes the heartbeat counter every `period_s` on its own connection while running."""
+
+    def __init__(self, site: Site, port: int, period_s: float = 0.1) -> None:
+        self.probe = ModbusProbe(site, port)
+        self.period_s = period_s
+        self.count = 0
+        self.last_write_s = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Heartbeat:
+        await self.probe.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+        await self.probe.__aexit__()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run())
+
+    async def stop(self) -> float:
+        """Stop beating; return the time the last heartbeat write was answered."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        return self.last_write_s
+
+    async def _run(self) -> None:
+        while True:
+            self.count = (self.count + 1) % 65536
+            await self.probe.write_ok("heartbeat", float(self.count))
+            self.last_write_s = time.monotonic()
+            await asyncio.sleep(self.period_s)
+
+
+async def release_watchdog(plc: SimPlc, probe: ModbusProbe, beat: Heartbeat) -> None:
+    """Bring a PLC out of its safe hold: heartbeats running, then fresh commands."""
+    beat.start()
+    if not plc.watchdog_tripped:
+        return
+    await asyncio.sleep(0.15)  # the heartbeat has resumed
+    await probe.write_ok("reuse_valve_cmd", 0.0)
+    await wait_for(lambda: not plc.watchdog_tripped, plc.site.plc.watchdog_holdoff_s + 1.0)
+
+
+@pytest.fixture
+def site() -> Site:
+    return fast_site()
+
+
+@pytest_asyncio.fixture
+async def sim_plc() -> AsyncIterator[SimPlc]:
+    """A fresh simulated PLC (fast watchdog site) on free ports, stopped after the test."""
+    async with make_plc() as plc:
+        yield plc
+
+
+@pytest_asyncio.fixture(loop_scope="session", scope="session")
+async def shared_sim_plc() -> AsyncIterator[SimPlc]:
+    """One simulated PLC for the session (fast watchdog site). `initial_*` record its start."""
+    async with make_plc() as plc:
+        plc.initial_tripped = plc.watchdog_tripped  # type: ignore[attr-defined]
+        plc.initial_trips = plc.watchdog_trips  # type: ignore[attr-defined]
+        plc.initial_outputs = plc.outputs()  # type: ignore[attr-defined]
+        yield plc
+
+
+@pytest_asyncio.fixture(loop_scope="session")
+async def plc(shared_sim_plc: SimPlc) -> AsyncIterator[SimPlc]:
+    """The session's PLC, with every fault cleared after the test."""
+    yield shared_sim_plc
+    shared_sim_plc.clear_all()
+
+
+ProbeFactory = Callable[..., Awaitable[ModbusProbe]]

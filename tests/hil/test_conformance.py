@@ -1,0 +1,203 @@
+"""One conformance suite for every PLC transport: the in-memory fake, Modbus TCP and OPC UA.
+
+Invariant: a transport never raises for comms and never serves a value as good that it did not
+just read; what it writes is exactly the changed outputs plus the heartbeat, and everything
+again after a reconnect.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import pytest_asyncio
+
+from plc_io.image import ProcessImage, Quality
+from plc_io.transport import LinkState, UnknownTagError
+
+try:  # tests/hil may or may not be a package
+    from tests.hil.conformance import Rig, conformance_site
+except ImportError:
+    from conformance import Rig, conformance_site  # type: ignore[no-redef]
+
+pytestmark = [pytest.mark.hil, pytest.mark.asyncio(loop_scope="module")]
+
+KINDS = ["memory", "modbus", "opcua", "opcua-poll"]
+SITE = conformance_site()
+TIMEOUT_S = SITE.plc.timeout_s
+INPUTS = [t.name for t in SITE.inputs]
+OUTPUTS = [t.name for t in SITE.outputs]
+COMMANDS = {k: v for k, v in SITE.safe_outputs().items() if k != "heartbeat"}
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", params=KINDS)
+async def rig(request: pytest.FixtureRequest) -> AsyncIterator[Rig]:
+    r = Rig(request.param, SITE)
+    await r.start()
+    yield r
+    await r.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def tx(rig: Rig) -> AsyncIterator[Any]:
+    rig.clear_all()
+    t = rig.transport()
+    await t.connect()
+    yield t
+    await t.close()
+    rig.clear_all()
+
+
+async def until(tx: Any, pred: Any, within_s: float) -> tuple[ProcessImage, float]:
+    """Read until `pred(image)` holds; return the image and the time it took."""
+    t0 = time.monotonic()
+    while True:
+        img = await tx.read_inputs()
+        if pred(img) or time.monotonic() - t0 > within_s:
+            return img, time.monotonic() - t0
+        await asyncio.sleep(0.02)
+
+
+def all_q(img: ProcessImage, q: Quality) -> bool:
+    return all(img[n].quality is q for n in INPUTS)
+
+
+def none_good(img: ProcessImage) -> bool:
+    return not any(img[n].quality in (Quality.GOOD, Quality.STALE) for n in INPUTS)
+
+
+async def test_reads_every_input_good(tx: Any) -> None:
+    img, _ = await until(tx, lambda i: all_q(i, Quality.GOOD), 2.0)
+    assert {n: img[n].quality for n in INPUTS} == dict.fromkeys(INPUTS, Quality.GOOD)
+    assert tx.health.state is LinkState.OK
+    now = time.monotonic()
+    assert all(now - 1.0 < img[n].at_s <= now for n in INPUTS)
+    assert isinstance(img.value("leak_primary"), bool)
+    assert isinstance(img.value("it_supply_temp"), float)
+
+
+async def test_writes_only_changed_outputs(rig: Rig, tx: Any) -> None:
+    r = await tx.write_outputs(COMMANDS)
+    assert not r.failed and set(r.written) == set(OUTPUTS)  # first pass: all, plus heartbeat
+    n0 = tx.health.requests
+    r = await tx.write_outputs(COMMANDS)
+    assert r.written == ("heartbeat",) and not r.failed
+    assert tx.health.requests - n0 == 1
+    n0 = tx.health.requests
+    r = await tx.write_outputs({**COMMANDS, "reuse_valve_cmd": 42.0, "secondary_pump_cmd": True})
+    assert set(r.written) == {"reuse_valve_cmd", "secondary_pump_cmd", "heartbeat"}
+    # memory and Modbus: one FC16 per adjacent run (0, 5) and one FC15; OPC UA: one Write
+    assert tx.health.requests - n0 == (1 if rig.is_opcua else 3)
+    cmd = rig.plc.commanded()
+    assert cmd["reuse_valve_cmd"] == pytest.approx(42.0)
+    assert cmd["secondary_pump_cmd"] is True
+    back = await tx.read_outputs()
+    assert set(back) == set(OUTPUTS) and back["heartbeat"].quality is Quality.GOOD
+
+
+async def test_heartbeat_written_every_pass(rig: Rig, tx: Any) -> None:
+    beats = []
+    for _ in range(5):
+        r = await tx.write_outputs(COMMANDS)
+        assert "heartbeat" in r.written
+        beats.append(rig.plc.commanded()["heartbeat"])
+    assert len(set(beats)) == 5  # it changes every pass, so the PLC watchdog sees it alive
+    r = await tx.write_outputs({"heartbeat": 7.0})
+    assert r.written == ("heartbeat",) and rig.plc.commanded()["heartbeat"] == 7.0
+
+
+async def test_nan_is_refused_and_unknown_tags_raise(rig: Rig, tx: Any) -> None:
+    await tx.write_outputs(COMMANDS)
+    r = await tx.write_outputs({"reuse_valve_cmd": math.nan})
+    assert "reuse_valve_cmd" in r.failed and "reuse_valve_cmd" not in r.written
+    assert "heartbeat" in r.written  # the rest of the pass goes on
+    assert rig.plc.commanded()["reuse_valve_cmd"] == COMMANDS["reuse_valve_cmd"]
+    with pytest.raises(UnknownTagError, match=r"no_such_tag.*not an output"):
+        await tx.write_outputs({"no_such_tag": 1.0})
+    with pytest.raises(UnknownTagError):
+        await tx.write_outputs({"it_supply_temp": 1.0})  # an input is not writable
+
+
+async def test_link_drop_then_reconnect(rig: Rig, tx: Any) -> None:
+    good, _ = await until(tx, lambda i: all_q(i, Quality.GOOD), 2.0)
+    await tx.write_outputs(COMMANDS)
+    await rig.stop()
+    img, took = await until(tx, none_good, TIMEOUT_S * 2 + 0.1)
+    assert all_q(img, Quality.COMMS_LOST), {n: img[n].quality for n in INPUTS}
+    assert took <= TIMEOUT_S * 2 + 0.1
+    # the last value is kept for diagnosis, never as good
+    assert all(img[n].value == good[n].value for n in INPUTS)
+    for _ in range(3):
+        t0 = time.monotonic()
+        again = await tx.read_inputs()
+        assert none_good(again) and time.monotonic() - t0 <= TIMEOUT_S + 0.1
+    w = await tx.write_outputs(COMMANDS)
+    assert not w.written and "heartbeat" in w.failed
+    assert tx.health.state is LinkState.LOST
+
+    await rig.start()
+    img, took = await until(tx, lambda i: all_q(i, Quality.GOOD), 5.0)
+    assert all_q(img, Quality.GOOD), took
+    w = await tx.write_outputs(COMMANDS)
+    assert set(w.written) == set(OUTPUTS), "after a reconnect every output is written again"
+    assert rig.plc.commanded()["drycooler_fan_cmd"] == COMMANDS["drycooler_fan_cmd"]
+    assert tx.health.state is LinkState.OK
+
+
+async def test_comms_drop_fault_is_comms_lost_then_recovers(rig: Rig, tx: Any) -> None:
+    await until(tx, lambda i: all_q(i, Quality.GOOD), 2.0)
+    rig.plc.inject("comms_drop", value=1.0)
+    img, took = await until(tx, none_good, TIMEOUT_S * 2 + 0.2)
+    assert all_q(img, Quality.COMMS_LOST) and took <= TIMEOUT_S * 2 + 0.2
+    img, _ = await until(tx, lambda i: all_q(i, Quality.GOOD), 3.0)
+    assert all_q(img, Quality.GOOD)
+
+
+async def test_slow_server_fails_within_the_timeout(rig: Rig, tx: Any) -> None:
+    await until(tx, lambda i: all_q(i, Quality.GOOD), 2.0)
+    rig.slow(3.0)
+    t0 = time.monotonic()
+    img, _ = await until(tx, none_good, TIMEOUT_S * 3)
+    took = time.monotonic() - t0
+    assert all_q(img, Quality.COMMS_LOST)
+    assert took < TIMEOUT_S * 3, f"took {took:.2f} s; pymodbus's defaults would take 12 s"
+    t0 = time.monotonic()
+    r = await tx.write_outputs(COMMANDS)
+    assert "heartbeat" in r.failed and time.monotonic() - t0 <= TIMEOUT_S + 0.1
+    rig.clear_all()
+    img, _ = await until(tx, lambda i: all_q(i, Quality.GOOD), 4.0)
+    assert all_q(img, Quality.GOOD)
+
+
+async def test_error_replies_are_bad_quality_not_exceptions(rig: Rig, tx: Any) -> None:
+    await until(tx, lambda i: all_q(i, Quality.GOOD), 2.0)
+    if rig.is_opcua:
+        # The PLC answers Bad for a node it does not have (BadNodeIdUnknown).
+        tag = SITE.tag("it_supply_temp").model_copy(update={"opcua_node": "ns=2;s=PLC.nope"})
+        site = SITE.model_copy(
+            update={"tags": tuple(tag if t.name == tag.name else t for t in SITE.tags)}
+        )
+        t = rig.transport(site)
+        await t.connect()
+        try:
+            img, _ = await until(t, lambda i: i["it_return_temp"].quality is Quality.GOOD, 2.0)
+            assert img["it_supply_temp"].quality is Quality.BAD_REPLY
+            assert img["it_return_temp"].quality is Quality.GOOD
+        finally:
+            await t.close()
+        return
+    for fault, value in (("comms_error", 2.0), ("comms_error", 4.0), ("comms_garble", 1.0)):
+        rig.plc.inject(fault, value=value)
+        img = await tx.read_inputs()
+        assert all_q(img, Quality.BAD_REPLY), fault
+        assert tx.health.state is LinkState.OK  # the PLC answered: the link is fine
+        if fault == "comms_error":
+            r = await tx.write_outputs(COMMANDS)
+            assert "heartbeat" in r.failed and "exception" in r.failed["heartbeat"]
+        rig.plc.clear(fault)
+    img = await tx.read_inputs()
+    assert all_q(img, Quality.GOOD)
