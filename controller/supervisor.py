@@ -17,7 +17,7 @@ from controller.modes import Conditions, Mode, ModeMachine, Timing
 from controller.sequences import PI, SequenceConfig, mode_outputs
 from interlocks.engine import Event, InterlockState, evaluate
 from interlocks.rules import Thresholds
-from interlocks.validation import EMPTY_MEMORY, Point, ValidationConfig, validate
+from interlocks.validation import EMPTY_MEMORY, Point, ValidationConfig, compile_spec, validate
 from plc_io.image import ProcessImage
 from plc_io.site import Site
 from plc_io.tags import Tag, Value
@@ -98,7 +98,9 @@ class SupervisorConfig:
                 freeze_drycooler_out_c=il.freeze_drycooler_out_c,
                 fan_min_pct=c.fan_min_pct,
             ),
-            validation=ValidationConfig(il.stale_s, il.frozen_s, il.max_rate_k_per_s),
+            validation=ValidationConfig(
+                il.stale_s, il.frozen_s, il.max_rate_k_per_s, spec=compile_spec(site.inputs)
+            ),
             sequence=SequenceConfig(
                 supply_setpoint_c=c.it_supply_setpoint_c,
                 tank_full_c=c.tank_full_c,
@@ -151,9 +153,7 @@ class Supervisor:
             and isinstance(flow.value, float)
             and flow.value > cfg.primary_flow_low_m3h
         )
-        points, self.memory = validate(
-            cfg.inputs, image, self.memory, now_s, cfg.validation, flowing
-        )
+        points, self.memory = validate(image, self.memory, now_s, cfg.validation, flowing)
         verdict = evaluate(
             points,
             self.il,

@@ -12,8 +12,9 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
-from plc_io.image import ProcessImage
+from plc_io.image import USABLE, ProcessImage
 from plc_io.tags import Tag, Value
 
 # Reasons a point is invalid, in the order they are checked.
@@ -25,8 +26,9 @@ FROZEN_CHECKED = ("it_supply_temp", "it_return_temp")
 RATE_CHECKED = ("it_supply_temp", "it_return_temp")
 
 
-@dataclass(frozen=True, slots=True)
-class Point:
+class Point(NamedTuple):
+    """A validated input. A NamedTuple because 30 are built every scan."""
+
     value: Value | None
     valid: bool
     reason: str = ""  # why not valid; empty when valid
@@ -46,6 +48,9 @@ class Memory:
 EMPTY_MEMORY = Memory({})
 
 
+Spec = tuple[tuple[str, bool, float, float, bool], ...]  # name, is_bool, lo, hi, dynamic
+
+
 @dataclass(frozen=True)
 class ValidationConfig:
     stale_s: float
@@ -53,10 +58,10 @@ class ValidationConfig:
     max_rate_k_per_s: float
     frozen_noise_k: float = 0.005  # changes smaller than this count as "no change"
     redundant: Mapping[str, str] | None = None  # tag -> its twin; the worse (higher) one counts
+    spec: Spec = ()  # compile_spec(input tags)
 
 
 def validate(
-    tags: tuple[Tag, ...],
     image: ProcessImage,
     memory: Memory,
     now_s: float,
@@ -66,30 +71,41 @@ def validate(
     """Validate every input tag; `flowing` (the primary loop runs) arms the frozen check."""
     points: dict[str, Point] = {}
     last = dict(memory.last)
-    for tag in tags:
-        s = image[tag.name]
+    samples = image.samples()
+    stale_s = cfg.stale_s
+    for name, is_bool, lo, hi, dynamic in cfg.spec:
+        s = samples.get(name)
+        if s is None:
+            points[name] = Point(None, False, QUALITY)
+            continue
+        v, q, at_s = s
         reason = ""
-        v = s.value
-        if not s.quality.usable:
+        if q not in USABLE or v is None:
             reason = QUALITY
-        elif s.age_s(now_s) > cfg.stale_s:
+        elif now_s - at_s > stale_s:
             reason = STALE
-        elif v is None:
-            reason = QUALITY
-        elif not tag.is_bool:
+        elif not is_bool:
             x = float(v)
-            if math.isnan(x):
+            if x != x:
                 reason = NAN
-            elif not tag.lo <= x <= tag.hi:
+            elif not lo <= x <= hi:
                 reason = RANGE
-            elif tag.name in FROZEN_CHECKED or tag.name in RATE_CHECKED:
-                reason = _dynamics(tag.name, x, s.at_s, last, cfg, flowing)
-        points[tag.name] = Point(v, not reason, reason)
+            elif dynamic:
+                reason = _dynamics(name, x, at_s, last, cfg, flowing)
+        points[name] = Point(v, not reason, reason)
     if cfg.redundant:
         for name, twin in cfg.redundant.items():
             if name in points and twin in points:
                 points[name] = worse_of_two(points[name], points[twin])
     return points, Memory(last)
+
+
+def compile_spec(tags: tuple[Tag, ...]) -> Spec:
+    """Per-tag constants, worked out once per tag table (validation runs every scan)."""
+    return tuple(
+        (t.name, t.is_bool, t.lo, t.hi, t.name in FROZEN_CHECKED or t.name in RATE_CHECKED)
+        for t in tags
+    )
 
 
 def _dynamics(
