@@ -67,7 +67,18 @@ def cmd_check(args: argparse.Namespace) -> int:
     print(f"site {site.site.name!r}: {len(site.inputs)} inputs, {len(site.outputs)} outputs — OK")
     print()
     print("\n".join(tag_table_lines(site)))
+    print()
+    print("cause-and-effect matrix (interlocks; thresholds from this site file)")
+    print("\n".join(cause_effect_lines(site)))
     return EXIT_OK
+
+
+def cause_effect_lines(site: Site) -> list[str]:
+    from controller.supervisor import SupervisorConfig
+    from interlocks.rules import matrix_lines
+
+    cfg = SupervisorConfig.from_site(site)
+    return matrix_lines(tuple(t.name for t in site.outputs), cfg.thresholds)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

@@ -126,14 +126,16 @@ _BY_EDGE: dict[tuple[Mode, Mode], Transition] = {
 
 
 def wanted(mode: Mode, c: Conditions) -> Mode:
-    """The mode the conditions call for, by precedence."""
+    """The mode the conditions call for, by precedence, reachable in one transition."""
     if c.leak_latched or (mode is Mode.LEAK_TRIP and not c.reset):
         return Mode.LEAK_TRIP
-    if mode is Mode.STARTUP and not c.inputs_valid:
-        return Mode.STARTUP
+    if mode is Mode.STARTUP:
+        return Mode.DRY_COOLER_REJECT if c.inputs_valid else Mode.STARTUP
+    if mode is Mode.LEAK_TRIP:  # reset with every leak dry: out through the reject mode
+        return Mode.DRY_COOLER_REJECT
     if c.maintenance:
         return Mode.MAINTENANCE
-    if mode is Mode.MAINTENANCE or c.reject or mode in (Mode.STARTUP, Mode.LEAK_TRIP):
+    if mode is Mode.MAINTENANCE or c.reject:
         return Mode.DRY_COOLER_REJECT
     if not c.customer_ready:
         return Mode.CUSTOMER_OFFLINE

@@ -292,13 +292,12 @@ def matrix_lines(outputs: tuple[str, ...], th: Thresholds) -> list[str]:
     head = ["id", "latch", "bypass", "delay", *short.values(), "cause"]
     rows = [head]
     for r in RULES:
-        fx = r.effects(probe, th)
+        fx, always = r.effects(probe, th), r.effects({}, th)
         cells = []
         for c in cols:
             v = fx.get(c)
-            cells.append(
-                "" if v is None else ("on" if v is True else "off" if v is False else f"{v:g}")
-            )
+            cell = "" if v is None else ("on" if v is True else "off" if v is False else f"{v:g}")
+            cells.append(cell + ("*" if v is not None and c not in always else ""))
         rows.append(
             [
                 r.id,

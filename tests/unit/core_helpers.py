@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from controller.supervisor import SupervisorConfig
 from plc_io.image import ProcessImage, Quality, Sample
 from plc_io.site import demo_site
 from plc_io.tags import Value
 
 SITE = demo_site()
+CFG = SupervisorConfig.from_site(SITE)
 
 HEALTHY: dict[str, Value] = {
     "it_supply_temp": 35.0,

@@ -15,12 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from controller.modes import Mode
-from controller.supervisor import Commands, Supervisor, SupervisorConfig
+from controller.supervisor import Commands, Supervisor
 from interlocks.rules import RULES_BY_ID
 from plc_io.image import ProcessImage, Quality, Sample
-from tests.unit.core_helpers import HEALTHY, SITE
+from tests.unit.core_helpers import CFG, HEALTHY, SITE
 
-CFG = SupervisorConfig.from_site(SITE)
 HIGH = SITE.interlocks.it_supply_high_c
 SUPPLY_DELAY = max(RULES_BY_ID["IL-01"].delay_s, RULES_BY_ID["IL-02"].delay_s)
 BOOL_TAGS = [t.name for t in SITE.inputs if t.is_bool]

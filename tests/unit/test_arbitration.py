@@ -1,0 +1,156 @@
+"""Arbitration, the guard, the sequences and the PI loop."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from controller.arbitration import Level, Manual, arbitrate, guard
+from controller.modes import Mode
+from controller.sequences import PI, mode_outputs
+from controller.supervisor import Commands, Supervisor
+from tests.unit.core_helpers import CFG, image
+
+SAFE = dict(CFG.safe)
+
+
+def test_priority_interlock_over_manual_over_sequence() -> None:
+    out = arbitrate(
+        SAFE,
+        10.0,
+        interlock={"reuse_valve_cmd": (0.0, "IL-04")},
+        manual={
+            "reuse_valve_cmd": Manual(50.0, 100.0, "eng"),
+            "drycooler_fan_cmd": Manual(40.0, 100.0, "eng"),
+        },
+        sequence={"reuse_valve_cmd": 80.0, "drycooler_fan_cmd": 20.0, "secondary_pump_cmd": True},
+        bms={"secondary_pump_cmd": False, "customer_isolation_cmd": True},
+    )
+    assert (out["reuse_valve_cmd"].value, out["reuse_valve_cmd"].level) == (0.0, Level.INTERLOCK)
+    assert out["reuse_valve_cmd"].why == "IL-04"
+    assert (out["drycooler_fan_cmd"].value, out["drycooler_fan_cmd"].level) == (40.0, Level.MANUAL)
+    assert out["secondary_pump_cmd"].level is Level.SEQUENCE
+    assert (out["customer_isolation_cmd"].value, out["customer_isolation_cmd"].level) == (
+        True,
+        Level.BMS,
+    )
+    assert out["reuse_isolation_cmd"].level is Level.SAFE
+
+
+def test_manual_values_expire() -> None:
+    out = arbitrate(SAFE, 100.0, manual={"drycooler_fan_cmd": Manual(40.0, 100.0)})
+    assert out["drycooler_fan_cmd"].level is Level.SAFE
+
+
+@given(
+    a=st.booleans(),
+    b=st.booleans(),
+    fa=st.sampled_from([True, False, None]),
+    fb=st.sampled_from([True, False, None]),
+    fan=st.floats(0, 100),
+    valve=st.floats(0, 100),
+    sec=st.booleans(),
+)
+def test_guard_always_leaves_a_pump_and_a_sink(a, b, fa, fb, fan, valve, sec) -> None:
+    seq = {
+        **SAFE,
+        "primary_pump_a_cmd": a,
+        "primary_pump_b_cmd": b,
+        "drycooler_fan_cmd": fan,
+        "reuse_valve_cmd": valve,
+        "secondary_pump_cmd": sec,
+        "reuse_isolation_cmd": sec,
+    }
+    out = arbitrate(SAFE, 0.0, sequence=seq)
+    blocked = guard(
+        out,
+        {"primary_pump_a_running": fa, "primary_pump_b_running": fb},
+        min_fan_pct=10.0,
+        min_pump_speed_pct=30.0,
+    )
+    alive = [
+        out["primary_pump_a_cmd"].value and fa is not False,
+        out["primary_pump_b_cmd"].value and fb is not False,
+    ]
+    assert any(alive) or (out["primary_pump_a_cmd"].value and out["primary_pump_b_cmd"].value)
+    hx = valve > 0 and sec
+    assert out["drycooler_fan_cmd"].value >= 10.0 or hx
+    if not (a or b):
+        assert blocked and out["primary_pump_a_cmd"].level is Level.GUARD
+
+
+def test_pi_anti_windup_recovers_quickly_after_long_saturation() -> None:
+    pi = PI(kp=8.0, ti_s=120.0, lo=10.0, hi=100.0)
+    t = 0.0
+    for _ in range(3600):  # an hour far too hot: output pinned at 100 %
+        t += 1
+        out, pi = pi.update(10.0, t)
+    assert out == 100.0 and pi.integral <= 100.0
+    for _ in range(60):  # now too cold: a wound-up integrator would hold 100 % for hours
+        t += 1
+        out, pi = pi.update(-2.0, t)
+    assert out < 100.0
+
+
+def test_pi_nan_error_fails_to_full_cooling() -> None:
+    out, _ = PI(8.0, 120.0, 10.0, 100.0).update(math.nan, 1.0)
+    assert out == 100.0
+
+
+def test_pi_bumpless_transfer() -> None:
+    pi = PI(8.0, 120.0, 10.0, 100.0).track(actual=55.0, error=0.5, now_s=0.0)
+    out, _ = pi.update(0.5, 0.0)
+    assert abs(out - 55.0) < 1e-9
+
+
+def test_sequences_by_mode() -> None:
+    v = {"tank_bottom_temp": 40.0}
+    reuse = mode_outputs(Mode.NORMAL_REUSE, v, 30.0, CFG.sequence)
+    assert reuse["reuse_valve_cmd"] > 0 and reuse["secondary_pump_cmd"] is True
+    assert reuse["customer_isolation_cmd"] is True
+    reject = mode_outputs(Mode.DRY_COOLER_REJECT, v, 30.0, CFG.sequence)
+    assert reject["reuse_valve_cmd"] == 0 and reject["secondary_pump_cmd"] is False
+    offline = mode_outputs(Mode.CUSTOMER_OFFLINE, v, 30.0, CFG.sequence)
+    assert offline["customer_isolation_cmd"] is False and offline["reuse_valve_cmd"] > 0
+    full = mode_outputs(Mode.CUSTOMER_OFFLINE, {"tank_bottom_temp": 70.0}, 30.0, CFG.sequence)
+    assert full["reuse_valve_cmd"] == 0 and full["secondary_pump_cmd"] is False
+    unknown = mode_outputs(Mode.NORMAL_REUSE, {}, 30.0, CFG.sequence)
+    assert unknown["reuse_valve_cmd"] == CFG.sequence.valve_min_pct
+    for m in (Mode.STARTUP, Mode.LEAK_TRIP):
+        assert mode_outputs(m, v, 30.0, CFG.sequence)["drycooler_fan_cmd"] == 100.0
+
+
+def test_fan_returns_bumplessly_after_an_interlock() -> None:
+    sup = Supervisor(CFG)
+    t, temps = 0.0, [35.0] * 10 + [35.0 + k for k in range(12)] + [46.0] * 5
+    temps += [46.0 - k for k in range(1, 11)]  # back down at 1 K/s to 36 °C
+    levels = []
+    for temp in temps:
+        t += 1
+        d = sup.step(image(t, it_supply_temp=temp), t)
+        levels.append((d.outputs["drycooler_fan_cmd"].level, d.values()["drycooler_fan_cmd"]))
+    assert (Level.INTERLOCK, 100.0) in levels
+    first_back = next(
+        v for i, (lvl, v) in enumerate(levels) if lvl is Level.SEQUENCE and i > 20
+    )  # the first scan the sequence wins again continues from where the fans were
+    assert first_back > 90.0
+
+
+def test_manual_force_in_maintenance_but_interlocks_still_win() -> None:
+    sup = Supervisor(CFG)
+    manual = {"reuse_valve_cmd": Manual(70.0, 1e9, "eng"), "secondary_pump_cmd": Manual(True, 1e9)}
+    t = 0.0
+    for _ in range(3):
+        t += 1
+        d = sup.step(image(t), t, Commands(maintenance=True, manual=manual))
+    assert d.mode is Mode.MAINTENANCE
+    assert (d.values()["reuse_valve_cmd"], d.outputs["reuse_valve_cmd"].level) == (
+        70.0,
+        Level.MANUAL,
+    )
+    t += 1
+    d = sup.step(image(t, leak_reuse=True), t, Commands(maintenance=True, manual=manual))
+    assert d.mode is Mode.LEAK_TRIP and d.values()["reuse_valve_cmd"] == 0.0
+    assert d.outputs["secondary_pump_cmd"].level is Level.INTERLOCK
