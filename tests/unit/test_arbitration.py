@@ -122,20 +122,18 @@ def test_sequences_by_mode() -> None:
         assert mode_outputs(m, v, 30.0, CFG.sequence)["drycooler_fan_cmd"] == 100.0
 
 
-def test_fan_returns_bumplessly_after_an_interlock() -> None:
+def test_fan_returns_bumplessly_after_a_manual_force() -> None:
     sup = Supervisor(CFG)
-    t, temps = 0.0, [35.0] * 10 + [35.0 + k for k in range(12)] + [46.0] * 5
-    temps += [46.0 - k for k in range(1, 11)]  # back down at 1 K/s to 36 °C
-    levels = []
-    for temp in temps:
+    t = 0.0
+    force = Commands(manual={"drycooler_fan_cmd": Manual(80.0, 25.0, "eng")})
+    for _ in range(30):
         t += 1
-        d = sup.step(image(t, it_supply_temp=temp), t)
-        levels.append((d.outputs["drycooler_fan_cmd"].level, d.values()["drycooler_fan_cmd"]))
-    assert (Level.INTERLOCK, 100.0) in levels
-    first_back = next(
-        v for i, (lvl, v) in enumerate(levels) if lvl is Level.SEQUENCE and i > 20
-    )  # the first scan the sequence wins again continues from where the fans were
-    assert first_back > 90.0
+        d = sup.step(image(t, it_supply_temp=35.0 + 0.01 * (t % 2)), t, force)
+        if t == 20:
+            assert d.outputs["drycooler_fan_cmd"].level is Level.MANUAL
+    # the force expired at 25 s: the loop continues from 80 %, not from its old 10 %
+    assert d.outputs["drycooler_fan_cmd"].level is Level.SEQUENCE
+    assert abs(d.values()["drycooler_fan_cmd"] - 80.0) < 1.0
 
 
 def test_manual_force_in_maintenance_but_interlocks_still_win() -> None:
