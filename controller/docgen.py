@@ -1,0 +1,91 @@
+"""Generated parts of the docs: the mode diagram and the cause-and-effect matrix.
+
+Each lives between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` in a Markdown file;
+`python -m controller.docgen` rewrites them from the tables in code, and a test fails when the
+docs and the tables disagree.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+from controller.modes import TRANSITIONS, mermaid_diagram
+from controller.supervisor import SupervisorConfig
+from interlocks.rules import RULES
+from interlocks.validation import Point
+from plc_io.site import Site, demo_site
+
+DOCS = Path(__file__).resolve().parent.parent / "docs"
+
+
+def _cell(v: object) -> str:
+    return "on" if v is True else "off" if v is False else f"{v:g}"  # type: ignore[str-format]
+
+
+def matrix_markdown(site: Site) -> str:
+    th = SupervisorConfig.from_site(site).thresholds
+    wide = {"tank_bottom_temp": Point(0.0, True), "it_return_temp": Point(100.0, True)}
+    outs = [t.name for t in site.outputs if any(t.name in r.effects(wide, th) for r in RULES)]
+    head = ["id", "hazard", "cause", "delay", "latch", "bypass", "response", *outs]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in RULES:
+        fx, always = r.effects(wide, th), r.effects({}, th)
+        cells = [
+            "" if o not in fx else _cell(fx[o]) + ("\\*" if o not in always else "") for o in outs
+        ]
+        rows.append(
+            "| "
+            + " | ".join(
+                [
+                    r.id,
+                    r.hazard,
+                    r.cause_text,
+                    f"{r.delay_s:g} s",
+                    "yes: " + r.reset_text if r.latching else "no",
+                    f"≤ {r.max_bypass_s / 3600:g} h" if r.bypassable else "never",
+                    f"{r.response_s:g} s",
+                    *cells,
+                ]
+            )
+            + " |"
+        )
+    rows.append("")
+    rows.append("\\* only while the tank is colder than the return: the HX is then a heat sink.")
+    return "\n".join(rows)
+
+
+def transitions_markdown() -> str:
+    rows = ["| trigger | from | to | guard | why |", "|---|---|---|---|---|"]
+    for t in TRANSITIONS:
+        src = ", ".join(s.value for s in t.sources)
+        rows.append(f"| `{t.trigger}` | {src} | {t.dest.value} | `{t.guard}` | {t.why} |")
+    return "\n".join(rows)
+
+
+def blocks(site: Site | None = None) -> dict[str, str]:
+    site = site or demo_site()
+    return {
+        "mode-diagram": "```mermaid\n" + mermaid_diagram() + "\n```",
+        "transitions": transitions_markdown(),
+        "ce-matrix": matrix_markdown(site),
+    }
+
+
+def render(text: str, generated: dict[str, str]) -> str:
+    for name, body in generated.items():
+        pat = re.compile(rf"(<!-- generated:{name} -->).*?(<!-- /generated:{name} -->)", re.DOTALL)
+        text = pat.sub(lambda m, b=body: f"{m.group(1)}\n{b}\n{m.group(2)}", text)
+    return text
+
+
+def main() -> int:
+    path = DOCS / "operation.md"
+    path.write_text(render(path.read_text(encoding="utf-8"), blocks()), encoding="utf-8")
+    print(f"regenerated {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
