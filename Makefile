@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/heatloop demo $(ARGS)
+	$(BIN)/heatloop demo $(or $(ARGS),--minutes 2)
 
 test: $(STAMP)
 	$(BIN)/ruff check .
