@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import NamedTuple
 
 from plc_io.tags import Value
 
@@ -25,8 +26,9 @@ class Level(IntEnum):
     GUARD = 5  # the last check: cooling must stay possible
 
 
-@dataclass(frozen=True, slots=True)
-class Output:
+class Output(NamedTuple):
+    """An output as arbitrated: its value and the level that set it (ten of these a scan)."""
+
     value: Value
     level: Level
     why: str = ""

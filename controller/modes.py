@@ -31,6 +31,7 @@ class Mode(StrEnum):
     MAINTENANCE = "MAINTENANCE"
 
 
+_MODES = {m.value: m for m in Mode}
 REUSE_MODES = (Mode.NORMAL_REUSE, Mode.BUFFER_FULL, Mode.CUSTOMER_OFFLINE)
 
 
@@ -175,7 +176,7 @@ class ModeMachine:
 
     @property
     def mode(self) -> Mode:
-        return Mode(self.state)
+        return _MODES[self.state]
 
     # guards (named in TRANSITIONS)
     def always(self) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from controller.modes import Mode
 from plc_io.tags import Value
@@ -30,18 +30,18 @@ class PI:
     def update(self, error: float, now_s: float) -> tuple[float, PI]:
         """One PI step. A NaN error holds the integral and returns the upper limit (fail safe)."""
         if math.isnan(error):
-            return self.hi, replace(self, last_s=now_s)
+            return self.hi, PI(self.kp, self.ti_s, self.lo, self.hi, self.integral, now_s)
         dt = 0.0 if self.last_s is None else max(0.0, now_s - self.last_s)
         # anti-windup as simple-pid does it: the integral itself never leaves the output range
         i = min(max(self.integral + self.kp * error * dt / self.ti_s, self.lo), self.hi)
         out = min(max(self.kp * error + i, self.lo), self.hi)
-        return out, replace(self, integral=i, last_s=now_s)
+        return out, PI(self.kp, self.ti_s, self.lo, self.hi, i, now_s)
 
     def track(self, actual: float, error: float, now_s: float) -> PI:
         """Bumpless transfer: seed the integral so the next output equals `actual`."""
         p = 0.0 if math.isnan(error) else self.kp * error
         i = min(max(actual - p, self.lo), self.hi)
-        return replace(self, integral=i, last_s=now_s)
+        return PI(self.kp, self.ti_s, self.lo, self.hi, i, now_s)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from interlocks.rules import RULES, Points, Rule, Thresholds
 from plc_io.tags import Value
@@ -36,8 +37,7 @@ class InterlockState:
     bypassed: frozenset[str] = frozenset()
 
 
-@dataclass(frozen=True)
-class Forced:
+class Forced(NamedTuple):
     value: Value
     by: tuple[str, ...]  # ids of the rules that forced this value
 
