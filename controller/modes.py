@@ -206,16 +206,17 @@ class ModeMachine:
     def advance(self, c: Conditions, now_s: float) -> tuple[Mode, Mode] | None:
         """Move as far as one transition allows; return (from, to) when the mode changed."""
         self.now_s, self.cond = now_s, c
-        self.reject_clear_since = (
-            None
-            if c.reject
-            else (self.reject_clear_since if self.reject_clear_since is not None else now_s)
-        )
-        self.ready_since = (
-            None
-            if not c.customer_ready
-            else (self.ready_since if self.ready_since is not None else now_s)
-        )
+        # a trip is a fault like any reject cause: the reject dwell and the anti-hunting
+        # re-entry interval both count from when it is over, not from before it
+        faulted = c.reject or c.leak_latched or self.mode is Mode.LEAK_TRIP
+        if faulted:
+            self.reject_clear_since = None
+        elif self.reject_clear_since is None:
+            self.reject_clear_since = now_s
+        if not c.customer_ready:
+            self.ready_since = None
+        elif self.ready_since is None:
+            self.ready_since = now_s
         old = self.mode
         target = wanted(old, c)
         if target is old:
@@ -223,7 +224,7 @@ class ModeMachine:
         edge = _BY_EDGE.get((old, target))
         if edge is None or not self.trigger(edge.trigger):  # type: ignore[attr-defined]
             return None
-        if old in REUSE_MODES and target is Mode.DRY_COOLER_REJECT:
+        if old in REUSE_MODES and target in (Mode.DRY_COOLER_REJECT, Mode.LEAK_TRIP):
             self.left_reuse_s = now_s
         self.since_s = now_s
         self.changes.append(now_s)

@@ -72,9 +72,14 @@ def reuse_valve_pct(tank_bottom_c: float, cfg: SequenceConfig) -> float:
 
 
 def mode_outputs(
-    mode: Mode, values: Mapping[str, float], fan_pct: float, cfg: SequenceConfig
+    mode: Mode,
+    values: Mapping[str, float],
+    fan_pct: float,
+    cfg: SequenceConfig,
+    tank_full: bool = False,
 ) -> dict[str, Value]:
-    """Requested outputs for a mode. `values` holds valid analogue inputs (NaN when invalid)."""
+    """Requested outputs for a mode. `values` holds valid analogue inputs (NaN when invalid);
+    `tank_full` is the supervisor's full flag, with its hysteresis already applied."""
     out: dict[str, Value] = {
         "drycooler_fan_cmd": fan_pct,
         "primary_pump_a_cmd": True,
@@ -105,8 +110,9 @@ def mode_outputs(
             "reuse_valve_cmd": cfg.buffer_full_valve_pct,
             "customer_isolation_cmd": True,
         }
-    elif mode is Mode.CUSTOMER_OFFLINE:
-        valve = reuse_valve_pct(tank_bottom, cfg)
-        if valve > 0:
-            out |= charge | {"reuse_valve_cmd": valve}
+    elif mode is Mode.CUSTOMER_OFFLINE and not tank_full and not math.isnan(tank_bottom):
+        # charge until full; restart only once the tank has cooled by the hysteresis, so the
+        # secondary pump does not chatter on sensor noise at the threshold
+        valve = max(reuse_valve_pct(tank_bottom, cfg), cfg.valve_min_pct)
+        out |= charge | {"reuse_valve_cmd": valve}
     return out

@@ -81,6 +81,9 @@ class SupervisorConfig:
     fan_kp: float = 8.0  # % per K
     fan_ti_s: float = 120.0
     pump_fail_s: float = 10.0  # commanded but not running this long: the pump has failed
+    valve_follow_s: float = 120.0  # the reuse valve must reach its command within this
+    valve_tolerance_pct: float = 10.0
+    valve_retry_s: float = 3600.0  # after a valve fault, try reuse again at most this often
 
     @classmethod
     def from_site(cls, site: Site) -> SupervisorConfig:
@@ -136,6 +139,10 @@ class Supervisor:
         self.pump_fail_since: dict[str, float] = {}
         self.blocked_total = 0
         self.was_hunting = False
+        self.tank_full = False  # with hysteresis: set above tank_full_c, cleared below it - hyst
+        self.valve_off_since: float | None = None  # reuse valve away from its command since
+        self.valve_fault = False
+        self.valve_fault_at = -math.inf
 
     @property
     def mode(self) -> Mode:
@@ -166,12 +173,15 @@ class Supervisor:
         self.il = verdict.state
         events = list(verdict.events)
 
+        valve_event = self._watch_valve(points, now_s)
+        if valve_event:
+            events.append(valve_event)
         reasons = self._reject_reasons(points, verdict.active, cmds, now_s)
-        mode = self.machine.mode
         tank = points["tank_bottom_temp"].num() if "tank_bottom_temp" in points else math.nan
-        full_at = cfg.sequence.tank_full_c - (
-            cfg.tank_full_hysteresis_k if mode is Mode.BUFFER_FULL else 0.0
-        )
+        if tank > cfg.sequence.tank_full_c:
+            self.tank_full = True
+        elif tank < cfg.sequence.tank_full_c - cfg.tank_full_hysteresis_k:
+            self.tank_full = False  # inside the band, or unknown (NaN): keep the flag
         ready = points.get("customer_ready")
         cond = Conditions(
             inputs_valid=cmds.link_ok and points["it_supply_temp"].valid,
@@ -180,7 +190,7 @@ class Supervisor:
             maintenance=cmds.maintenance,
             reject=bool(reasons),
             customer_ready=ready is not None and ready.valid and ready.value is True,
-            tank_full=tank > full_at,
+            tank_full=self.tank_full,
         )
         moved = self.machine.advance(cond, now_s)
         if moved:
@@ -205,7 +215,7 @@ class Supervisor:
         if last_fan is not None and last_fan.level is not Level.SEQUENCE:
             self.fan_pi = self.fan_pi.track(float(last_fan.value), error, now_s)
         fan_pct, self.fan_pi = self.fan_pi.update(error, now_s)
-        seq = mode_outputs(self.machine.mode, values, fan_pct, cfg.sequence)
+        seq = mode_outputs(self.machine.mode, values, fan_pct, cfg.sequence, self.tank_full)
         self._pump_failover(seq, points, now_s)
 
         forced = {k: (f.value, ",".join(f.by)) for k, f in verdict.forced.items()}
@@ -249,10 +259,32 @@ class Supervisor:
             r.append("reject requested")
         if not cmds.link_ok:
             r.append("PLC link lost")
+        if self.valve_fault or now_s - self.valve_fault_at < self.cfg.valve_retry_s:
+            r.append("reuse valve not following its command")
         sec = self.pump_fail_since.get("secondary_pump_running")
         if sec is not None and now_s - sec >= self.cfg.pump_fail_s:
             r.append("secondary pump failed")
         return tuple(r)
+
+    def _watch_valve(self, points: Mapping[str, Point], now_s: float) -> Event | None:
+        """Compare the valve's feedback with what was last written; report a stuck valve once."""
+        last = self.last.get("reuse_valve_cmd")
+        pos = points["reuse_valve_pos"].num() if "reuse_valve_pos" in points else math.nan
+        if last is None or math.isnan(pos):
+            return None  # unknown feedback: no verdict either way
+        if abs(pos - float(last.value)) <= self.cfg.valve_tolerance_pct:
+            self.valve_off_since = None
+        elif self.valve_off_since is None:
+            self.valve_off_since = now_s
+        was = self.valve_fault
+        since = self.valve_off_since
+        self.valve_fault = since is not None and now_s - since >= self.cfg.valve_follow_s
+        if self.valve_fault and not was:
+            self.valve_fault_at = now_s
+            return Event(
+                "reuse_valve_fault", now_s, "reuse_valve", {"cmd": last.value, "pos": round(pos, 1)}
+            )
+        return None
 
     def _pump_failover(
         self, seq: dict[str, Value], points: Mapping[str, Point], now_s: float

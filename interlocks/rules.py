@@ -48,7 +48,7 @@ class Rule:
     reset_text: str = "automatic when the cause clears"
     bypassable: bool = True
     max_bypass_s: float = 4 * 3600.0
-    response_s: float = 1.0  # required time from cause to effect at the PLC outputs
+    response_s: float = 1.0  # required time from cause to effect at the PLC outputs (delay incl.)
     isolation: bool = False  # a leak's isolation of the reuse circuit always holds
     alarm: str = ""  # who is alarmed besides the operator
     # Rules of one group share their debounce clock: a cause that flips between "too hot" and
@@ -95,6 +95,7 @@ def _all_sinks(p: Points, th: Thresholds) -> Effects:
         fx |= {
             "reuse_valve_cmd": 100.0,
             "secondary_pump_cmd": True,
+            "secondary_pump_speed_cmd": 100.0,
             "reuse_isolation_cmd": True,
         }
     return fx
@@ -177,7 +178,7 @@ RULES: tuple[Rule, ...] = (
         _all_sinks,
         delay_s=2.0,
         bypassable=False,
-        response_s=1.0,
+        response_s=3.0,
         alarm="IT",
         group="supply",
     ),
@@ -190,7 +191,7 @@ RULES: tuple[Rule, ...] = (
         _all_sinks,
         delay_s=1.0,
         bypassable=False,
-        response_s=1.0,
+        response_s=2.0,
         alarm="IT",
         group="supply",
     ),
@@ -202,7 +203,7 @@ RULES: tuple[Rule, ...] = (
         _flow_low,
         _start_standby,
         delay_s=5.0,
-        response_s=1.0,
+        response_s=6.0,
         alarm="IT",
     ),
     Rule(
@@ -241,7 +242,7 @@ RULES: tuple[Rule, ...] = (
         _tank_or_pressure_high,
         _stop_charging,
         delay_s=2.0,
-        response_s=2.0,
+        response_s=3.0,
     ),
     Rule(
         "IL-07",
@@ -251,7 +252,7 @@ RULES: tuple[Rule, ...] = (
         _customer_hot,
         _close_customer,
         delay_s=2.0,
-        response_s=2.0,
+        response_s=3.0,
     ),
     Rule(
         "IL-08",
@@ -271,7 +272,7 @@ RULES: tuple[Rule, ...] = (
         _freeze,
         _fans_min,
         delay_s=30.0,
-        response_s=30.0,
+        response_s=31.0,
     ),
 )
 

@@ -114,7 +114,9 @@ def test_sequences_by_mode() -> None:
     assert reject["reuse_valve_cmd"] == 0 and reject["secondary_pump_cmd"] is False
     offline = mode_outputs(Mode.CUSTOMER_OFFLINE, v, 30.0, CFG.sequence)
     assert offline["customer_isolation_cmd"] is False and offline["reuse_valve_cmd"] > 0
-    full = mode_outputs(Mode.CUSTOMER_OFFLINE, {"tank_bottom_temp": 70.0}, 30.0, CFG.sequence)
+    full = mode_outputs(
+        Mode.CUSTOMER_OFFLINE, {"tank_bottom_temp": 70.0}, 30.0, CFG.sequence, tank_full=True
+    )
     assert full["reuse_valve_cmd"] == 0 and full["secondary_pump_cmd"] is False
     unknown = mode_outputs(Mode.NORMAL_REUSE, {}, 30.0, CFG.sequence)
     assert unknown["reuse_valve_cmd"] == CFG.sequence.valve_min_pct
