@@ -38,5 +38,6 @@ def configure(json: bool, level: int = logging.INFO) -> None:
     root.setLevel(level)
     # the libraries are chatty at INFO; their warnings still come through
     logging.getLogger("pymodbus").setLevel(logging.WARNING)
+    logging.getLogger("transitions").setLevel(logging.WARNING)  # one line per callback
     # asyncua warns about the simulated PLC's None endpoint, which is by design
     logging.getLogger("asyncua").setLevel(logging.ERROR)
