@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from controller.logs import configure
 from controller.runtime import Controller, Status
+from controller.study import ClosedLoop
 from plc_io.modbus import ModbusTransport
 from plc_io.site import Site, demo_site
 from sim.plc import SimPlc
@@ -114,6 +115,8 @@ async def _demo(minutes: float | None, speed: float) -> int:
             f"{st.blocked} blocked commands; PLC watchdog trips {plc.watchdog_trips}",
             flush=True,
         )
+    print("\na simulated day of the same site, plant and supervisor in-process (10 s steps):")
+    print("\n".join(ClosedLoop(demo_site(), dt_s=10.0).run(86400.0).lines()), flush=True)
     return 0
 
 
