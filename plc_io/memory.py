@@ -1,9 +1,10 @@
 """An in-memory PLC and transport: the controller's unit-test double, held to the Modbus contract.
 
 `MemoryPlc` holds every tag's value and offers the simulated PLC's fault hooks (`inject`,
-`clear`, `clear_all`, `stop`/`start`). `MemoryTransport` talks to it the way `ModbusTransport`
-talks to a real PLC: the same read plan (one request per block), changed-only writes grouped as
-FC16/FC15 would be, the same timeout, back-off and quality rules. Both run one conformance suite.
+`clear`, `clear_all`, `stop`/`start`, plus `override` for an output the PLC drives itself).
+`MemoryTransport` talks to it the way `ModbusTransport` talks to a real PLC: the same read plan
+(one request per block), changed-only writes grouped as FC16/FC15 would be, the same timeout,
+back-off and quality rules. Both run one conformance suite.
 
 Faults (names as on the simulated PLC; `target` "" means every block, else the block holding
 that tag):
@@ -55,6 +56,7 @@ class MemoryPlc:
             else:
                 self.values[t.name] = False if t.is_bool else max(t.lo, min(t.hi, 20.0))
         self.faults: dict[tuple[str, str], float] = {}
+        self.overrides: dict[str, Value] = {}
         self.running = True
         self.epoch = 0  # bumped by every start(): connections of an older epoch are broken
         self.requests = 0
@@ -96,10 +98,27 @@ class MemoryPlc:
         for t in self.site.outputs:
             self.values[t.name] = t.safe if t.safe is not None else 0.0
 
+    def override(self, name: str, value: Value) -> None:
+        """The PLC drives this output itself (a watchdog, a local switch): writes still land
+        in `commanded()`, but reads and the plant see `value` until `release(name)`."""
+        if name not in self._tags or not self._tags[name].is_output:
+            raise KeyError(name)
+        self.overrides[name] = value
+
+    def release(self, name: str) -> None:
+        self.overrides.pop(name, None)
+
     def commanded(self) -> dict[str, Value]:
+        """What the controller last wrote (safe values for outputs never written)."""
         return {t.name: self.values[t.name] for t in self.site.outputs}
 
-    outputs = commanded  # this PLC has no watchdog of its own: outputs are as commanded
+    def outputs(self) -> dict[str, Value]:
+        """What the plant gets: the commands, except where the PLC overrides them."""
+        return {**self.commanded(), **self.overrides}
+
+    def read(self, name: str) -> Value:
+        """A tag as a read request sees it."""
+        return self.overrides.get(name, self.values[name])
 
     def measured(self) -> dict[str, Value]:
         return {t.name: self.values[t.name] for t in self.site.inputs}
@@ -191,8 +210,8 @@ class MemoryTransport:
             written += names
         for n in written:
             t = self._outputs[n]
-            if t.verify and encode(t, self.plc.values[n]) != out.desired[n]:
-                failed[n] = f"verify: PLC holds {self.plc.values[n]!r}"
+            if t.verify and encode(t, self.plc.read(n)) != out.desired[n]:
+                failed[n] = f"verify: PLC holds {self.plc.read(n)!r}"
                 out.unsent([n])
         return WriteResult(tuple(n for n in written if n not in failed), failed)
 
@@ -263,7 +282,7 @@ class MemoryTransport:
             self.link.cause(key, None)
             at = self._clock()
             for t in block.tags:
-                samples[t.name] = judge(t, self.plc.values[t.name], at)
+                samples[t.name] = judge(t, self.plc.read(t.name), at)
         image = prev.updated(samples) if samples else prev
         for q, names in bad.items():
             image = image.marked(names, q, None)

@@ -175,7 +175,8 @@ class ModbusTransport:
         client = AsyncModbusTcpClient(
             self.host,
             port=self.port,
-            timeout=self.timeout_s,
+            # ours (asyncio.timeout in _call) fires first; pymodbus's own is only a backstop
+            timeout=self.timeout_s * 1.5 + 0.05,
             retries=0,
             reconnect_delay=0,  # reconnects are ours, with our back-off
         )

@@ -209,6 +209,12 @@ class OpcuaTransport:
             out.unsent(t.name for t in send)
             failed.update({t.name: f"{e.kind}: {e}" for t in send})
             return WriteResult((), failed)
+        if len(results) != len(send):  # a garbled answer: nothing is known to have landed
+            out.unsent(t.name for t in send)
+            msg = f"bad_reply: {len(results)} results for {len(send)} writes"
+            self.link.error_reply(msg)
+            failed.update(dict.fromkeys((t.name for t in send), msg))
+            return WriteResult((), failed)
         written: list[str] = []
         for t, st in zip(send, results, strict=True):
             if st.is_good():
@@ -219,7 +225,30 @@ class OpcuaTransport:
                 out.unsent([t.name])
                 failed[t.name] = f"exception: {st.name}"
                 self.link.cause(f"write {t.name}", st.name)
-        return WriteResult(tuple(written), failed)
+        verify = [self._outputs[n] for n in written if self._outputs[n].verify]
+        if verify:
+            await self._verify(verify, failed)
+        return WriteResult(tuple(n for n in written if n not in failed), failed)
+
+    async def _verify(self, tags: list[Tag], failed: dict[str, str]) -> None:
+        """Read back tags marked `verify`; fail, and resend next pass, what the PLC lacks."""
+        try:
+            dvs = await self._call(
+                self._client_or_raise().uaclient.read_attributes(
+                    [self._nodes[t.name] for t in tags], ua.AttributeIds.Value
+                )
+            )
+        except PlcError as e:
+            failed.update({t.name: f"verify: {e.kind}: {e}" for t in tags})
+            self._out.unsent(t.name for t in tags)
+            return
+        for i, t in enumerate(tags):
+            dv = dvs[i] if i < len(dvs) else None
+            got = dv.Value.Value if dv is not None and dv.Value is not None else None
+            ok = dv is not None and quality_of(dv.StatusCode) is Quality.GOOD
+            if not ok or got is None or _normalise(t, got) != self._out.desired[t.name]:
+                failed[t.name] = f"verify: PLC holds {got!r}"
+                self._out.unsent([t.name])
 
     # ---- connection ----
 
@@ -240,8 +269,8 @@ class OpcuaTransport:
         client = Client(self.endpoint, timeout=self.timeout_s, watchdog_intervall=1.0)
         client.session_timeout = 30_000  # an abandoned session frees itself soon on the PLC
         try:
-            await self._configure(client)
             async with asyncio.timeout(max(4 * self.timeout_s, 2.0)):
+                await self._configure(client)  # may fetch the server certificate
                 await client.connect(auto_reconnect=False)
                 self._client = client
                 await self._resolve(client)
@@ -278,7 +307,15 @@ class OpcuaTransport:
         if c is None:
             return
         c.uaclient.request_disconnect()
-        for task in (c._supervisor_task, c._stale_watchdog_task, c._renew_channel_task):
+        # asyncua 2.1 internals (pinned): left running, the publish loop retries every second
+        # forever and the supervisor probes a dead server
+        tasks = (
+            c._supervisor_task,
+            c._stale_watchdog_task,
+            c._renew_channel_task,
+            c.uaclient.session._publish_task,
+        )
+        for task in tasks:
             if task is not None and not task.done():
                 task.cancel()
         c.disconnect_socket()
@@ -324,7 +361,14 @@ class OpcuaTransport:
             client.get_node(self._nodes[t.name]) for t in self._inputs if t.name in self._nodes
         ]
         if nodes:
-            await sub.subscribe_data_change(nodes, sampling_interval=self.cfg.publish_interval_ms)
+            handles = await sub.subscribe_data_change(
+                nodes, sampling_interval=self.cfg.publish_interval_ms
+            )
+            for node, h in zip(nodes, handles, strict=True):
+                if isinstance(h, ua.StatusCode) and not h.is_good():
+                    name = self._by_node[node.nodeid]
+                    self._unresolved[name] = f"monitored item refused: {h.name}"
+                    self.link.cause(f"node {name}", self._unresolved[name])
         self._sub = sub
         self._subscribed_at = time.monotonic()
         # Seed with one read so the first scan after a connect is not empty.

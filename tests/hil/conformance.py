@@ -117,7 +117,9 @@ class Rig:
             await self.sim.stop()
 
     async def close(self) -> None:
-        await self.stop()
+        # stop in a task of its own: awaited directly from pytest-asyncio's module-scoped
+        # finalizer, the simulated PLC's stop was seen to hang
+        await asyncio.wait_for(self.stop(), 10)
         if self.proxy is not None:
             await self.proxy.stop()
 

@@ -8,6 +8,7 @@ again after a reconnect.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import time
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from structlog.testing import capture_logs
 
 from plc_io.image import ProcessImage, Quality
 from plc_io.transport import LinkState, UnknownTagError
@@ -201,3 +203,95 @@ async def test_error_replies_are_bad_quality_not_exceptions(rig: Rig, tx: Any) -
         rig.plc.clear(fault)
     img = await tx.read_inputs()
     assert all_q(img, Quality.GOOD)
+
+
+async def test_a_failure_cause_is_logged_once_not_every_scan(rig: Rig) -> None:
+    if rig.is_opcua:
+        pytest.skip("the simulated PLC has no OPC UA error-reply fault; see the error test")
+    rig.clear_all()
+    with capture_logs() as logs:
+        t = rig.transport()
+        await t.connect()
+        rig.plc.inject("comms_error", value=2.0)
+        for _ in range(5):
+            img = await t.read_inputs()
+            assert all_q(img, Quality.BAD_REPLY)
+        rig.plc.clear("comms_error")
+        for _ in range(3):
+            assert all_q(await t.read_inputs(), Quality.GOOD)
+        await t.close()
+    faults = [e for e in logs if e["event"] == "plc_fault"]
+    cleared = [e for e in logs if e["event"] == "plc_fault_cleared"]
+    blocks = len({e["where"] for e in faults})
+    assert blocks == 2 and len(faults) == 2, faults  # one line per refused block, not per scan
+    assert all("illegal data address" in e["cause"] for e in faults)
+    assert len(cleared) == 2
+
+
+async def test_reconnect_back_off_is_exponential_and_bounded() -> None:
+    """On hand-made time: retries after 0.1, 0.2, then every reconnect_max_s (0.4 here)."""
+    from plc_io.memory import MemoryPlc, MemoryTransport
+
+    now = [0.0]
+    plc = MemoryPlc(SITE, clock=lambda: now[0])
+    t = MemoryTransport(SITE, plc, clock=lambda: now[0])
+    plc.stop()
+    attempts = []
+    for step in range(200):
+        now[0] = step * 0.01
+        before = t.health.failures
+        img = await t.read_inputs()
+        assert none_good(img)
+        if t.health.failures > before:
+            attempts.append(round(now[0], 2))
+    gaps = [b - a for a, b in itertools.pairwise(attempts)][:6]
+    assert gaps == pytest.approx([0.1, 0.2, 0.4, 0.4, 0.4, 0.4], abs=0.011)
+    plc.start()
+    now[0] = 10.0
+    assert all_q(await t.read_inputs(), Quality.GOOD)
+    assert t.health.consecutive_failures == 0 and t.health.state is LinkState.OK
+
+
+async def test_verify_reads_back_and_resends_what_the_plc_does_not_hold() -> None:
+    from plc_io.memory import MemoryPlc, MemoryTransport
+
+    tags = tuple(
+        t.model_copy(update={"verify": True}) if t.name == "reuse_valve_cmd" else t
+        for t in SITE.tags
+    )
+    site = SITE.model_copy(update={"tags": tags})
+    plc = MemoryPlc(site)
+    t = MemoryTransport(site, plc)
+    r = await t.write_outputs(COMMANDS)
+    assert "reuse_valve_cmd" in r.written and not r.failed
+    plc.override("reuse_valve_cmd", 0.0)  # e.g. the valve is in local control
+    r = await t.write_outputs({**COMMANDS, "reuse_valve_cmd": 30.0})
+    assert r.failed["reuse_valve_cmd"].startswith("verify: PLC holds 0.0")
+    assert plc.commanded()["reuse_valve_cmd"] == 30.0
+    r = await t.write_outputs({**COMMANDS, "reuse_valve_cmd": 30.0})
+    assert "reuse_valve_cmd" in r.failed, "an unverified write is sent again next pass"
+    plc.release("reuse_valve_cmd")
+    r = await t.write_outputs({**COMMANDS, "reuse_valve_cmd": 30.0})
+    assert "reuse_valve_cmd" in r.written and not r.failed
+    r = await t.write_outputs({**COMMANDS, "reuse_valve_cmd": 30.0})
+    assert r.written == ("heartbeat",)
+
+
+async def test_verify_over_the_wire_agrees_with_what_the_plc_holds(rig: Rig) -> None:
+    tags = tuple(
+        t.model_copy(update={"verify": True}) if t.name == "reuse_valve_cmd" else t
+        for t in SITE.tags
+    )
+    t = rig.transport(SITE.model_copy(update={"tags": tags}))
+    await t.connect()
+    try:
+        for value in (42.0, 43.0):
+            r = await t.write_outputs({**COMMANDS, "reuse_valve_cmd": value})
+            holds = rig.plc.outputs()["reuse_valve_cmd"]  # the safe value while a watchdog holds
+            assert rig.plc.commanded()["reuse_valve_cmd"] == pytest.approx(value)
+            if holds == pytest.approx(value):
+                assert "reuse_valve_cmd" in r.written and not r.failed
+            else:
+                assert r.failed["reuse_valve_cmd"].startswith("verify: PLC holds")
+    finally:
+        await t.close()

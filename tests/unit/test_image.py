@@ -70,3 +70,29 @@ def test_updated_replaces_only_the_given_samples() -> None:
     img = ProcessImage({"a": Sample(1.0, Quality.GOOD, 0.0)})
     new = img.updated({"b": Sample(2.0, Quality.GOOD, 1.0)})
     assert set(new) == {"a", "b"} and len(img) == 1
+
+
+def test_opcua_status_codes_map_to_the_documented_qualities() -> None:
+    from asyncua import ua
+
+    from plc_io.opcua import quality_of
+
+    S = ua.StatusCodes
+    expect = {
+        S.Good: Quality.GOOD,
+        S.GoodClamped: Quality.GOOD,
+        S.BadNoCommunication: Quality.COMMS_LOST,
+        S.BadCommunicationError: Quality.COMMS_LOST,
+        S.BadNotConnected: Quality.COMMS_LOST,
+        S.BadServerNotConnected: Quality.COMMS_LOST,
+        S.UncertainLastUsableValue: Quality.STALE,
+        S.UncertainNoCommunicationLastUsableValue: Quality.STALE,
+        S.UncertainSensorNotAccurate: Quality.BAD_REPLY,
+        S.BadNodeIdUnknown: Quality.BAD_REPLY,
+        S.BadTypeMismatch: Quality.BAD_REPLY,
+        S.BadOutOfRange: Quality.BAD_REPLY,
+    }
+    for code, q in expect.items():
+        assert quality_of(ua.StatusCode(code)) is q, ua.StatusCode(code).name
+    # info bits (here: overflow) do not change the meaning of the code
+    assert quality_of(ua.StatusCode(S.BadNoCommunication | 0x0080)) is Quality.COMMS_LOST
