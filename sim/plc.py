@@ -68,9 +68,7 @@ class SimPlc:
         if scenario is not None:
             self._state = scenario.apply_due(self._state, -1.0, 0.0)  # events at 0 s
         self._plant_cmds = frozenset(plant.COMMAND_TAGS)
-        self._safe: dict[str, Value] = {
-            t.name: t.safe for t in site.outputs if t.safe is not None
-        }
+        self._safe: dict[str, Value] = {t.name: t.safe for t in site.outputs if t.safe is not None}
         self._commanded: dict[str, Value] = dict(self._safe)
         self.faults = CommsFaults()
         self._wd = Watchdog(site.plc.watchdog_s, site.plc.watchdog_holdoff_s, now_s=clock())
@@ -82,10 +80,11 @@ class SimPlc:
             self, site.tags, sorted(plant.truth(self._state)), host, self.opcua_port
         )
         self._task: asyncio.Task[None] | None = None
-        self._kick = asyncio.Event()
+        self._wake_fut: asyncio.Future[None] | None = None
         self._steps = 0
         self._wall_anchor = 0.0
-        self._opcua_dirty = True
+        self._opcua_dirty = True  # something other than a plant step changed: publish now
+        self._plant_dirty = False  # the plant stepped since the last OPC UA refresh
         self._last_opcua = -math.inf
         self._was_dropped = False
         self._started = False
@@ -98,7 +97,6 @@ class SimPlc:
         self._wd = Watchdog(
             self.site.plc.watchdog_s, self.site.plc.watchdog_holdoff_s, now_s=self.now()
         )
-        self._kick = asyncio.Event()
         self._map.set_cmd(self._commanded)
         self._refresh_modbus()
         await self._modbus.start()
@@ -209,7 +207,7 @@ class SimPlc:
             except (TypeError, ValueError) as e:
                 raise FaultError(name, "value", value, "a number") from e
             self._opcua_dirty = True
-            self._kick.set()
+            self._wake()
             kind = "plc"
         elif name in plant_faults.FAULT_NAMES:
             self._state = plant_faults.inject(self._state, name, target, value)
@@ -226,7 +224,7 @@ class SimPlc:
                 raise FaultError(name, "target", target, "'' (PLC faults take no target)")
             self.faults.clear(name)
             self._opcua_dirty = True
-            self._kick.set()
+            self._wake()
         elif name in plant_faults.FAULT_NAMES:
             self._state = plant_faults.clear(self._state, name, target)
             self._refresh_modbus()
@@ -240,7 +238,7 @@ class SimPlc:
         self._state = plant_faults.clear_all(self._state)
         self._refresh_modbus()
         self._opcua_dirty = True
-        self._kick.set()
+        self._wake()
         log.info("sim_faults_cleared_all")
 
     # ---- writes (both protocols) ----
@@ -257,7 +255,7 @@ class SimPlc:
         self._poll_watchdog(now, source)
         self._refresh_modbus_outputs()
         self._opcua_dirty = True
-        self._kick.set()
+        self._wake()
 
     # ---- internals ----
 
@@ -320,6 +318,24 @@ class SimPlc:
         plant_values["sim_time_s"] = self.sim_time_s
         await self._opcua.publish_plant(plant_values)
 
+    def _wake(self) -> None:
+        """Cut the plant task's sleep short (a write or a fault changed a deadline)."""
+        fut = self._wake_fut
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    async def _sleep(self, delay_s: float) -> None:
+        # A plain future and a timer rather than wait_for(Event.wait()): on Python 3.11 a
+        # cancel landing as wait_for times out can leave the task unable to finish.
+        loop = asyncio.get_running_loop()
+        self._wake_fut = loop.create_future()
+        timer = loop.call_later(delay_s, self._wake)
+        try:
+            await self._wake_fut
+        finally:
+            timer.cancel()
+            self._wake_fut = None
+
     async def _run(self) -> None:
         try:
             while True:
@@ -327,29 +343,30 @@ class SimPlc:
                 self._poll_watchdog(now)
                 if self._advance(now):
                     self._refresh_modbus()
-                    self._opcua_dirty = True
+                    self._plant_dirty = True
                 dropped = self.faults.dropped(now)
                 if dropped != self._was_dropped:
                     self._was_dropped = dropped
                     self._opcua_dirty = True
                     log.info("sim_comms_drop_" + ("start" if dropped else "end"))
-                # At speed 1 every plant step reaches OPC UA in the same pass as Modbus; at high
-                # speed at most one refresh per period (each costs ~1 ms of loop time).
-                period_s = min(_OPCUA_PERIOD_S, self._step_s / self.speed)
-                if self._opcua_dirty and now - self._last_opcua >= 0.9 * period_s:
-                    self._opcua_dirty = False
+                # Writes, faults and watchdog changes reach OPC UA at once; plant steps too,
+                # unless they come faster than _OPCUA_PERIOD_S of wall time (high speed): then
+                # at most one refresh per period (each costs ~0.5 ms of loop time).
+                throttle = self._step_s / self.speed < _OPCUA_PERIOD_S
+                plant_due = self._plant_dirty and (
+                    not throttle or now - self._last_opcua >= _OPCUA_PERIOD_S
+                )
+                if self._opcua_dirty or plant_due:
+                    self._opcua_dirty = self._plant_dirty = False
                     self._last_opcua = now
                     await self._publish_opcua()
                 wake = self._wall_anchor + (self._steps + 1) * self._step_s / self.speed
                 wake = min(wake, self._wd.deadline_s())
                 if dropped and self.faults.drop_until_s is not None:
                     wake = min(wake, self.faults.drop_until_s)
-                if self._opcua_dirty:
-                    wake = min(wake, self._last_opcua + 0.9 * period_s)
-                delay = max(_MIN_SLEEP_S, wake - self.now())
-                self._kick.clear()
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._kick.wait(), delay)
+                if self._plant_dirty:
+                    wake = min(wake, self._last_opcua + _OPCUA_PERIOD_S)
+                await self._sleep(max(_MIN_SLEEP_S, wake - self.now()))
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -57,9 +57,7 @@ class CommsFaults:
         v = float(value)
         if name == "comms_drop":
             if not (math.isfinite(v) and 0 < v <= MAX_DROP_S):
-                raise PlcFaultValueError(
-                    "value", value, f"seconds, 0 < value ≤ {MAX_DROP_S:g}"
-                )
+                raise PlcFaultValueError("value", value, f"seconds, 0 < value ≤ {MAX_DROP_S:g}")
             self.drop_until_s = now_s + v
         elif name == "comms_slow":
             if not (math.isfinite(v) and 0 < v <= MAX_SLOW_S):
@@ -70,9 +68,7 @@ class CommsFaults:
         elif name == "comms_error":
             codes = sorted(int(c) for c in ExcCodes)
             if not (math.isfinite(v) and v == int(v) and int(v) in codes):
-                raise PlcFaultValueError(
-                    "value", value, f"a Modbus exception code, one of {codes}"
-                )
+                raise PlcFaultValueError("value", value, f"a Modbus exception code, one of {codes}")
             self.error_code = int(v)
         elif name == "comms_garble":
             self.garble = True

@@ -222,7 +222,7 @@ class PlcModbusStore:
             return ExcCodes.DEVICE_FAILURE
         return None
 
-    async def async_getValues(  # noqa: N802 (pymodbus's name)
+    async def async_getValues(
         self, device_id: int, func_code: int, address: int, count: int = 1
     ) -> list[int] | list[bool] | ExcCodes:
         table = _FC_TABLE.get(func_code)
@@ -242,7 +242,7 @@ class PlcModbusStore:
                 values = values[:-1]
         return values  # type: ignore[return-value]
 
-    async def async_setValues(  # noqa: N802 (pymodbus's name)
+    async def async_setValues(
         self, device_id: int, func_code: int, address: int, values: list[int] | list[bool]
     ) -> ExcCodes | None:
         table = _FC_TABLE.get(func_code)

@@ -30,6 +30,7 @@ from sim.plc_faults import CommsFaults
 log = structlog.get_logger("sim.plc")
 
 NAMESPACE = "urn:heatloop:plc"
+_ADMIN = User(role=UserRole.Admin)  # asyncua's own default user for the write service
 PLANT_WATCHDOG = {
     "watchdog_tripped": ua.VariantType.Boolean,
     "watchdog_trips": ua.VariantType.UInt32,
@@ -164,9 +165,7 @@ class PlcOpcua:
         kinds.update(PLANT_WATCHDOG)
         for name, vt in kinds.items():
             nid = ua.NodeId(f"Sim.Plant.{name}", ns)
-            await plant.add_variable(
-                nid, ua.QualifiedName(name, ns), ua.Variant(_typed(0, vt), vt)
-            )
+            await plant.add_variable(nid, ua.QualifiedName(name, ns), ua.Variant(_typed(0, vt), vt))
             self._plant_nodes[name] = (nid, vt)
             self._read_only.add(nid)
 
@@ -188,9 +187,7 @@ class PlcOpcua:
         if self._last.get(nid, _UNSET) == value:
             return
         self._last[nid] = value
-        dv = ua.DataValue(
-            ua.Variant(_typed(value, vt), vt), SourceTimestamp=ts, ServerTimestamp=ts
-        )
+        dv = ua.DataValue(ua.Variant(_typed(value, vt), vt), SourceTimestamp=ts, ServerTimestamp=ts)
         await self.server.write_attribute_value(nid, dv)
 
     async def publish_plc(self, values: Mapping[str, Value], dropped: bool) -> None:
@@ -231,9 +228,7 @@ class PlcOpcua:
         service = server.iserver.attribute_service
         original: Callable[..., Awaitable[list[ua.StatusCode]]] = service.write
 
-        async def write(
-            params: ua.WriteParameters, user: User = User(role=UserRole.Admin)
-        ) -> list[ua.StatusCode]:
+        async def write(params: ua.WriteParameters, user: User = _ADMIN) -> list[ua.StatusCode]:
             items = params.NodesToWrite
             results: list[ua.StatusCode | None] = [None] * len(items)
             passthrough: list[int] = []
@@ -255,7 +250,9 @@ class PlcOpcua:
             if accepted:
                 self.host.apply_writes(accepted, "opcua")
                 await self.publish_plc(self.host.outputs(), dropped=False)
-            return [r if r is not None else _status(ua.StatusCodes.BadInternalError) for r in results]
+            return [
+                r if r is not None else _status(ua.StatusCodes.BadInternalError) for r in results
+            ]
 
         service.write = write  # type: ignore[method-assign]
 
@@ -284,8 +281,11 @@ class PlcOpcua:
         return self._call(
             "InjectFault",
             args,
-            (("name", {ua.VariantType.String}), ("target", {ua.VariantType.String}),
-             ("value", _NUMERIC)),
+            (
+                ("name", {ua.VariantType.String}),
+                ("target", {ua.VariantType.String}),
+                ("value", _NUMERIC),
+            ),
             lambda n, t, v: self.host.inject(n, t, float(v)),
         )
 
@@ -320,7 +320,9 @@ class PlcOpcua:
         bad = []
         for (name, types), a in zip(spec, args, strict=True):
             ok = isinstance(a, ua.Variant) and a.VariantType in types and a.Value is not None
-            arg_results.append(_status(ua.StatusCodes.Good if ok else ua.StatusCodes.BadTypeMismatch))
+            arg_results.append(
+                _status(ua.StatusCodes.Good if ok else ua.StatusCodes.BadTypeMismatch)
+            )
             if not ok:
                 got = a.VariantType.name if isinstance(a, ua.Variant) else type(a).__name__
                 bad.append(f"{name}: {got}")
@@ -350,8 +352,9 @@ class PlcOpcua:
     def _fail(
         method: str, code: int, message: str, arg_results: list[ua.StatusCode]
     ) -> ua.CallMethodResult:
-        log.warning("sim_method_refused", method=method, status=ua.StatusCode(code).name,
-                    reason=message)
+        log.warning(
+            "sim_method_refused", method=method, status=ua.StatusCode(code).name, reason=message
+        )
         return ua.CallMethodResult(
             StatusCode=_status(code),
             InputArgumentResults=arg_results,

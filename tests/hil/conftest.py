@@ -9,10 +9,9 @@ fixture below clears faults after each such test via `plc_clean`).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -21,7 +20,7 @@ from pymodbus.client import AsyncModbusTcpClient
 
 from plc_io.codec import decode, encode
 from plc_io.site import Site, demo_site
-from plc_io.tags import ModbusTable, Tag, Value
+from plc_io.tags import ModbusTable, Value
 from sim.plc import SimPlc
 
 WATCHDOG_S = 1.0
@@ -43,9 +42,7 @@ def fast_site(watchdog_s: float = WATCHDOG_S, holdoff_s: float = HOLDOFF_S) -> S
 
 
 def make_plc(site: Site | None = None, **kw: Any) -> SimPlc:
-    return SimPlc(
-        site or fast_site(), modbus_port=free_port(), opcua_port=free_port(), **kw
-    )
+    return SimPlc(site or fast_site(), modbus_port=free_port(), opcua_port=free_port(), **kw)
 
 
 async def wait_for(pred: Callable[[], bool], timeout_s: float, step_s: float = 0.01) -> float:
@@ -110,8 +107,9 @@ class Heartbeat:
     def __init__(self, site: Site, port: int, period_s: float = 0.1) -> None:
         self.probe = ModbusProbe(site, port)
         self.period_s = period_s
-        self.count = 0
+        self.count = int(time.monotonic() * 10) % 65536  # differs from any earlier beat
         self.last_write_s = 0.0
+        self._running = False
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> Heartbeat:
@@ -124,23 +122,28 @@ class Heartbeat:
 
     def start(self) -> None:
         if self._task is None:
+            self._running = True
             self._task = asyncio.create_task(self._run())
 
     async def stop(self) -> float:
-        """Stop beating; return the time the last heartbeat write was answered."""
+        """Stop beating; return the time the last heartbeat write was answered.
+
+        A flag, not Task.cancel(): pymodbus's client awaits asyncio.wait_for, which on Python
+        3.11 can swallow a cancel that lands as the reply arrives (CPython gh-86296).
+        """
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._running = False
+            await self._task
             self._task = None
         return self.last_write_s
 
     async def _run(self) -> None:
-        while True:
+        while self._running:
             self.count = (self.count + 1) % 65536
             await self.probe.write_ok("heartbeat", float(self.count))
             self.last_write_s = time.monotonic()
-            await asyncio.sleep(self.period_s)
+            if self._running:
+                await asyncio.sleep(self.period_s)
 
 
 async def release_watchdog(plc: SimPlc, probe: ModbusProbe, beat: Heartbeat) -> None:
@@ -180,6 +183,3 @@ async def plc(shared_sim_plc: SimPlc) -> AsyncIterator[SimPlc]:
     """The session's PLC, with every fault cleared after the test."""
     yield shared_sim_plc
     shared_sim_plc.clear_all()
-
-
-ProbeFactory = Callable[..., Awaitable[ModbusProbe]]

@@ -176,10 +176,12 @@ async def test_opcua_plc_view_agrees_with_modbus(plc: SimPlc, opc: tuple[Client,
     node = await client.nodes.objects.get_child([f"{ns}:PLC", f"{ns}:it_supply_temp"])
     assert node.nodeid == ua.NodeId("PLC.it_supply_temp", ns)
     nodes = [plc_node(opc, t.name) for t in site.tags]
+    await asyncio.sleep(1.5 * STEP_S)  # the OPC UA view refreshes once per plant step
     async with ModbusProbe(site, plc.modbus_port) as probe:
         for attempt in range(3):  # a plant step may land between the three reads
             before = await read_inputs(probe, site)
-            values = dict(zip([t.name for t in site.tags], await client.read_values(nodes)))
+            names = [t.name for t in site.tags]
+            values = dict(zip(names, await client.read_values(nodes), strict=True))
             after = await read_inputs(probe, site)
             try:
                 for tag in site.inputs:
@@ -190,13 +192,11 @@ async def test_opcua_plc_view_agrees_with_modbus(plc: SimPlc, opc: tuple[Client,
                     raise
         outputs = plc.outputs()
         for tag in site.outputs:
-            assert values[tag.name] == pytest.approx(outputs[tag.name])
+            assert values[tag.name] == pytest.approx(outputs[tag.name]), tag.name
             assert isinstance(values[tag.name], bool) == tag.is_bool
 
 
-async def test_opcua_write_lands_in_the_command_image(
-    plc: SimPlc, opc: tuple[Client, int]
-) -> None:
+async def test_opcua_write_lands_in_the_command_image(plc: SimPlc, opc: tuple[Client, int]) -> None:
     site = plc.site
     valve = plc_node(opc, "reuse_valve_cmd")
     async with (
