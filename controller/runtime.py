@@ -135,6 +135,10 @@ class Controller:
         self._reset_pending = False
         decision = self.supervisor.step(image, now, cmds)
         if link_ok:
+            tripped = image["plc_watchdog_tripped"]
+            if tripped.quality.usable and tripped.value is True:
+                # the PLC releases its safe hold only on fresh commands (DESIGN §7): send them all
+                self.transport.resend_all()
             result = await self.transport.write_outputs(self._with_heartbeat(decision.values()))
             if result.failed:
                 self.log.warning("write_failed", failed=dict(result.failed))

@@ -122,6 +122,10 @@ class ModbusTransport:
         self._image = await self._read(self._input_plan, self._image)
         return self._image
 
+    def resend_all(self) -> None:
+        """Send every output on the next pass, changed or not (e.g. to release the watchdog)."""
+        self._out.reconnected()
+
     async def read_outputs(self) -> ProcessImage:
         return await self._read(self._output_plan, ProcessImage())
 

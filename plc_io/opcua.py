@@ -169,6 +169,10 @@ class OpcuaTransport:
             self._image = await self._poll(self._inputs, self._image)
         return self._image
 
+    def resend_all(self) -> None:
+        """Send every output on the next pass, changed or not (e.g. to release the watchdog)."""
+        self._out.reconnected()
+
     async def read_outputs(self) -> ProcessImage:
         tags = list(self._outputs.values())
         if not await self._ensure_connected(self._clock()):

@@ -86,6 +86,9 @@ class Transport(Protocol):
     async def read_outputs(self) -> ProcessImage:
         """Read back the output tags as the PLC holds them."""
 
+    def resend_all(self) -> None:
+        """Send every output on the next pass, changed or not."""
+
 
 # ---- shared bookkeeping for the transports (link health, back-off, change-only logging) ----
 

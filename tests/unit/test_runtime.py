@@ -89,3 +89,21 @@ async def test_leak_trip_survives_a_restart_through_the_journal(tmp_path: Path) 
     kinds = [k for _, k, _, _ in journal.events(50)]
     assert "trip_latched" in kinds and "trip_reset" in kinds
     journal.close()
+
+
+async def test_outputs_resent_while_the_plc_watchdog_holds_its_safe_state() -> None:
+    """The PLC releases its safe hold only on fresh commands; unchanged outputs must be sent."""
+    plc = MemoryPlc(SITE)
+    plant_ok(plc)
+    ctl = Controller(SITE, MemoryTransport(SITE, plc))
+    await ctl.transport.connect()
+    await scans(ctl, 3, plc)
+
+    n = len(plc.write_log)
+    await scans(ctl, 1, plc)
+    steady = {k for w in plc.write_log[n:] for k in w}
+    assert "heartbeat" in steady and "reuse_isolation_cmd" not in steady  # changed ones only
+    plc.set("plc_watchdog_tripped", True)
+    n = len(plc.write_log)
+    await scans(ctl, 1, plc)
+    assert {k for w in plc.write_log[n:] for k in w} == {t.name for t in SITE.outputs}
