@@ -25,7 +25,7 @@ from plc_io.image import ProcessImage
 from plc_io.site import Site
 from plc_io.transport import CommsHealth, LinkState, Transport
 
-HEARTBEAT_MODULO = 65536  # the demo map holds it in one uint16 register
+RESEND_EVERY_S = 10.0  # every output is re-sent this often, whatever the PLC reports
 
 
 def make_transport(site: Site, **kw: Any) -> Transport:
@@ -79,7 +79,10 @@ class Controller:
         self._reset_pending = False
         self.status = Status()
         self._heartbeat = 0
+        # the counter wraps within the tag's range, so the PLC never refuses the write
+        self._heartbeat_modulo = int(site.tag("heartbeat").hi) + 1
         self._last_link: LinkState | None = None
+        self._resent_at = -RESEND_EVERY_S
 
     # ---- commands from operators, engineers and the BMS (already authorised) ----
 
@@ -119,7 +122,7 @@ class Controller:
             self.log.info("controller_stopped", scans=self.status.scans)
 
     def _with_heartbeat(self, values: dict[str, Any]) -> dict[str, Any]:
-        self._heartbeat = (self._heartbeat + 1) % HEARTBEAT_MODULO
+        self._heartbeat = (self._heartbeat + 1) % self._heartbeat_modulo
         return {**values, "heartbeat": float(self._heartbeat)}
 
     async def scan_once(self) -> Decision:
@@ -136,9 +139,13 @@ class Controller:
         decision = self.supervisor.step(image, now, cmds)
         if link_ok:
             tripped = image["plc_watchdog_tripped"]
-            if tripped.quality.usable and tripped.value is True:
-                # the PLC releases its safe hold only on fresh commands (DESIGN §7): send them all
+            if (tripped.quality.usable and tripped.value is True) or (
+                now - self._resent_at >= RESEND_EVERY_S
+            ):
+                # the PLC releases its safe hold only on fresh commands (DESIGN §7), and a PLC
+                # that does not report its watchdog gets them all now and then anyway
                 self.transport.resend_all()
+                self._resent_at = now
             result = await self.transport.write_outputs(self._with_heartbeat(decision.values()))
             if result.failed:
                 self.log.warning("write_failed", failed=dict(result.failed))
@@ -168,8 +175,8 @@ class Controller:
                     "scan_overrun", late_s=round(now - next_t, 4), overruns=self.status.overruns
                 )
                 next_t = now  # start the next scan at once; never skip one silently
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), timeout=max(0.0, next_t - self.clock()))
+            # a plain sleep: on Python 3.11 wait_for can swallow a cancellation (gh-86296)
+            await asyncio.sleep(max(0.0, next_t - self.clock()))
 
     async def _lag_monitor(self, stop: asyncio.Event, every_s: float = 0.1) -> None:
         while not stop.is_set():
@@ -184,7 +191,6 @@ class Controller:
 
 async def run_service(site: Site, *, json_logs: bool = True) -> int:
     """`heatloop run`: the controller against the site's PLC until SIGINT/SIGTERM."""
-    import contextlib
     import signal
 
     from controller.logs import configure
