@@ -162,16 +162,12 @@ def _free_port() -> int:
 
 def _reaction_site() -> Site:
     """The demo site with dwell times short enough to be back in NORMAL_REUSE within ~1 s."""
-    site = demo_site()
-    control = site.control.model_copy(
-        update={
-            "customer_ready_dwell_s": 0.0,
-            "reject_dwell_s": 0.5,
-            "min_mode_dwell_s": 0.5,
-            "reuse_reentry_min_s": 0.0,
-        }
+    return demo_site().with_control(
+        customer_ready_dwell_s=0.0,
+        reject_dwell_s=0.5,
+        min_mode_dwell_s=0.5,
+        reuse_reentry_min_s=0.0,
     )
-    return site.model_copy(update={"control": control})
 
 
 async def _until(pred: Callable[[], bool], timeout_s: float, what: str) -> float:

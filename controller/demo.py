@@ -36,16 +36,12 @@ STORY = (
 
 
 def demo_story_site() -> Site:
-    site = demo_site()
-    c = site.control.model_copy(
-        update={
-            "reject_dwell_s": 15.0,
-            "reuse_reentry_min_s": 15.0,
-            "customer_ready_dwell_s": 15.0,
-            "min_mode_dwell_s": 10.0,
-        }
+    return demo_site().with_control(
+        reject_dwell_s=15.0,
+        reuse_reentry_min_s=15.0,
+        customer_ready_dwell_s=15.0,
+        min_mode_dwell_s=10.0,
     )
-    return site.model_copy(update={"control": c})
 
 
 def status_line(elapsed_s: float, st: Status) -> str:

@@ -194,6 +194,10 @@ class Site(BaseModel):
         p = Path(self.state.dir)
         return p if p.is_absolute() else self.folder / p
 
+    def with_control(self, **changes: float) -> Site:
+        """This site with some `[control]` settings changed (shorter dwells for demos, tests)."""
+        return self.model_copy(update={"control": self.control.model_copy(update=changes)})
+
     def safe_outputs(self) -> dict[str, float | bool]:
         return {t.name: t.safe for t in self.outputs if t.safe is not None}
 

@@ -77,6 +77,8 @@ REQUIRED_INPUTS = (
     "secondary_pump_running",
     "drycooler_fault",
 )
+# The required inputs that are booleans (leak sensors, ready and run signals, faults).
+REQUIRED_BOOL_INPUTS = REQUIRED_INPUTS[REQUIRED_INPUTS.index("leak_primary") :]
 REQUIRED_OUTPUTS = (
     "reuse_valve_cmd",
     "drycooler_fan_cmd",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from plc_io.tags import REQUIRED_INPUTS
+from plc_io.tags import REQUIRED_BOOL_INPUTS, REQUIRED_INPUTS
 
 from .plant import Fault, PlantState, effects_of, measure
 
@@ -26,17 +26,7 @@ FAULT_NAMES: tuple[str, ...] = (
 )
 
 _SENSOR_TARGETS = tuple(REQUIRED_INPUTS)
-_BOOL_INPUTS = frozenset(
-    {
-        "leak_primary",
-        "leak_reuse",
-        "customer_ready",
-        "primary_pump_a_running",
-        "primary_pump_b_running",
-        "secondary_pump_running",
-        "drycooler_fault",
-    }
-)
+_BOOL_INPUTS = frozenset(REQUIRED_BOOL_INPUTS)
 # Valid targets per fault; () means the fault takes no target (""). A single-target fault also
 # accepts "" and means its only target.
 _TARGETS: dict[str, tuple[str, ...]] = {

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from plc_io.plant_config import PlantConfig
-from plc_io.tags import REQUIRED_INPUTS
+from plc_io.tags import REQUIRED_INPUTS, REQUIRED_OUTPUTS
 
 from . import fluids
 
@@ -49,17 +49,7 @@ _TWO_PI = 2.0 * math.pi
 _NAN = float("nan")
 
 # Actuator commands, in the order they are held in PlantState.cmd.
-COMMAND_TAGS: tuple[str, ...] = (
-    "reuse_valve_cmd",
-    "drycooler_fan_cmd",
-    "primary_pump_a_cmd",
-    "primary_pump_b_cmd",
-    "primary_pump_speed_cmd",
-    "secondary_pump_cmd",
-    "secondary_pump_speed_cmd",
-    "customer_isolation_cmd",
-    "reuse_isolation_cmd",
-)
+COMMAND_TAGS: tuple[str, ...] = tuple(t for t in REQUIRED_OUTPUTS if t != "heartbeat")
 _VALVE, _FAN, _PA, _PB, _PSPEED, _SEC, _SSPEED, _CISO, _RISO = range(9)
 _CMD_INDEX = {tag: i for i, tag in enumerate(COMMAND_TAGS)}
 _CMD_IS_BOOL = (False, False, True, True, False, True, False, True, True)

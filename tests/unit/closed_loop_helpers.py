@@ -35,7 +35,7 @@ ISOLATED = {
 
 def site_with(**control: Any) -> Site:
     """The demo site with some `[control]` keys changed (dwell times, thresholds)."""
-    return SITE.model_copy(update={"control": SITE.control.model_copy(update=control)})
+    return SITE.with_control(**control)
 
 
 def settled(site: Site = SITE, *, dt_s: float = 5.0, warm_s: float = 3600.0) -> ClosedLoop:
