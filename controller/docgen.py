@@ -10,6 +10,9 @@ from __future__ import annotations
 import re
 import sys
 from pathlib import Path
+from typing import Literal, get_args, get_origin
+
+from pydantic import BaseModel
 
 from controller.modes import TRANSITIONS, mermaid_diagram
 from controller.supervisor import SupervisorConfig
@@ -64,12 +67,46 @@ def transitions_markdown() -> str:
     return "\n".join(rows)
 
 
+def site_keys_markdown() -> str:
+    """Every key of every site-file section with its default and bounds, from the models."""
+    from plc_io.site import SECTIONS
+
+    out = []
+    tables: list[tuple[str, type[BaseModel]]] = list(SECTIONS.items())
+    for section, model in SECTIONS.items():  # nested tables such as [plc.opcua]
+        for name, f in model.model_fields.items():
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                tables.append((f"{section}.{name}", f.annotation))
+    for section, model in tables:
+        out += [f"### [{section}]", "", "| key | default | bounds |", "|---|---|---|"]
+        for name, f in model.model_fields.items():
+            bounds = ", ".join(
+                f"{k} {getattr(m, k)}"
+                for m in f.metadata
+                for k in ("gt", "ge", "lt", "le", "min_length")
+                if getattr(m, k, None) is not None
+            )
+            if f.is_required():
+                default = "required"
+            elif isinstance(f.default, BaseModel):
+                default = "(a table)"
+            else:
+                default = f"`{f.default!r}`"
+            kind = "literal" if get_origin(f.annotation) is Literal else ""
+            if kind:
+                bounds = "one of " + ", ".join(repr(a) for a in get_args(f.annotation))
+            out.append(f"| `{name}` | {default} | {bounds} |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
 def blocks(site: Site | None = None) -> dict[str, str]:
     site = site or demo_site()
     return {
         "mode-diagram": "```mermaid\n" + mermaid_diagram() + "\n```",
         "transitions": transitions_markdown(),
         "ce-matrix": matrix_markdown(site),
+        "site-keys": site_keys_markdown(),
     }
 
 
@@ -80,10 +117,14 @@ def render(text: str, generated: dict[str, str]) -> str:
     return text
 
 
+GENERATED_FILES = ("operation.md", "site-file.md")
+
+
 def main() -> int:
-    path = DOCS / "operation.md"
-    path.write_text(render(path.read_text(encoding="utf-8"), blocks()), encoding="utf-8")
-    print(f"regenerated {path}")
+    for name in GENERATED_FILES:
+        path = DOCS / name
+        path.write_text(render(path.read_text(encoding="utf-8"), blocks()), encoding="utf-8")
+        print(f"regenerated {path}")
     return 0
 
 

@@ -125,7 +125,7 @@ class InterlockConfig(BaseModel):
     max_rate_k_per_s: float = Field(5.0, gt=0)
 
 
-_SECTIONS: dict[str, type[BaseModel]] = {
+SECTIONS: dict[str, type[BaseModel]] = {
     "site": SiteInfo,
     "plc": PlcConfig,
     "sim": SimConfig,
@@ -136,7 +136,7 @@ _SECTIONS: dict[str, type[BaseModel]] = {
     "interlocks": InterlockConfig,
     "plant": PlantConfig,
 }
-_REQUIRED_SECTIONS = ("site", "plc", "tags")
+_REQUIREDSECTIONS = ("site", "plc", "tags")
 
 
 @dataclass(frozen=True)
@@ -320,12 +320,12 @@ def parse_site(data: dict[str, Any], source: str = "<site>", folder: Path | None
     if not isinstance(data, dict):
         raise SiteError(source, [Problem("", data, "a TOML table")])
     for key in data:
-        if key not in _SECTIONS and key != "tags":
-            probs.append(Problem(key, "…", f"a known section ({', '.join([*_SECTIONS, 'tags'])})"))
-    probs += [Problem(s, None, "this section") for s in _REQUIRED_SECTIONS if s not in data]
+        if key not in SECTIONS and key != "tags":
+            probs.append(Problem(key, "…", f"a known section ({', '.join([*SECTIONS, 'tags'])})"))
+    probs += [Problem(s, None, "this section") for s in _REQUIREDSECTIONS if s not in data]
 
     sections: dict[str, Any] = {}
-    for name, model in _SECTIONS.items():
+    for name, model in SECTIONS.items():
         try:
             sections[name] = TypeAdapter(model).validate_python(data.get(name, {}))
         except ValidationError as e:
