@@ -209,7 +209,11 @@ class Supervisor:
         self.was_hunting = self.machine.hunting
 
         values = {n: points[n].num() if n in points else math.nan for n in ANALOGUE_USED}
-        setpoint = cmds.supply_setpoint_c or cfg.sequence.supply_setpoint_c
+        setpoint = (
+            cfg.sequence.supply_setpoint_c
+            if cmds.supply_setpoint_c is None
+            else cmds.supply_setpoint_c
+        )
         error = values["it_supply_temp"] - setpoint
         last_fan = self.last.get("drycooler_fan_cmd")
         if last_fan is not None and last_fan.level is not Level.SEQUENCE:
