@@ -209,11 +209,11 @@ class Supervisor:
         self.was_hunting = self.machine.hunting
 
         values = {n: points[n].num() if n in points else math.nan for n in ANALOGUE_USED}
-        setpoint = (
-            cfg.sequence.supply_setpoint_c
-            if cmds.supply_setpoint_c is None
-            else cmds.supply_setpoint_c
-        )
+        setpoint = cfg.sequence.supply_setpoint_c
+        if cmds.supply_setpoint_c is not None and math.isfinite(cmds.supply_setpoint_c):
+            # never let a requested setpoint sit within 5 K of the IL-01 limit
+            ceiling = cfg.thresholds.it_supply_high_c - 5.0
+            setpoint = min(max(cmds.supply_setpoint_c, 10.0), ceiling)
         error = values["it_supply_temp"] - setpoint
         last_fan = self.last.get("drycooler_fan_cmd")
         if last_fan is not None and last_fan.level is not Level.SEQUENCE:

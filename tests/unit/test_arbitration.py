@@ -154,3 +154,21 @@ def test_manual_force_in_maintenance_but_interlocks_still_win() -> None:
     d = sup.step(image(t, leak_reuse=True), t, Commands(maintenance=True, manual=manual))
     assert d.mode is Mode.LEAK_TRIP and d.values()["reuse_valve_cmd"] == 0.0
     assert d.outputs["secondary_pump_cmd"].level is Level.INTERLOCK
+
+
+def test_requested_supply_setpoint_is_bounded_below_the_interlock_limit() -> None:
+    """A BMS setpoint of 60 °C (or NaN) must not let the fans idle up to the IL-01 limit."""
+    results = {}
+    for sp in (None, 60.0, math.nan, 30.0):
+        sup = Supervisor(CFG)
+        t = 0.0
+        for _ in range(60):
+            t += 1
+            d = sup.step(
+                image(t, it_supply_temp=40.5 + 0.01 * (t % 2)), t, Commands(supply_setpoint_c=sp)
+            )
+        results[sp if sp == sp else "nan"] = d.values()["drycooler_fan_cmd"]
+    # 40.5 °C is above the 40 °C ceiling: the fans push, as they do for the site setpoint
+    assert results[60.0] > CFG.sequence.fan_min_pct + 3.0  # not idling at the minimum
+    assert results["nan"] == results[None]
+    assert results[30.0] >= results[None]
