@@ -137,6 +137,10 @@ class Controller:
         cmds = replace(self.commands, link_ok=link_ok, reset=self._reset_pending)
         self._reset_pending = False
         decision = self.supervisor.step(image, now, cmds)
+        if self.journal is not None:
+            # durable before anything acts on it or reports it: a trip the PLC has seen, or a
+            # log line has announced, is never lost to a kill -9
+            self.journal.record(decision.events, decision.latched)
         if link_ok:
             tripped = image["plc_watchdog_tripped"]
             if (tripped.quality.usable and tripped.value is True) or (
@@ -151,8 +155,6 @@ class Controller:
                 self.log.warning("write_failed", failed=dict(result.failed))
         for e in decision.events:
             self.log.info(e.kind, source=e.source, **{k: v for k, v in e.detail.items()})
-        if self.journal is not None:
-            self.journal.record(decision.events, decision.latched)
         st = self.status
         st.decision, st.image, st.health = decision, image, self.transport.health
         st.scans += 1
