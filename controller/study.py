@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from controller.modes import REUSE_MODES, Mode
 from controller.supervisor import Commands, Supervisor, SupervisorConfig
@@ -77,7 +77,9 @@ class StudyResult:
 
 
 def image_of(meas: dict[str, float | bool], now_s: float) -> ProcessImage:
-    return ProcessImage({k: Sample(v, Quality.GOOD, now_s) for k, v in meas.items()})
+    """What a healthy PLC link would serve: every reading good, stamped now."""
+    new, good = tuple.__new__, Quality.GOOD  # Sample(...) minus a Python frame, 30 a step
+    return ProcessImage({k: new(Sample, (v, good, now_s)) for k, v in meas.items()})
 
 
 class ClosedLoop:
@@ -122,11 +124,13 @@ class ClosedLoop:
             d = self.sup.step(ProcessImage(), now, self.commands)
             self.outputs = dict(self.site.safe_outputs())
         self.decision = d
-        self.commands = Commands(
-            request_reject=self.commands.request_reject, link_ok=self.commands.link_ok
-        )
-        r.mode_changes += sum(1 for e in d.events if e.kind == "mode_changed")
-        r.trips += [(now, e.source) for e in d.events if e.kind == "trip_latched"]
+        if self.commands.reset:  # a reset is a one-scan command; the rest stand
+            self.commands = replace(self.commands, reset=False)
+        for e in d.events:
+            if e.kind == "mode_changed":
+                r.mode_changes += 1
+            elif e.kind == "trip_latched":
+                r.trips.append((now, e.source))
         r.blocked += len(d.blocked)
         r.mode_s[d.mode.value] += dt
         if d.mode in REUSE_MODES:
