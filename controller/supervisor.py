@@ -102,7 +102,11 @@ class SupervisorConfig:
                 fan_min_pct=c.fan_min_pct,
             ),
             validation=ValidationConfig(
-                il.stale_s, il.frozen_s, il.max_rate_k_per_s, spec=compile_spec(site.inputs)
+                il.stale_s,
+                il.frozen_s,
+                il.max_rate_k_per_s,
+                redundant=dict(il.redundant),
+                spec=compile_spec(site.inputs, il.redundant),
             ),
             sequence=SequenceConfig(
                 supply_setpoint_c=c.it_supply_setpoint_c,

@@ -20,10 +20,9 @@ from plc_io.tags import Tag, Value
 # Reasons a point is invalid, in the order they are checked.
 QUALITY, STALE, NAN, RANGE, FROZEN, RATE = "quality", "stale", "nan", "range", "frozen", "rate"
 
-# Analogue tags that must move while the primary loop flows; a flat line there is a dead sensor.
-FROZEN_CHECKED = ("it_supply_temp", "it_return_temp")
-# Tags whose rate of change is checked (°C per second).
-RATE_CHECKED = ("it_supply_temp", "it_return_temp")
+# Analogue tags that must move while the primary loop flows (a flat line there is a dead
+# sensor) and cannot jump faster than the loop's thermal mass allows; their redundant twins too.
+DYNAMIC_CHECKED = ("it_supply_temp", "it_return_temp")
 
 
 class Point(NamedTuple):
@@ -101,12 +100,11 @@ def validate(
     return points, Memory(last)
 
 
-def compile_spec(tags: tuple[Tag, ...]) -> Spec:
+def compile_spec(tags: tuple[Tag, ...], redundant: Mapping[str, str] | None = None) -> Spec:
     """Per-tag constants, worked out once per tag table (validation runs every scan)."""
-    return tuple(
-        (t.name, t.is_bool, t.lo, t.hi, t.name in FROZEN_CHECKED or t.name in RATE_CHECKED)
-        for t in tags
-    )
+    dynamic = set(DYNAMIC_CHECKED)
+    dynamic |= {twin for name, twin in (redundant or {}).items() if name in dynamic}
+    return tuple((t.name, t.is_bool, t.lo, t.hi, t.name in dynamic) for t in tags)
 
 
 def _dynamics(
@@ -125,14 +123,14 @@ def _dynamics(
     if at_s <= seen_at:  # same sample seen again: nothing new to judge, keep the verdict clean
         return FROZEN if flowing and at_s - changed_at > cfg.frozen_s else ""
     dt = at_s - seen_at
-    if name in RATE_CHECKED and abs(x - px) / dt > cfg.max_rate_k_per_s:
+    if abs(x - px) / dt > cfg.max_rate_k_per_s:
         # implausible jump: distrust this reading; a value that stays is judged from here on
         last[name] = (x, at_s, at_s)
         return RATE
     if abs(x - px) > cfg.frozen_noise_k:
         changed_at = at_s
     last[name] = (x, changed_at, at_s)
-    if name in FROZEN_CHECKED and flowing and at_s - changed_at > cfg.frozen_s:
+    if flowing and at_s - changed_at > cfg.frozen_s:
         return FROZEN
     return ""
 

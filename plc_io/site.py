@@ -123,6 +123,9 @@ class InterlockConfig(BaseModel):
     stale_s: float = Field(2.0, gt=0)
     frozen_s: float = Field(600.0, gt=0)
     max_rate_k_per_s: float = Field(5.0, gt=0)
+    # redundant sensors: tag -> its twin; the validated value is the worse (hotter) of the two
+    # valid readings, and one valid reading is enough
+    redundant: dict[str, str] = Field(default_factory=dict)
 
 
 SECTIONS: dict[str, type[BaseModel]] = {
@@ -367,6 +370,14 @@ def parse_site(data: dict[str, Any], source: str = "<site>", folder: Path | None
         probs.append(
             Problem("tags.heartbeat", hb.modbus.table.value, "a float tag in a holding register")
         )
+    il = sections.get("interlocks")
+    for name, twin in il.redundant.items() if il else ():
+        for key, tag_name in ((name, name), (name, twin)):
+            t = by_name.get(tag_name)
+            if t is None or t.is_output or t.is_bool:
+                probs.append(
+                    Problem(f"interlocks.redundant.{key}", tag_name, "an analogue input tag")
+                )
     plc = sections.get("plc")
     sim = sections.get("sim")
     if plc and sim and plc.host in ("127.0.0.1", "localhost") and plc.port == sim.opcua_port:

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
+import pytest
+
+from controller.supervisor import Supervisor, SupervisorConfig
 from interlocks.engine import InterlockState, evaluate
 from interlocks.rules import RULES, RULES_BY_ID
 from interlocks.validation import Point
-from tests.unit.core_helpers import CFG, HEALTHY
+from plc_io.site import SiteError, demo_site_text, loads_site
+from tests.unit.core_helpers import CFG, HEALTHY, image
 
 TH = CFG.thresholds
 
@@ -115,3 +121,52 @@ def test_rule_table_as_design_states() -> None:
         assert not RULES_BY_ID[rid].bypassable
     assert {r.id for r in RULES if r.latching} == {"IL-04", "IL-05"}
     assert all(r.max_bypass_s <= 4 * 3600 for r in RULES)
+
+
+REDUNDANT_SITE = """
+[tags.it_supply_temp_b]
+direction = "input"
+type = "float"
+unit = "°C"
+range = [-20.0, 120.0]
+description = "Second supply sensor"
+modbus = { table = "input", address = 40, encoding = "int16", scale = 0.01 }
+"""
+
+
+def redundant_site():
+    text = demo_site_text().replace(
+        "[interlocks]\n", '[interlocks]\nredundant = { it_supply_temp = "it_supply_temp_b" }\n'
+    )
+    return loads_site(text + REDUNDANT_SITE)
+
+
+def test_redundant_sensors_worse_of_two_drives_the_interlock() -> None:
+    site = redundant_site()
+    cfg = SupervisorConfig.from_site(site)
+    sup = Supervisor(cfg)
+    t = 0.0
+    for i in range(5):  # A reads normal, B reads hot: the hotter valid one counts
+        t += 1
+        d = sup.step(image(t, it_supply_temp=35.0 + 0.01 * i, it_supply_temp_b=46.0), t)
+    assert "IL-01" in d.active
+    sup = Supervisor(cfg)
+    for i in range(5):  # B dead: A alone is enough, no IL-02
+        t += 1
+        d = sup.step(image(t, it_supply_temp=35.0 + 0.01 * i, it_supply_temp_b=math.nan), t)
+    assert not d.active & {"IL-01", "IL-02"}
+    for _ in range(5):  # both dead: unknown, fail toward cooling
+        t += 1
+        d = sup.step(image(t, it_supply_temp=math.nan, it_supply_temp_b=math.nan), t)
+    assert "IL-02" in d.active
+
+
+def test_redundant_pair_must_name_analogue_inputs() -> None:
+    text = demo_site_text().replace(
+        "[interlocks]\n", '[interlocks]\nredundant = { it_supply_temp = "leak_reuse" }\n'
+    )
+    with pytest.raises(SiteError) as e:
+        loads_site(text)
+    assert [str(p) for p in e.value.problems] == [
+        "interlocks.redundant.it_supply_temp: 'leak_reuse': expected an analogue input tag"
+    ]
