@@ -90,10 +90,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from controller.runtime import run_service
+    from controller.runtime import make_transport, run_service
 
     site = load_site(args.site)
-    return asyncio.run(run_service(site, json_logs=not args.console))
+    try:
+        transport = make_transport(site)
+    except ValueError as e:  # e.g. a password variable the site names is not set
+        raise UsageError(str(e)) from e
+    return asyncio.run(run_service(site, transport, json_logs=not args.console))
 
 
 def cmd_study(args: argparse.Namespace) -> int:

@@ -191,7 +191,7 @@ class Controller:
                     self.log.warning("event_loop_lag", lag_s=round(lag, 4))
 
 
-async def run_service(site: Site, *, json_logs: bool = True) -> int:
+async def run_service(site: Site, transport: Transport, *, json_logs: bool = True) -> int:
     """`heatloop run`: the controller against the site's PLC until SIGINT/SIGTERM."""
     import signal
 
@@ -205,7 +205,7 @@ async def run_service(site: Site, *, json_logs: bool = True) -> int:
             loop.add_signal_handler(sig, stop.set)
     journal = Journal(site.state_dir / "heatloop.db")
     try:
-        await Controller(site, make_transport(site), journal=journal).run(stop)
+        await Controller(site, transport, journal=journal).run(stop)
     finally:
         journal.close()
     return 0

@@ -134,3 +134,11 @@ def test_cli_init_then_check(tmp_path: Path, capsys) -> None:
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "it_supply_temp" in out and "coil:0" in out
+
+
+def test_cli_run_refuses_a_missing_password_variable(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "site.toml"
+    text = demo_site_text().replace('transport = "modbus"', 'transport = "opcua"', 1)
+    path.write_text(text + '\n[plc.opcua]\nusername = "plc"\npassword_env = "HEATLOOP_NO_SUCH"\n')
+    assert main(["run", "--site", str(path)]) == 2
+    assert "HEATLOOP_NO_SUCH" in capsys.readouterr().err
