@@ -32,9 +32,9 @@ from plc_io.site import Site
 from plc_io.tags import Tag, Value
 from plc_io.transport import (
     MODBUS_EXCEPTIONS,
-    CommsHealth,
     LinkMonitor,
     OutputCache,
+    PlannedTransport,
     PlcError,
     WriteResult,
 )
@@ -140,7 +140,7 @@ class MemoryPlc:
         return None
 
 
-class MemoryTransport:
+class MemoryTransport(PlannedTransport):
     """The `Transport` over a `MemoryPlc`, with Modbus's request structure and quality rules."""
 
     def __init__(
@@ -168,26 +168,11 @@ class MemoryTransport:
         self._epoch: int | None = None  # the PLC epoch we are connected to
         self._image = ProcessImage()
 
-    @property
-    def health(self) -> CommsHealth:
-        return self.link.health
-
     async def connect(self) -> None:
         self._ensure_connected(self._clock())
 
     async def close(self) -> None:
         self._epoch = None
-
-    async def read_inputs(self) -> ProcessImage:
-        self._image = await self._read(self._input_plan, self._image)
-        return self._image
-
-    def resend_all(self) -> None:
-        """Send every output on the next pass, changed or not (e.g. to release the watchdog)."""
-        self._out.reconnected()
-
-    async def read_outputs(self) -> ProcessImage:
-        return await self._read(self._output_plan, ProcessImage())
 
     async def write_outputs(self, values: Mapping[str, Value]) -> WriteResult:
         out = self._out
@@ -196,8 +181,7 @@ class MemoryTransport:
         if not due:
             return WriteResult((), failed)
         if not self._ensure_connected(self._clock()):
-            reason = f"comms: link {self.link.state.value} ({self.link.last_error})"
-            return WriteResult((), {**failed, **{t.name: reason for t in due}})
+            return self._link_down(failed, due)
         written: list[str] = []
         for _table, _start, tags in plan_writes(due):
             names = [t.name for t in tags]

@@ -33,9 +33,9 @@ from plc_io.site import Site
 from plc_io.tags import ModbusTable, Tag, Value
 from plc_io.transport import (
     MODBUS_EXCEPTIONS,
-    CommsHealth,
     LinkMonitor,
     OutputCache,
+    PlannedTransport,
     PlcError,
     WriteResult,
 )
@@ -72,7 +72,7 @@ def _reason(err: PlcError) -> str:
     return f"{err.kind}: {err}"
 
 
-class ModbusTransport:
+class ModbusTransport(PlannedTransport):
     """The `Transport` over Modbus TCP. host/port default to the site file's [plc] section."""
 
     def __init__(
@@ -105,10 +105,6 @@ class ModbusTransport:
     # ---- Transport interface ----
 
     @property
-    def health(self) -> CommsHealth:
-        return self.link.health
-
-    @property
     def read_plan(self) -> tuple[Block, ...]:
         return self._input_plan
 
@@ -118,17 +114,6 @@ class ModbusTransport:
     async def close(self) -> None:
         self._drop()
 
-    async def read_inputs(self) -> ProcessImage:
-        self._image = await self._read(self._input_plan, self._image)
-        return self._image
-
-    def resend_all(self) -> None:
-        """Send every output on the next pass, changed or not (e.g. to release the watchdog)."""
-        self._out.reconnected()
-
-    async def read_outputs(self) -> ProcessImage:
-        return await self._read(self._output_plan, ProcessImage())
-
     async def write_outputs(self, values: Mapping[str, Value]) -> WriteResult:
         out = self._out
         failed = out.accept(values)
@@ -136,8 +121,7 @@ class ModbusTransport:
         if not due:
             return WriteResult((), failed)
         if not await self._ensure_connected(self._clock()):
-            reason = f"comms: link {self.link.state.value} ({self.link.last_error})"
-            return WriteResult((), {**failed, **{t.name: reason for t in due}})
+            return self._link_down(failed, due)
         written: list[str] = []
         for table, start, tags in plan_writes(due):
             names = [t.name for t in tags]

@@ -9,13 +9,14 @@ always returns a whole image in which unreadable points carry a bad quality, and
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
 import structlog
 
+from plc_io.codec import Block
 from plc_io.image import ProcessImage
 from plc_io.tags import Tag, Value
 
@@ -249,3 +250,37 @@ class OutputCache:
     def reconnected(self) -> None:
         """The PLC may have lost every output: send them all again."""
         self.written.clear()
+
+
+class PlannedTransport:
+    """What the register-shaped transports (Modbus, in-memory) share: read plans executed by
+    `_read`, the image kept between scans, and the output cache."""
+
+    link: LinkMonitor
+    _out: OutputCache
+    _image: ProcessImage
+    _input_plan: Sequence[Block]
+    _output_plan: Sequence[Block]
+
+    @property
+    def health(self) -> CommsHealth:
+        return self.link.health
+
+    async def read_inputs(self) -> ProcessImage:
+        self._image = await self._read(self._input_plan, self._image)
+        return self._image
+
+    async def read_outputs(self) -> ProcessImage:
+        return await self._read(self._output_plan, ProcessImage())
+
+    def resend_all(self) -> None:
+        """Send every output on the next pass, changed or not (e.g. to release the watchdog)."""
+        self._out.reconnected()
+
+    async def _read(self, plan: Sequence[Block], prev: ProcessImage) -> ProcessImage:
+        raise NotImplementedError
+
+    def _link_down(self, failed: dict[str, str], due: Sequence[Tag]) -> WriteResult:
+        """Nothing could be sent: every due output fails with the link's state as the reason."""
+        reason = f"comms: link {self.link.state.value} ({self.link.last_error})"
+        return WriteResult((), {**failed, **{t.name: reason for t in due}})
