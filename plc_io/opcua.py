@@ -135,6 +135,8 @@ class OpcuaTransport:
         self._latest: dict[str, tuple[ua.DataValue, float]] = {}  # subscription: dv, arrival
         self._image = ProcessImage()
         self._subscribed_at = 0.0
+        self._polled_bad: set[str] = set()  # bad status codes of the last polled read
+        self._logged_codes: set[str] = set()  # the ones logged, until they clear
         # keep-alive: at least every timeout_s/2, so a dead link shows within one timeout
         pi_s = cfg.publish_interval_ms / 1000
         self._keepalive_count = max(1, int(self.timeout_s / 2 / pi_s))
@@ -167,7 +169,26 @@ class OpcuaTransport:
             self._image = self._from_subscription(now)
         else:
             self._image = await self._poll(self._inputs, self._image)
+        self._log_statuses()
         return self._image
+
+    def _log_statuses(self) -> None:
+        """One log line per bad status code the PLC reports while it lasts, not one per scan
+        (comms statuses are the link's business and logged there)."""
+        codes = (
+            {
+                dv.StatusCode.name
+                for dv, _ in self._latest.values()
+                if quality_of(dv.StatusCode) is Quality.BAD_REPLY
+            }
+            if self.cfg.subscribe
+            else self._polled_bad
+        )
+        for code in self._logged_codes - codes:
+            self.link.cause(f"status {code}", None)
+        for code in codes:
+            self.link.cause(f"status {code}", code)
+        self._logged_codes = set(codes)
 
     def resend_all(self) -> None:
         """Send every output on the next pass, changed or not (e.g. to release the watchdog)."""
@@ -448,6 +469,9 @@ class OpcuaTransport:
             self.link.error_reply(f"read returned {len(dvs)} results for {len(known)} nodes")
             return prev.updated(samples).marked([t.name for t in known], Quality.BAD_REPLY, None)
         at = self._clock()
+        self._polled_bad = {
+            dv.StatusCode.name for dv in dvs if quality_of(dv.StatusCode) is Quality.BAD_REPLY
+        }
         for t, dv in zip(known, dvs, strict=True):
             samples[t.name] = self._sample(t, dv, at, prev[t.name])
         return prev.updated(samples)

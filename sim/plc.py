@@ -17,6 +17,7 @@ from collections.abc import Callable
 from types import TracebackType
 
 import structlog
+from asyncua import ua
 
 from plc_io.site import Site
 from plc_io.tags import Value
@@ -308,10 +309,18 @@ class SimPlc:
             n += 1
         return n
 
+    def opcua_fault_status(self) -> int | None:
+        """The status every OPC UA PLC variable shows under a PLC fault: a dropped link reads
+        BadNoCommunication, an error fault BadDeviceFailure; None when healthy."""
+        if self.faults.dropped(self.now()):
+            return ua.StatusCodes.BadNoCommunication
+        if self.faults.error_code is not None:
+            return ua.StatusCodes.BadDeviceFailure
+        return None
+
     async def _publish_opcua(self) -> None:
-        dropped = self.faults.dropped(self.now())
         plc_values = {**self.measured(), **self.outputs()}
-        await self._opcua.publish_plc(plc_values, dropped)
+        await self._opcua.publish_plc(plc_values, self.opcua_fault_status())
         plant_values: dict[str, float | bool | int] = dict(self.truth())
         plant_values["watchdog_tripped"] = self._wd.tripped
         plant_values["watchdog_trips"] = self._wd.trips

@@ -63,6 +63,8 @@ class OpcuaHost(Protocol):
 
     def outputs(self) -> dict[str, Value]: ...
 
+    def opcua_fault_status(self) -> int | None: ...
+
     def inject(self, name: str, target: str = "", value: float = 1.0) -> None: ...
 
     def clear(self, name: str, target: str = "") -> None: ...
@@ -108,7 +110,7 @@ class PlcOpcua:
         self._outputs: dict[ua.NodeId, Tag] = {}
         self._read_only: set[ua.NodeId] = set()
         self._last: dict[ua.NodeId, Any] = {}
-        self._bad = False
+        self._bad: int | None = None  # the status every PLC variable shows during a fault
 
     @property
     def endpoint(self) -> str:
@@ -190,24 +192,23 @@ class PlcOpcua:
         dv = ua.DataValue(ua.Variant(_typed(value, vt), vt), SourceTimestamp=ts, ServerTimestamp=ts)
         await self.server.write_attribute_value(nid, dv)
 
-    async def publish_plc(self, values: Mapping[str, Value], dropped: bool) -> None:
-        """Show PLC view values (changed ones only), or BadNoCommunication while dropped."""
+    async def publish_plc(self, values: Mapping[str, Value], bad_status: int | None) -> None:
+        """Show PLC view values (changed ones only), or every one with `bad_status` while a
+        PLC fault holds (BadNoCommunication for a drop, BadDeviceFailure for an error)."""
         if self.server is None:
             return
         ts = datetime.now(UTC)
-        if dropped:
-            if not self._bad:
-                self._bad = True
+        if bad_status is not None:
+            if self._bad != bad_status:
+                self._bad = bad_status
                 bad = ua.DataValue(
-                    StatusCode=_status(ua.StatusCodes.BadNoCommunication),
-                    SourceTimestamp=ts,
-                    ServerTimestamp=ts,
+                    StatusCode=_status(bad_status), SourceTimestamp=ts, ServerTimestamp=ts
                 )
                 for nid in self._plc_nodes.values():
                     self._last.pop(nid, None)
                     await self.server.write_attribute_value(nid, bad)
             return
-        self._bad = False
+        self._bad = None
         for name, v in values.items():
             nid = self._plc_nodes.get(name)
             if nid is not None:
@@ -249,7 +250,7 @@ class PlcOpcua:
                     results[i] = code
             if accepted:
                 self.host.apply_writes(accepted, "opcua")
-                await self.publish_plc(self.host.outputs(), dropped=False)
+                await self.publish_plc(self.host.outputs(), self.host.opcua_fault_status())
             return [
                 r if r is not None else _status(ua.StatusCodes.BadInternalError) for r in results
             ]

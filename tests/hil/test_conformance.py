@@ -206,26 +206,42 @@ async def test_error_replies_are_bad_quality_not_exceptions(rig: Rig, tx: Any) -
 
 
 async def test_a_failure_cause_is_logged_once_not_every_scan(rig: Rig) -> None:
-    if rig.is_opcua:
-        pytest.skip("the simulated PLC has no OPC UA error-reply fault; see the error test")
     rig.clear_all()
     with capture_logs() as logs:
         t = rig.transport()
         await t.connect()
         rig.plc.inject("comms_error", value=2.0)
         for _ in range(5):
-            img = await t.read_inputs()
+            img = await t.read_inputs() if not rig.is_opcua else await settled_read(t, BAD)
             assert all_q(img, Quality.BAD_REPLY)
         rig.plc.clear("comms_error")
         for _ in range(3):
-            assert all_q(await t.read_inputs(), Quality.GOOD)
+            img = await t.read_inputs() if not rig.is_opcua else await settled_read(t, GOOD)
+            assert all_q(img, Quality.GOOD)
         await t.close()
     faults = [e for e in logs if e["event"] == "plc_fault"]
     cleared = [e for e in logs if e["event"] == "plc_fault_cleared"]
+    if rig.is_opcua:  # every variable reports the PLC's device failure: one cause, one line
+        assert [e["where"] for e in faults] == ["status BadDeviceFailure"], faults
+        assert [e["where"] for e in cleared] == ["status BadDeviceFailure"], cleared
+        return
     blocks = len({e["where"] for e in faults})
     assert blocks == 2 and len(faults) == 2, faults  # one line per refused block, not per scan
     assert all("illegal data address" in e["cause"] for e in faults)
     assert len(cleared) == 2
+
+
+BAD, GOOD = Quality.BAD_REPLY, Quality.GOOD
+
+
+async def settled_read(t: Any, quality: Quality, within_s: float = 3.0) -> Any:
+    """OPC UA values arrive by subscription or the next poll: read until they show `quality`."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    while True:
+        img = await t.read_inputs()
+        if all_q(img, quality) or asyncio.get_running_loop().time() > deadline:
+            return img
+        await asyncio.sleep(0.05)
 
 
 async def test_reconnect_back_off_is_exponential_and_bounded() -> None:
