@@ -39,7 +39,7 @@ def run() -> list[str]:
     call_s = _best_per_call_s(bare, n)
 
     wall = time.perf_counter()
-    fig = simulate(params, 86400.0, dt_s=1.0, t0_s=100 * 86400.0)
+    fig, _ = simulate(params, 86400.0, dt_s=1.0, t0_s=100 * 86400.0)
     day_s = time.perf_counter() - wall
 
     speed_x = 1.0 / step_s

@@ -50,7 +50,7 @@ class Figures:
         ]
 
 
-def simulate_with_state(
+def simulate(
     params: PlantConfig,
     seconds: float,
     dt_s: float = 1.0,
@@ -60,7 +60,8 @@ def simulate_with_state(
     t0_s: float = 0.0,
     supply_limit_c: float = 45.0,
 ) -> tuple[Figures, PlantState]:
-    """As `simulate`, also returning the final plant state."""
+    """Run the plant for `seconds` under `policy` (fed by `measure`), applying the scenario;
+    return the figures and the final plant state."""
     if not (seconds >= 0.0 and math.isfinite(seconds)):
         raise ValueError(f"seconds={seconds!r}: expected a finite duration >= 0")
     if not (dt_s > 0.0 and math.isfinite(dt_s)):
@@ -98,20 +99,3 @@ def simulate_with_state(
         balance_error_pct=100.0 * a.balance_error_kwh / captured if captured > 0.0 else 0.0,
     )
     return figures, state
-
-
-def simulate(
-    params: PlantConfig,
-    seconds: float,
-    dt_s: float = 1.0,
-    seed: int = 0,
-    scenario: Scenario | None = None,
-    policy: Policy = local_policy,
-    t0_s: float = 0.0,
-    supply_limit_c: float = 45.0,
-) -> Figures:
-    """Run the plant for `seconds` under `policy` (fed by `measure`), applying the scenario."""
-    figures, _ = simulate_with_state(
-        params, seconds, dt_s, seed, scenario, policy, t0_s, supply_limit_c
-    )
-    return figures

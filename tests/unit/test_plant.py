@@ -14,7 +14,7 @@ from plc_io.plant_config import PlantConfig
 from plc_io.tags import REQUIRED_INPUTS, REQUIRED_OUTPUTS
 from sim import fluids, plant
 from sim.faults import inject
-from sim.run import simulate_with_state
+from sim.run import simulate
 from sim.scenario import parse_scenario
 
 RUN = {
@@ -128,7 +128,7 @@ def test_energy_balance_closes_over_a_day(dt_s: float) -> None:
         }
     )
     s0 = plant.initial(params, seed=3, t0_s=40 * 86400.0)
-    fig, s = simulate_with_state(params, 86400.0, dt_s, 3, scenario, t0_s=40 * 86400.0)
+    fig, s = simulate(params, 86400.0, dt_s, 3, scenario, t0_s=40 * 86400.0)
     a = plant.accounts(s)
     stored_kwh = (_enthalpy_kj(params, s) - _enthalpy_kj(params, s0)) / 3600.0
     error_kwh = a.captured_kwh - (a.delivered_kwh + a.rejected_kwh + a.losses_kwh + stored_kwh)

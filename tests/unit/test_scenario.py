@@ -25,7 +25,7 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_shipped_scenarios_load_and_run(path: Path) -> None:
     scenario = load_scenario(path)
     assert scenario.events
-    fig = simulate(PlantConfig(), 3 * 3600.0, dt_s=30.0, scenario=scenario)
+    fig, _ = simulate(PlantConfig(), 3 * 3600.0, dt_s=30.0, scenario=scenario)
     assert abs(fig.balance_error_pct) < 1e-6
 
 
