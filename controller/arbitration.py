@@ -9,6 +9,7 @@ supervisor counts it and raises an event.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import IntEnum
@@ -57,16 +58,21 @@ def arbitrate(
         if name in interlock:
             v, why = interlock[name]
             out[name] = Output(v, Level.INTERLOCK, why)
-        elif name in manual and now_s < manual[name].expires_s:
+        elif name in manual and now_s < manual[name].expires_s and _sane(manual[name].value):
             m = manual[name]
             out[name] = Output(m.value, Level.MANUAL, f"manual by {m.who or 'engineer'}")
-        elif name in sequence:
+        elif name in sequence and _sane(sequence[name]):
             out[name] = Output(sequence[name], Level.SEQUENCE)
-        elif name in bms:
+        elif name in bms and _sane(bms[name]):
             out[name] = Output(bms[name], Level.BMS, "BMS request")
         else:
             out[name] = Output(safe_value, Level.SAFE, "safe value")
     return out
+
+
+def _sane(v: Value) -> bool:
+    """A request that is not a finite number (NaN, inf) falls through to the level below."""
+    return isinstance(v, bool) or math.isfinite(v)
 
 
 PUMPS = (

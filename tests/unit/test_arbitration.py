@@ -172,3 +172,17 @@ def test_requested_supply_setpoint_is_bounded_below_the_interlock_limit() -> Non
     assert results[60.0] > CFG.sequence.fan_min_pct + 3.0  # not idling at the minimum
     assert results["nan"] == results[None]
     assert results[30.0] >= results[None]
+
+
+def test_a_non_finite_request_falls_through_to_the_level_below() -> None:
+    out = arbitrate(
+        SAFE,
+        0.0,
+        manual={"drycooler_fan_cmd": Manual(math.nan, 100.0, "eng")},
+        sequence={"drycooler_fan_cmd": 42.0, "reuse_valve_cmd": math.inf},
+    )
+    assert (out["drycooler_fan_cmd"].value, out["drycooler_fan_cmd"].level) == (
+        42.0,
+        Level.SEQUENCE,
+    )
+    assert (out["reuse_valve_cmd"].value, out["reuse_valve_cmd"].level) == (0.0, Level.SAFE)
