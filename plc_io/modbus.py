@@ -38,6 +38,7 @@ from plc_io.transport import (
     PlannedTransport,
     PlcError,
     WriteResult,
+    answer_within,
 )
 
 MAX_WRITE_REGISTERS = 123  # FC16 limit
@@ -191,13 +192,9 @@ class ModbusTransport(PlannedTransport):
     async def _call(self, request: Any) -> Any:
         """Send one request within the timeout; translate both failure channels to PlcError."""
         self.link.requests += 1
-        try:
-            async with asyncio.timeout(self.timeout_s):
-                rr = await request
-        except TimeoutError:
-            self._comms_failed(f"no answer within {self.timeout_s} s")
-        except (ModbusException, OSError) as e:
-            self._comms_failed(f"{type(e).__name__}: {e}")
+        rr = await answer_within(
+            self.timeout_s, request, self._comms_failed, (ModbusException, OSError)
+        )
         if rr.isError():
             code = getattr(rr, "exception_code", None)
             self.link.ok(self._clock())

@@ -40,7 +40,14 @@ from asyncua.ua.uaerrors import UaError
 from plc_io.image import ProcessImage, Quality, Sample, judge
 from plc_io.site import Site
 from plc_io.tags import Tag, Value
-from plc_io.transport import CommsHealth, LinkMonitor, OutputCache, PlcError, WriteResult
+from plc_io.transport import (
+    CommsHealth,
+    LinkMonitor,
+    OutputCache,
+    PlcError,
+    WriteResult,
+    answer_within,
+)
 
 S = ua.StatusCodes
 COMMS_CODES = frozenset(
@@ -480,12 +487,9 @@ class OpcuaTransport:
         """One service call within the timeout; failures become PlcError (comms drops the link)."""
         self.link.requests += 1
         try:
-            async with asyncio.timeout(self.timeout_s):
-                result = await request
-        except TimeoutError:
-            self._comms_failed(f"no answer within {self.timeout_s} s")
-        except (OSError, ConnectionError) as e:
-            self._comms_failed(f"{type(e).__name__}: {e}")
+            result = await answer_within(
+                self.timeout_s, request, self._comms_failed, (OSError, ConnectionError)
+            )
         except UaError as e:
             if getattr(e, "code", None) in COMMS_CODES:
                 self._comms_failed(str(e))

@@ -8,11 +8,12 @@ always returns a whole image in which unreadable points carry a bad quality, and
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, NoReturn, Protocol
 
 import structlog
 
@@ -284,3 +285,20 @@ class PlannedTransport:
         """Nothing could be sent: every due output fails with the link's state as the reason."""
         reason = f"comms: link {self.link.state.value} ({self.link.last_error})"
         return WriteResult((), {**failed, **{t.name: reason for t in due}})
+
+
+async def answer_within(
+    timeout_s: float,
+    request: Awaitable[Any],
+    fail: Callable[[str], NoReturn],
+    comms_errors: tuple[type[BaseException], ...],
+) -> Any:
+    """Await one PLC request within the timeout; no answer or a broken connection goes to
+    `fail` (which raises the comms PlcError and drops the link)."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await request
+    except TimeoutError:
+        fail(f"no answer within {timeout_s} s")
+    except comms_errors as e:
+        fail(f"{type(e).__name__}: {e}")
