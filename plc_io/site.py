@@ -107,6 +107,11 @@ class ControlConfig(BaseModel):
     fan_min_pct: float = Field(10.0, ge=0, le=100)
     secondary_pump_speed_pct: float = Field(80.0, ge=0, le=100)
     primary_pump_speed_pct: float = Field(80.0, ge=0, le=100)
+    pump_fail_s: float = Field(10.0, gt=0, le=600)  # run feedback missing this long: pump failed
+    valve_follow_s: float = Field(120.0, gt=0, le=3600)  # valve position must follow within this
+    valve_tolerance_pct: float = Field(10.0, gt=0, le=50)  # ... to within this many %
+    valve_retry_s: float = Field(3600.0, gt=0, le=86400)  # a failed valve is tried again after
+    max_force_s: float = Field(28800.0, gt=0, le=86400)  # longest manual or forced value
 
 
 class InterlockConfig(BaseModel):
@@ -123,6 +128,11 @@ class InterlockConfig(BaseModel):
     stale_s: float = Field(2.0, gt=0)
     frozen_s: float = Field(600.0, gt=0)
     max_rate_k_per_s: float = Field(5.0, gt=0)
+    # how far it_supply_temp may disagree with drycooler_out_temp (measured just upstream of it)
+    plausibility_band_k: float = Field(8.0, gt=0, le=50)
+    # below this IT load the plausibility cross-checks are not armed
+    plausibility_min_it_power_kw: float = Field(20.0, ge=0, le=100_000)
+    max_bypass_s: float = Field(14400.0, gt=0, le=14400)  # longest bypass of an interlock (4 h)
     # redundant sensors: tag -> its twin; the validated value is the worse (hotter) of the two
     # valid readings, and one valid reading is enough
     redundant: dict[str, str] = Field(default_factory=dict)
@@ -294,6 +304,30 @@ def _check_tag(tag: Tag) -> list[Problem]:
             probs.append(Problem(f"{p}.safe", tag.safe, "no safe value on an input"))
         if tag.verify:
             probs.append(Problem(f"{p}.verify", tag.verify, "read-back only on outputs"))
+    if not (tag.is_bool and not tag.is_output):
+        if tag.fail_state is not None:
+            probs.append(Problem(f"{p}.fail_state", tag.fail_state, "only on a boolean input"))
+        if tag.supervised_by is not None:
+            probs.append(
+                Problem(f"{p}.supervised_by", tag.supervised_by, "only on a boolean input")
+            )
+    if tag.frozen_s is not None and (tag.is_bool or tag.is_output):
+        probs.append(Problem(f"{p}.frozen_s", tag.frozen_s, "only on an analogue input"))
+    return probs
+
+
+def _check_supervision(by_name: dict[str, Tag]) -> list[Problem]:
+    """`supervised_by` names another boolean input (the zone's fault contact)."""
+    probs = []
+    for t in by_name.values():
+        sup = t.supervised_by
+        if sup is None:
+            continue
+        other = by_name.get(sup)
+        if other is None or other.is_output or not other.is_bool or sup == t.name:
+            probs.append(
+                Problem(f"tags.{t.name}.supervised_by", sup, "the name of another boolean input")
+            )
     return probs
 
 
@@ -352,6 +386,7 @@ def parse_site(data: dict[str, Any], source: str = "<site>", folder: Path | None
         tags.append(tag)
     probs += _check_overlaps(tags)
     by_name = {t.name: t for t in tags}
+    probs += _check_supervision(by_name)
     for direction, names in (
         (Direction.INPUT, REQUIRED_INPUTS),
         (Direction.OUTPUT, REQUIRED_OUTPUTS),

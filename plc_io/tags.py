@@ -130,6 +130,13 @@ class Tag(BaseModel):
     opcua_node: str | None = None
     safe: Value | None = None  # outputs only: the value the PLC watchdog falls back to
     verify: bool = False  # outputs only: read back after writing
+    # boolean inputs only: what the input reads when its circuit is cut / de-energised
+    fail_state: bool | None = None
+    # boolean inputs only: another boolean input that reads true while this one's circuit is
+    # faulted (a leak-detection module's per-zone fault contact); true or invalid -> this invalid
+    supervised_by: str | None = None
+    # analogue inputs only: this tag's frozen-sensor window, overriding [interlocks].frozen_s
+    frozen_s: float | None = Field(None, gt=0, le=86400)
 
     @property
     def lo(self) -> float:

@@ -142,3 +142,34 @@ def test_cli_run_refuses_a_missing_password_variable(tmp_path: Path, capsys) -> 
     path.write_text(text + '\n[plc.opcua]\nusername = "plc"\npassword_env = "HEATLOOP_NO_SUCH"\n')
     assert main(["run", "--site", str(path)]) == 2
     assert "HEATLOOP_NO_SUCH" in capsys.readouterr().err
+
+
+def test_demo_site_declares_fail_states_and_per_tag_frozen_windows() -> None:
+    site = demo_site()
+    for name in ("leak_primary", "leak_reuse", "drycooler_fault"):
+        assert site.tag(name).fail_state is True  # de-energise-to-trip
+    for name in ("customer_ready", "primary_pump_a_running", "secondary_pump_running"):
+        assert site.tag(name).fail_state is False
+    assert site.tag("it_supply_temp").frozen_s == 60
+    assert site.tag("it_return_temp").frozen_s == 120
+    assert site.interlocks.plausibility_band_k == 8.0 and site.interlocks.max_bypass_s == 14400
+    assert (site.control.pump_fail_s, site.control.max_force_s) == (10, 28800)
+
+
+def test_fail_state_and_frozen_s_only_where_they_mean_something() -> None:
+    probs = problems(edit(r'^(description = "Supply to the racks.*)$', r"\1\nfail_state = true"))
+    assert "tags.it_supply_temp.fail_state: True: expected only on a boolean input" in probs
+    probs = problems(edit(r'^(description = "Leak, reuse zone.*)$', r"\1\nfrozen_s = 5"))
+    assert "tags.leak_reuse.frozen_s: 5.0: expected only on an analogue input" in probs
+
+
+def test_supervised_by_must_name_another_boolean_input() -> None:
+    probs = problems(
+        edit(r'^(description = "Leak, reuse zone.*)$', r'\1\nsupervised_by = "it_supply_temp"')
+    )
+    assert (
+        "tags.leak_reuse.supervised_by: 'it_supply_temp': expected the name of another "
+        "boolean input" in probs
+    )
+    ok = edit(r'^(description = "Leak, reuse zone.*)$', r'\1\nsupervised_by = "drycooler_fault"')
+    assert loads_site(ok).tag("leak_reuse").supervised_by == "drycooler_fault"
