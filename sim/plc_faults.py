@@ -1,17 +1,33 @@
-"""Faults of the simulated PLC's communications (not of the plant): drop, slow, error, garble.
+"""Faults of the simulated PLC's communications (not of the plant): drop, slow, error, garble,
+refused writes and deleted OPC UA nodes.
 
 The plant's faults live in sim.faults and change the plant state; these change how the PLC
 answers on the wire. Times are in the PLC's wall clock, passed in.
+
+- `write_refused`, target "" (every output), "coil" or "holding" (the outputs in that Modbus
+  table; on OPC UA the same tags), value = Modbus exception code: writes to those outputs are
+  refused (Modbus: that exception; OPC UA: BadDeviceFailure) and nothing is applied. Reads
+  still work: a PLC whose output card or data block is write-protected.
+- `nodes_deleted`, target "", value = seconds: the OPC UA face deletes every `Objects/PLC/<tag>`
+  node for that long, then creates them again (a PLC program download). Modbus is untouched.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pymodbus.constants import ExcCodes
 
-PLC_FAULT_NAMES = ("comms_drop", "comms_slow", "comms_error", "comms_garble")
+PLC_FAULT_NAMES = (
+    "comms_drop",
+    "comms_slow",
+    "comms_error",
+    "comms_garble",
+    "write_refused",
+    "nodes_deleted",
+)
+WRITE_TARGETS = ("", "coil", "holding")
 MAX_DROP_S = 3600.0
 MAX_SLOW_S = 60.0
 
@@ -34,9 +50,20 @@ class CommsFaults:
     slow_s: float = 0.0
     error_code: int | None = None
     garble: bool = False
+    write_refused: dict[str, int] = field(default_factory=dict)  # target -> exception code
+    nodes_deleted_until_s: float | None = None
 
     def dropped(self, now_s: float) -> bool:
         return self.drop_until_s is not None and now_s < self.drop_until_s
+
+    def write_refusal(self, table: str) -> int | None:
+        """The exception code a write to an output in this Modbus table gets, or None."""
+        code = self.write_refused.get(table)
+        return code if code is not None else self.write_refused.get("")
+
+    def nodes_gone(self, now_s: float) -> bool:
+        """Whether the OPC UA face's PLC nodes are deleted now."""
+        return self.nodes_deleted_until_s is not None and now_s < self.nodes_deleted_until_s
 
     def active(self, now_s: float) -> dict[str, float]:
         """The faults in force now, by name, with their value (for logs and the OPC UA view)."""
@@ -49,9 +76,18 @@ class CommsFaults:
             out["comms_error"] = float(self.error_code)
         if self.garble:
             out["comms_garble"] = 1.0
+        for target, code in self.write_refused.items():
+            out[f"write_refused {target or '*'}"] = float(code)
+        if self.nodes_gone(now_s) and self.nodes_deleted_until_s is not None:
+            out["nodes_deleted"] = self.nodes_deleted_until_s - now_s
         return out
 
     def inject(self, name: str, target: str, value: float, now_s: float) -> None:
+        if name == "write_refused":
+            if target not in WRITE_TARGETS:
+                raise PlcFaultValueError("target", target, f"one of {list(WRITE_TARGETS)}")
+            self.write_refused[target] = _exception_code(value)
+            return
         if target:
             raise PlcFaultValueError("target", target, "'' (PLC faults take no target)")
         v = float(value)
@@ -66,12 +102,13 @@ class CommsFaults:
                 )
             self.slow_s = v
         elif name == "comms_error":
-            codes = sorted(int(c) for c in ExcCodes)
-            if not (math.isfinite(v) and v == int(v) and int(v) in codes):
-                raise PlcFaultValueError("value", value, f"a Modbus exception code, one of {codes}")
-            self.error_code = int(v)
+            self.error_code = _exception_code(v)
         elif name == "comms_garble":
             self.garble = True
+        elif name == "nodes_deleted":
+            if not (math.isfinite(v) and 0 < v <= MAX_DROP_S):
+                raise PlcFaultValueError("value", value, f"seconds, 0 < value ≤ {MAX_DROP_S:g}")
+            self.nodes_deleted_until_s = now_s + v
         else:
             raise PlcFaultValueError("name", name, f"one of {list(PLC_FAULT_NAMES)}")
 
@@ -84,6 +121,10 @@ class CommsFaults:
             self.error_code = None
         elif name == "comms_garble":
             self.garble = False
+        elif name == "write_refused":
+            self.write_refused.clear()
+        elif name == "nodes_deleted":
+            self.nodes_deleted_until_s = None
         else:
             raise PlcFaultValueError("name", name, f"one of {list(PLC_FAULT_NAMES)}")
 
@@ -92,3 +133,13 @@ class CommsFaults:
         self.slow_s = 0.0
         self.error_code = None
         self.garble = False
+        self.write_refused.clear()
+        self.nodes_deleted_until_s = None
+
+
+def _exception_code(value: float) -> int:
+    codes = sorted(int(c) for c in ExcCodes)
+    v = float(value)
+    if not (math.isfinite(v) and v == int(v) and int(v) in codes):
+        raise PlcFaultValueError("value", value, f"a Modbus exception code, one of {codes}")
+    return int(v)

@@ -250,6 +250,8 @@ class PlcModbusStore:
             return ExcCodes.ILLEGAL_FUNCTION
         if (exc := await self._gate(device_id, func_code in _WRITE_FIRST)) is not None:
             return exc
+        if (refused := self.host.faults.write_refusal(table.value)) is not None:
+            return ExcCodes(refused)  # the `write_refused` PLC fault: nothing applied
         if not values:
             return ExcCodes.ILLEGAL_VALUE
         err, decoded, staged = self.map.decode_write(table, address, list(values))

@@ -262,6 +262,8 @@ class PlcOpcua:
             return ua.StatusCodes.BadNotWritable, 0.0
         if self.host.faults.dropped(self.host.now()):
             return ua.StatusCodes.BadNoCommunication, 0.0
+        if self.host.faults.write_refusal(tag.modbus.table.value) is not None:
+            return ua.StatusCodes.BadDeviceFailure, 0.0  # the `write_refused` PLC fault
         variant = wv.Value.Value if wv.Value is not None else None
         if variant is None or variant.Value is None:
             return ua.StatusCodes.BadTypeMismatch, 0.0
