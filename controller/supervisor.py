@@ -48,6 +48,10 @@ class Commands:
     bypasses: Mapping[str, float] = field(default_factory=dict)  # rule id -> expiry
     supply_setpoint_c: float | None = None
     link_ok: bool = True
+    # outputs the PLC did not acknowledge in the previous scan (heartbeat included)
+    write_failed: frozenset[str] = frozenset()
+    # runtime-level faults, e.g. "journal cannot persist"
+    degraded: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,8 @@ class Supervisor:
         self.pump_fail_since: dict[str, float] = {}
         self.blocked_total = 0
         self.was_hunting = False
+        self.write_failed: frozenset[str] = frozenset()  # as last reported, for its events
+        self.degraded: tuple[str, ...] = ()
         self.tank_full = False  # with hysteresis: set above tank_full_c, cleared below it - hyst
         self.valve_off_since: float | None = None  # reuse valve away from its command since
         self.valve_fault = False
@@ -180,6 +186,7 @@ class Supervisor:
         valve_event = self._watch_valve(points, now_s)
         if valve_event:
             events.append(valve_event)
+        events += self._runtime_events(cmds, now_s)
         reasons = self._reject_reasons(points, verdict.active, cmds, now_s)
         tank = points["tank_bottom_temp"].num() if "tank_bottom_temp" in points else math.nan
         if tank > cfg.sequence.tank_full_c:
@@ -267,12 +274,38 @@ class Supervisor:
             r.append("reject requested")
         if not cmds.link_ok:
             r.append("PLC link lost")
+        if cmds.write_failed:
+            r.append(f"outputs not acknowledged: {', '.join(sorted(cmds.write_failed))}")
+        r += [str(d) for d in cmds.degraded]
         if self.valve_fault or now_s - self.valve_fault_at < self.cfg.valve_retry_s:
             r.append("reuse valve not following its command")
         sec = self.pump_fail_since.get("secondary_pump_running")
         if sec is not None and now_s - sec >= self.cfg.pump_fail_s:
             r.append("secondary pump failed")
         return tuple(r)
+
+    def _runtime_events(self, cmds: Commands, now_s: float) -> list[Event]:
+        """One event when unacknowledged writes or runtime faults start, change or clear."""
+        events: list[Event] = []
+        failed = frozenset(cmds.write_failed)
+        if failed != self.write_failed:
+            if failed:
+                events.append(Event("write_failed", now_s, "plc", {"outputs": sorted(failed)}))
+            else:
+                events.append(
+                    Event("write_recovered", now_s, "plc", {"was": sorted(self.write_failed)})
+                )
+            self.write_failed = failed
+        degraded = tuple(cmds.degraded)
+        if degraded != self.degraded:
+            if degraded:
+                events.append(Event("degraded", now_s, "runtime", {"faults": list(degraded)}))
+            else:
+                events.append(
+                    Event("degraded_cleared", now_s, "runtime", {"was": list(self.degraded)})
+                )
+            self.degraded = degraded
+        return events
 
     def _watch_valve(self, points: Mapping[str, Point], now_s: float) -> Event | None:
         """Compare the valve's feedback with what was last written; report a stuck valve once."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from controller.supervisor import SupervisorConfig
+from controller.supervisor import Decision, SupervisorConfig
 from plc_io.image import ProcessImage, Quality, Sample
 from plc_io.site import demo_site
 from plc_io.tags import Value
@@ -50,3 +50,28 @@ def image(now_s: float, **changes: Value | Sample) -> ProcessImage:
     for name, v in {**HEALTHY, **changes}.items():
         samples[name] = v if isinstance(v, Sample) else Sample(v, Quality.GOOD, now_s)
     return ProcessImage(samples)
+
+
+def live(now_s: float, **changes: Value | Sample) -> ProcessImage:
+    """As `image`, with the loop temperatures moving a little (a flat line is a frozen sensor)."""
+    wiggle = 0.02 * (int(now_s) % 2)
+    moving: dict[str, Value | Sample] = {
+        "it_supply_temp": 35.0 + wiggle,
+        "it_return_temp": 45.0 + wiggle,
+    }
+    return image(now_s, **{**moving, **changes})
+
+
+def plant_like(now_s: float, last: Decision | None, **changes: Value | Sample) -> ProcessImage:
+    """`live`, with the actuators' feedback following what was last commanded (an ideal
+    plant: the valve at its command, each pump running when told to)."""
+    fb: dict[str, Value | Sample] = {}
+    if last is not None:
+        v = last.values()
+        fb = {
+            "reuse_valve_pos": float(v["reuse_valve_cmd"]),
+            "primary_pump_a_running": bool(v["primary_pump_a_cmd"]),
+            "primary_pump_b_running": bool(v["primary_pump_b_cmd"]),
+            "secondary_pump_running": bool(v["secondary_pump_cmd"]),
+        }
+    return live(now_s, **{**fb, **changes})
