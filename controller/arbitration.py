@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import NamedTuple
 
-from plc_io.tags import Value
+from plc_io.tags import Tag, Value
 
 
 class Level(IntEnum):
@@ -40,6 +40,79 @@ class Manual:
     value: Value
     expires_s: float
     who: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """A request refused before arbitration: the tag (or request) it named, its value, why."""
+
+    tag: str
+    value: object
+    why: str
+
+
+def value_problem(tag: Tag, value: object) -> str:
+    """Why `value` cannot be written to `tag` ("" when it can): type first, then range."""
+    if tag.is_bool:
+        return "" if isinstance(value, bool) else f"true or false for boolean output {tag.name}"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return f"a number for analogue output {tag.name}"
+    if not math.isfinite(value):
+        return f"a finite number for {tag.name}"
+    if not tag.lo <= value <= tag.hi:
+        return f"a value within {tag.name}'s range [{tag.lo:g}, {tag.hi:g}] {tag.unit}"
+    return ""
+
+
+# Outputs no person may hold: the heartbeat is the controller's proof of life to the PLC.
+NOT_FORCEABLE = frozenset({"heartbeat"})
+
+
+def check_manual(
+    manual: Mapping[object, object],
+    outputs: Mapping[str, Tag],
+    now_s: float,
+    max_force_s: float,
+) -> tuple[dict[str, Manual], list[Refusal]]:
+    """Split manual/forced requests into the ones arbitration may use and the refused ones.
+
+    A request is refused when it names no output (or the heartbeat), carries a value of the
+    wrong type or outside the tag's range, or has an expiry that is not a number or lies more
+    than `max_force_s` ahead. An expired request is neither: arbitration just ignores it.
+    """
+    ok: dict[str, Manual] = {}
+    refused: list[Refusal] = []
+    for name, m in manual.items():
+        tag = outputs.get(name) if isinstance(name, str) else None
+        value = m.value if isinstance(m, Manual) else m
+        if tag is None or tag.name in NOT_FORCEABLE:
+            why = "an output tag that may be forced"
+        elif not isinstance(m, Manual):
+            why = "a manual value with an expiry"
+        else:
+            why = value_problem(tag, m.value)
+            exp = m.expires_s
+            if not why and (
+                isinstance(exp, bool)
+                or not isinstance(exp, int | float)
+                or math.isnan(exp)
+                or exp - now_s > max_force_s
+            ):
+                why = f"an expiry at most max_force_s = {max_force_s:g} s ahead, got {exp!r}"
+        if why:
+            refused.append(Refusal(str(name), value, f"expected {why}"))
+        else:
+            ok[str(name)] = m
+    return ok, refused
+
+
+def check_setpoint(value: object, lo: float, hi: float, name: str = "supply_setpoint_c") -> str:
+    """Why a requested setpoint is refused ("" when it is usable)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return f"a finite number for {name}"
+    if not lo <= value <= hi:
+        return f"a {name} within [{lo:g}, {hi:g}]"
+    return ""
 
 
 def arbitrate(

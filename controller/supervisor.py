@@ -12,7 +12,16 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from controller.arbitration import Level, Manual, Output, arbitrate, guard
+from controller.arbitration import (
+    Level,
+    Manual,
+    Output,
+    Refusal,
+    arbitrate,
+    check_manual,
+    check_setpoint,
+    guard,
+)
 from controller.modes import Conditions, Mode, ModeMachine, Timing
 from controller.sequences import PI, SequenceConfig, mode_outputs
 from interlocks.engine import Event, InterlockState, evaluate
@@ -34,6 +43,7 @@ REUSE_SENSORS = (
     "leak_reuse",
     "leak_primary",
 )
+SETPOINT_MIN_C = 10.0  # the lowest supply setpoint a request may ask for (as the site file)
 ANALOGUE_USED = ("it_supply_temp", "it_return_temp", "tank_bottom_temp", "primary_flow")
 
 
@@ -88,6 +98,8 @@ class SupervisorConfig:
     valve_follow_s: float = 120.0  # the reuse valve must reach its command within this
     valve_tolerance_pct: float = 10.0
     valve_retry_s: float = 3600.0  # after a valve fault, try reuse again at most this often
+    outputs: tuple[Tag, ...] = ()  # requests are checked against these (range, type)
+    max_force_s: float = 28800.0  # a manual or forced value may last at most this long
 
     @classmethod
     def from_site(cls, site: Site) -> SupervisorConfig:
@@ -128,6 +140,12 @@ class SupervisorConfig:
             ),
             tank_full_hysteresis_k=c.tank_full_hysteresis_k,
             primary_flow_low_m3h=il.primary_flow_low_m3h,
+            pump_fail_s=c.pump_fail_s,
+            valve_follow_s=c.valve_follow_s,
+            valve_tolerance_pct=c.valve_tolerance_pct,
+            valve_retry_s=c.valve_retry_s,
+            outputs=site.outputs,
+            max_force_s=c.max_force_s,
         )
 
 
@@ -144,6 +162,8 @@ class Supervisor:
         c = cfg.sequence
         self.fan_pi = PI(cfg.fan_kp, cfg.fan_ti_s, c.fan_min_pct, 100.0)
         self.last: Mapping[str, Output] = {}
+        self.out_tags = {t.name: t for t in cfg.outputs}
+        self.refused: frozenset[tuple[str, str, str]] = frozenset()  # as last reported
         self.pump_fail_since: dict[str, float] = {}
         self.blocked_total = 0
         self.was_hunting = False
@@ -220,11 +240,20 @@ class Supervisor:
         self.was_hunting = self.machine.hunting
 
         values = {n: points[n].num() if n in points else math.nan for n in ANALOGUE_USED}
+        # requests are checked against their tags before anything uses them
+        manual, refusals = check_manual(cmds.manual, self.out_tags, now_s, cfg.max_force_s)
         setpoint = cfg.sequence.supply_setpoint_c
-        if cmds.supply_setpoint_c is not None and math.isfinite(cmds.supply_setpoint_c):
+        if cmds.supply_setpoint_c is not None:
             # never let a requested setpoint sit within 5 K of the IL-01 limit
             ceiling = cfg.thresholds.it_supply_high_c - 5.0
-            setpoint = min(max(cmds.supply_setpoint_c, 10.0), ceiling)
+            why = check_setpoint(cmds.supply_setpoint_c, SETPOINT_MIN_C, ceiling)
+            if why:
+                refusals.append(
+                    Refusal("supply_setpoint_c", cmds.supply_setpoint_c, f"expected {why}")
+                )
+            else:
+                setpoint = float(cmds.supply_setpoint_c)
+        events += self._refusal_events(refusals, now_s)
         error = values["it_supply_temp"] - setpoint
         last_fan = self.last.get("drycooler_fan_cmd")
         if last_fan is not None and last_fan.level is not Level.SEQUENCE:
@@ -234,7 +263,7 @@ class Supervisor:
         self._pump_failover(seq, points, now_s)
 
         forced = {k: (f.value, ",".join(f.by)) for k, f in verdict.forced.items()}
-        outputs = arbitrate(cfg.safe, now_s, interlock=forced, manual=cmds.manual, sequence=seq)
+        outputs = arbitrate(cfg.safe, now_s, interlock=forced, manual=manual, sequence=seq)
         running = {
             fb: (points[fb].value if fb in points and points[fb].valid else None)
             for fb in ("primary_pump_a_running", "primary_pump_b_running")
@@ -283,6 +312,22 @@ class Supervisor:
         if sec is not None and now_s - sec >= self.cfg.pump_fail_s:
             r.append("secondary pump failed")
         return tuple(r)
+
+    def _refusal_events(self, refusals: list[Refusal], now_s: float) -> list[Event]:
+        """`command_refused` once per distinct refused request (a standing one is not repeated)."""
+        keys = frozenset((r.tag, repr(r.value), r.why) for r in refusals)
+        new = keys - self.refused
+        self.refused = keys
+        return [
+            Event(
+                "command_refused",
+                now_s,
+                r.tag,
+                {"tag": r.tag, "value": _shown(r.value), "why": r.why},
+            )
+            for r in refusals
+            if (r.tag, repr(r.value), r.why) in new
+        ]
 
     def _runtime_events(self, cmds: Commands, now_s: float) -> list[Event]:
         """One event when unacknowledged writes or runtime faults start, change or clear."""
@@ -350,3 +395,8 @@ class Supervisor:
         since = self.pump_fail_since.get("primary_pump_a_running")
         if since is not None and now_s - since >= self.cfg.pump_fail_s:
             seq["primary_pump_b_cmd"] = True
+
+
+def _shown(v: object) -> object:
+    """A refused value as an event carries it: numbers as they are, anything else bounded."""
+    return v if isinstance(v, bool | int | float) else repr(v)[:80]

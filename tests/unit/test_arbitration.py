@@ -7,11 +7,11 @@ import math
 from hypothesis import given
 from hypothesis import strategies as st
 
-from controller.arbitration import Level, Manual, arbitrate, guard
+from controller.arbitration import Level, Manual, arbitrate, check_manual, check_setpoint, guard
 from controller.modes import Mode
 from controller.sequences import PI, mode_outputs
 from controller.supervisor import Commands, Supervisor
-from tests.unit.core_helpers import CFG, image
+from tests.unit.core_helpers import CFG, SITE, image
 
 SAFE = dict(CFG.safe)
 
@@ -140,7 +140,10 @@ def test_fan_returns_bumplessly_after_a_manual_force() -> None:
 
 def test_manual_force_in_maintenance_but_interlocks_still_win() -> None:
     sup = Supervisor(CFG)
-    manual = {"reuse_valve_cmd": Manual(70.0, 1e9, "eng"), "secondary_pump_cmd": Manual(True, 1e9)}
+    manual = {
+        "reuse_valve_cmd": Manual(70.0, 3600, "eng"),
+        "secondary_pump_cmd": Manual(True, 3600),
+    }
     t = 0.0
     for _ in range(3):
         t += 1
@@ -186,3 +189,50 @@ def test_a_non_finite_request_falls_through_to_the_level_below() -> None:
         Level.SEQUENCE,
     )
     assert (out["reuse_valve_cmd"].value, out["reuse_valve_cmd"].level) == (0.0, Level.SAFE)
+
+
+OUTPUTS = {t.name: t for t in SITE.outputs}
+MAX_FORCE_S = SITE.control.max_force_s
+
+
+def test_check_manual_refuses_wrong_type_range_name_and_expiry_naming_each() -> None:
+    """Every bad request is refused with the tag, its value and what was expected; good ones pass
+    untouched. The bounds come from the tag table and the site's max_force_s."""
+    good = {
+        "reuse_valve_cmd": Manual(100.0, 10.0, "eng"),
+        "secondary_pump_cmd": Manual(False, 10.0),
+        "drycooler_fan_cmd": Manual(0, MAX_FORCE_S),  # an int is a number; 0 % is in range
+    }
+    bad = {
+        "primary_pump_speed_cmd": Manual(250.0, 10.0),  # above the tag's 100 %
+        "reuse_valve_cmd ": Manual(10.0, 10.0),  # no such output
+        "customer_isolation_cmd": Manual(1.0, 10.0),  # a number on a boolean output
+        "secondary_pump_speed_cmd": Manual(True, 10.0),  # a boolean on an analogue output
+        "primary_pump_a_cmd": Manual("abc", 10.0),  # type: ignore[dict-item]
+        "heartbeat": Manual(5.0, 10.0),  # the controller's own
+    }
+    ok, refused = check_manual({**good, **bad}, OUTPUTS, 0.0, MAX_FORCE_S)
+    assert ok == good
+    by_tag = {r.tag: r for r in refused}
+    assert set(by_tag) == set(bad)
+    r = by_tag["primary_pump_speed_cmd"]
+    assert r.value == 250.0 and "range [0, 100]" in r.why and r.why.startswith("expected")
+    assert "true or false" in by_tag["customer_isolation_cmd"].why
+    assert "a number" in by_tag["secondary_pump_speed_cmd"].why
+    assert "true or false" in by_tag["primary_pump_a_cmd"].why
+
+    for exp in (MAX_FORCE_S + 1.0, math.inf, math.nan):
+        ok, refused = check_manual(
+            {"reuse_valve_cmd": Manual(50.0, 100.0 + exp)}, OUTPUTS, 100.0, MAX_FORCE_S
+        )
+        assert not ok and "max_force_s" in refused[0].why
+    for v in (math.nan, math.inf, -1.0, 100.0001):
+        ok, refused = check_manual({"reuse_valve_cmd": Manual(v, 1.0)}, OUTPUTS, 0.0, MAX_FORCE_S)
+        assert not ok and len(refused) == 1, v
+
+
+def test_check_setpoint_refuses_non_numbers_and_out_of_range() -> None:
+    for v in (math.nan, math.inf, -5.0, 9.99, 40.01, True, "35"):
+        assert check_setpoint(v, 10.0, 40.0), v
+    for v in (10.0, 35, 40.0):
+        assert check_setpoint(v, 10.0, 40.0) == ""

@@ -6,6 +6,7 @@ asserts the whole decision a user would see: reject reasons, events, outputs and
 
 from __future__ import annotations
 
+from controller.arbitration import Level, Manual
 from controller.modes import Mode
 from controller.supervisor import Commands, Decision, Supervisor
 from tests.unit.core_helpers import CFG, live, plant_like
@@ -61,3 +62,55 @@ def test_degraded_runtime_rejects_reuse_with_its_text_and_one_event_each_way() -
     d = sup.step(live(t + 2), t + 2, Commands())
     assert kinds(d, "degraded_cleared") == [{"was": ["journal cannot persist"]}]
     assert "journal cannot persist" not in d.reject_reasons
+
+
+# ---- 7.13: requests are checked against their tags before arbitration ----------------------
+
+
+def test_manual_of_wrong_type_or_range_is_refused_once_and_never_written() -> None:
+    """A manual reuse valve of 250 %, "abc", NaN, a boolean on an analogue output, an expiry
+    beyond max_force_s: each is refused with an event naming tag, value and why, and the output
+    stays with the sequence. ("abc" raised TypeError inside arbitration before.)"""
+    max_s = CFG.max_force_s
+    cases: list[tuple[object, float]] = [
+        (250.0, 60.0),
+        ("abc", 60.0),
+        (float("nan"), 60.0),
+        (True, 60.0),
+        (50.0, max_s + 60.0),
+    ]
+    for value, ahead in cases:
+        sup, t = reusing()
+        manual = {"reuse_valve_cmd": Manual(value, t + ahead, "eng")}  # type: ignore[arg-type]
+        d = sup.step(live(t), t, Commands(manual=manual))
+        out = d.outputs["reuse_valve_cmd"]
+        assert out.level is Level.SEQUENCE, value
+        refused = kinds(d, "command_refused")
+        assert len(refused) == 1, value
+        assert refused[0]["tag"] == "reuse_valve_cmd" and refused[0]["why"]
+        # standing, it is not reported again every scan
+        d = sup.step(live(t + 1), t + 1, Commands(manual=manual))
+        assert not kinds(d, "command_refused") and d.outputs["reuse_valve_cmd"].level is (
+            Level.SEQUENCE
+        )
+
+
+def test_a_good_manual_value_within_max_force_s_is_used() -> None:
+    sup, t = reusing()
+    manual = {"reuse_valve_cmd": Manual(60.0, t + CFG.max_force_s, "eng")}
+    d = sup.step(live(t), t, Commands(manual=manual))
+    assert d.outputs["reuse_valve_cmd"] == (60.0, Level.MANUAL, "manual by eng")
+    assert not kinds(d, "command_refused")
+
+
+def test_a_bad_setpoint_is_refused_and_the_site_setpoint_kept() -> None:
+    """NaN, inf, negative, or within 5 K of the IL-01 limit: refused with an event; the fan loop
+    keeps working on the site's setpoint (same output as with no request at all)."""
+    ceiling = CFG.thresholds.it_supply_high_c - 5.0
+    for sp in (float("nan"), float("inf"), -20.0, 1e12, ceiling + 0.5):
+        ref, _ = reusing()
+        sup, t = reusing()
+        d_ref = ref.step(live(t, it_supply_temp=37.0), t)
+        d = sup.step(live(t, it_supply_temp=37.0), t, Commands(supply_setpoint_c=sp))
+        assert [r["tag"] for r in kinds(d, "command_refused")] == ["supply_setpoint_c"], sp
+        assert d.values()["drycooler_fan_cmd"] == d_ref.values()["drycooler_fan_cmd"]
