@@ -163,6 +163,8 @@ class Supervisor:
         self.fan_pi = PI(cfg.fan_kp, cfg.fan_ti_s, c.fan_min_pct, 100.0)
         self.last: Mapping[str, Output] = {}
         self.out_tags = {t.name: t for t in cfg.outputs}
+        self.invalid: Mapping[str, str] = {}  # points invalid in the last scan, with why
+        self.blocked_names: frozenset[str] = frozenset()  # commands the guard blocked last scan
         self.refused: frozenset[tuple[str, str, str]] = frozenset()  # as last reported
         self.pump_fail_since: dict[str, float] = {}
         self.blocked_total = 0
@@ -274,9 +276,16 @@ class Supervisor:
             min_fan_pct=cfg.sequence.fan_min_pct,
             min_pump_speed_pct=min(cfg.sequence.primary_speed_pct, 30.0),
         )
-        if blocked:
-            self.blocked_total += len(blocked)
-            events.append(Event("command_blocked", now_s, "guard", {"blocked": blocked}))
+        self.blocked_total += len(blocked)
+        blocked_names = frozenset(b.partition("=")[0] for b in blocked)
+        if blocked_names != self.blocked_names:  # once per distinct cause, not every scan
+            if blocked:
+                events.append(Event("command_blocked", now_s, "guard", {"blocked": blocked}))
+            self.blocked_names = blocked_names
+        invalid = {k: p.reason for k, p in points.items() if not p.valid}
+        if invalid.keys() != self.invalid.keys():
+            events += self._point_events(invalid, now_s)
+        self.invalid = invalid
         self.last = outputs
         return Decision(
             now_s=now_s,
@@ -289,7 +298,7 @@ class Supervisor:
             events=tuple(events),
             blocked=tuple(blocked),
             reject_reasons=reasons,
-            invalid={k: p.reason for k, p in points.items() if not p.valid},
+            invalid=invalid,
         )
 
     def _reject_reasons(
@@ -312,6 +321,21 @@ class Supervisor:
         if sec is not None and now_s - sec >= self.cfg.pump_fail_s:
             r.append("secondary pump failed")
         return tuple(r)
+
+    def _point_events(self, invalid: Mapping[str, str], now_s: float) -> list[Event]:
+        """One `point_invalid` when a point turns bad, one `point_valid` when it recovers."""
+        was = self.invalid
+        events = [
+            Event("point_invalid", now_s, k, {"tag": k, "reason": why})
+            for k, why in invalid.items()
+            if k not in was
+        ]
+        events += [
+            Event("point_valid", now_s, k, {"tag": k, "was": why})
+            for k, why in was.items()
+            if k not in invalid
+        ]
+        return events
 
     def _refusal_events(self, refusals: list[Refusal], now_s: float) -> list[Event]:
         """`command_refused` once per distinct refused request (a standing one is not repeated)."""

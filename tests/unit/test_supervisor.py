@@ -114,3 +114,45 @@ def test_a_bad_setpoint_is_refused_and_the_site_setpoint_kept() -> None:
         d = sup.step(live(t, it_supply_temp=37.0), t, Commands(supply_setpoint_c=sp))
         assert [r["tag"] for r in kinds(d, "command_refused")] == ["supply_setpoint_c"], sp
         assert d.values()["drycooler_fan_cmd"] == d_ref.values()["drycooler_fan_cmd"]
+
+
+# ---- 8.9: transitions are events, not every scan -------------------------------------------
+
+
+def test_a_point_turning_invalid_gives_one_event_each_way() -> None:
+    sup, t = reusing()
+    events = []
+    for i in range(5):
+        d = sup.step(live(t + i, customer_flow=float("nan")), t + i)
+        events += [e for e in d.events if e.kind.startswith("point_")]
+        assert d.invalid["customer_flow"] == "nan"
+    for i in range(5, 8):
+        d = sup.step(live(t + i), t + i)
+        events += [e for e in d.events if e.kind.startswith("point_")]
+    assert [(e.kind, e.source, dict(e.detail)) for e in events] == [
+        ("point_invalid", "customer_flow", {"tag": "customer_flow", "reason": "nan"}),
+        ("point_valid", "customer_flow", {"tag": "customer_flow", "was": "nan"}),
+    ]
+    assert [e.at_s for e in events] == [t, t + 5]
+
+
+def test_command_blocked_once_per_distinct_set_of_blocked_commands() -> None:
+    """Both primary pumps held off by hand: the guard blocks it every scan, but the event comes
+    once; a further blocked command (a new cause) gives one more."""
+    sup, t = reusing()
+    exp = t + 600.0
+    off = {
+        "primary_pump_a_cmd": Manual(False, exp, "eng"),
+        "primary_pump_b_cmd": Manual(False, exp, "eng"),
+    }
+    blocked_events = []
+    for i in range(5):
+        d = sup.step(live(t + i), t + i, Commands(manual=off))
+        assert d.blocked and d.values()["primary_pump_a_cmd"] is True
+        blocked_events += kinds(d, "command_blocked")
+    slow = {**off, "primary_pump_speed_cmd": Manual(1.0, exp, "eng")}
+    for i in range(5, 10):
+        d = sup.step(live(t + i), t + i, Commands(manual=slow))
+        blocked_events += kinds(d, "command_blocked")
+    assert len(blocked_events) == 2
+    assert sup.blocked_total == 5 * 2 + 5 * 3  # the count still sees every scan
