@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, model_validator
 
 Fluid = Literal["water", "pg25"]
+# (at_s, power_kw) from a TOML array: the pair is lax (a list), its numbers strict
+_Step = Annotated[tuple[float, float], Strict(False)]
 
 
 class PlantConfig(BaseModel):
@@ -15,15 +17,16 @@ class PlantConfig(BaseModel):
     Sources and assumptions for each default are in docs/plant.md.
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # strict: `true` is not 1, "5" is not 5; inf and NaN refused
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
     # IT load: base power with a sinusoidal ripple, optional scheduled steps, and the share of it
     # the cold plates put into the liquid (the rest goes to room air, outside this model).
     it_power_kw: float = Field(200.0, gt=0, le=5000)
     it_ripple_pct: float = Field(3.0, ge=0, le=50)
-    it_ripple_period_s: float = Field(900.0, gt=0)
+    it_ripple_period_s: float = Field(900.0, gt=0, le=366 * 86400)
     # (at_s since Jan 1 00:00, new base power kW), ascending; the last step at or before t wins.
-    it_steps: tuple[tuple[float, float], ...] = ()
+    it_steps: Annotated[tuple[_Step, ...], Strict(False)] = ()
     liquid_capture_fraction: float = Field(0.9, gt=0, le=1)
 
     # primary loop: three well-mixed nodes (rack, return header, supply) sharing its volume
@@ -82,7 +85,7 @@ class PlantConfig(BaseModel):
     ambient_coldest_day: float = Field(15.0, ge=0, le=365)
 
     # heat meter totaliser reading at t0
-    heat_meter_start_kwh: float = Field(0.0, ge=0)
+    heat_meter_start_kwh: float = Field(0.0, ge=0, le=1e12)
 
     # sensors: seeded Gaussian noise when enabled (standard deviations)
     sensor_noise: bool = False
@@ -99,7 +102,7 @@ class PlantConfig(BaseModel):
             )
         last_s = -1.0
         for at_s, power_kw in self.it_steps:
-            if not at_s > last_s or not 0.0 <= power_kw <= 5000.0:
+            if not at_s > last_s or not at_s <= 1e10 or not 0.0 <= power_kw <= 5000.0:
                 raise ValueError(
                     f"it_steps entry ({at_s}, {power_kw}): expected ascending at_s >= 0 "
                     "and 0 <= power_kw <= 5000"

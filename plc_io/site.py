@@ -20,6 +20,7 @@ from plc_io.plant_config import PlantConfig
 from plc_io.tags import (
     REQUIRED_INPUTS,
     REQUIRED_OUTPUTS,
+    STRICT,
     UNITS,
     DataType,
     Direction,
@@ -28,7 +29,7 @@ from plc_io.tags import (
     Tag,
 )
 
-_FROZEN = ConfigDict(frozen=True, extra="forbid")
+_FROZEN = STRICT
 _SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
@@ -63,7 +64,7 @@ class PlcConfig(BaseModel):
     reconnect_max_s: float = Field(5.0, gt=0, le=300)
     gap_registers: int = Field(8, ge=0, le=100)  # read across holes up to this size
     gap_bits: int = Field(32, ge=0, le=1000)
-    stale_after_s: float = Field(2.0, gt=0)
+    stale_after_s: float = Field(2.0, gt=0, le=60)
     opcua: OpcuaClientConfig = OpcuaClientConfig()
 
 
@@ -71,7 +72,7 @@ class SimConfig(BaseModel):
     model_config = _FROZEN
     opcua_port: int = Field(4841, ge=1, le=65535)
     step_s: float = Field(0.1, gt=0, le=60)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     start_day: float = Field(180.0, ge=0, lt=366)  # day of year the simulated clock starts on
 
 
@@ -99,11 +100,11 @@ class ControlConfig(BaseModel):
     it_supply_setpoint_c: float = Field(35.0, ge=10, le=60)
     tank_full_c: float = Field(60.0, ge=20, le=95)  # tank bottom above this: BUFFER_FULL
     tank_full_hysteresis_k: float = Field(3.0, gt=0, le=20)
-    customer_ready_dwell_s: float = Field(300.0, ge=0)
-    reject_dwell_s: float = Field(600.0, ge=0)
-    min_mode_dwell_s: float = Field(60.0, ge=0)
-    reuse_reentry_min_s: float = Field(900.0, ge=0)
-    hunting_changes_per_h: int = Field(6, ge=1)
+    customer_ready_dwell_s: float = Field(300.0, ge=0, le=86400)
+    reject_dwell_s: float = Field(600.0, ge=0, le=86400)
+    min_mode_dwell_s: float = Field(60.0, ge=0, le=3600)
+    reuse_reentry_min_s: float = Field(900.0, ge=0, le=86400)
+    hunting_changes_per_h: int = Field(6, ge=1, le=3600)
     fan_min_pct: float = Field(10.0, ge=0, le=100)
     secondary_pump_speed_pct: float = Field(80.0, ge=0, le=100)
     primary_pump_speed_pct: float = Field(80.0, ge=0, le=100)
@@ -119,15 +120,15 @@ class InterlockConfig(BaseModel):
 
     model_config = _FROZEN
     it_supply_high_c: float = Field(45.0, ge=20, le=70)
-    primary_flow_low_m3h: float = Field(5.0, ge=0)
+    primary_flow_low_m3h: float = Field(5.0, ge=0, le=10_000)
     tank_top_high_c: float = Field(85.0, ge=20, le=99)
-    secondary_pressure_high_bar: float = Field(5.5, gt=0)
+    secondary_pressure_high_bar: float = Field(5.5, gt=0, le=100)
     customer_supply_high_c: float = Field(65.0, ge=20, le=99)
     freeze_ambient_c: float = Field(-5.0, ge=-50, le=10)
     freeze_drycooler_out_c: float = Field(5.0, ge=-20, le=20)
-    stale_s: float = Field(2.0, gt=0)
-    frozen_s: float = Field(600.0, gt=0)
-    max_rate_k_per_s: float = Field(5.0, gt=0)
+    stale_s: float = Field(2.0, gt=0, le=60)
+    frozen_s: float = Field(600.0, gt=0, le=86400)
+    max_rate_k_per_s: float = Field(5.0, gt=0, le=100)
     # how far it_supply_temp may disagree with drycooler_out_temp (measured just upstream of it)
     plausibility_band_k: float = Field(8.0, gt=0, le=50)
     # below this IT load the plausibility cross-checks are not armed
@@ -152,14 +153,23 @@ SECTIONS: dict[str, type[BaseModel]] = {
 _REQUIREDSECTIONS = ("site", "plc", "tags")
 
 
+MAX_SHOWN = 80  # characters of a bad value shown in a problem line
+
+
 @dataclass(frozen=True)
 class Problem:
     path: str
     value: Any
     expected: str
+    plain: bool = False  # `expected` is the whole message (file-level problems)
 
     def __str__(self) -> str:
-        return f"{self.path}: {self.value!r}: expected {self.expected}"
+        if self.plain:
+            return f"{self.path}: {self.expected}"
+        shown = repr(self.value)
+        if len(shown) > MAX_SHOWN:  # a huge or deeply nested value: one readable line
+            shown = shown[: MAX_SHOWN - 1] + "…"
+        return f"{self.path}: {shown}: expected {self.expected}"
 
 
 class SiteError(Exception):
@@ -223,6 +233,19 @@ _BOUNDS = {
 }
 
 
+# strict type errors, said in the file's terms (TOML has no implicit conversions here)
+_STRICT_TYPES = {
+    "float_type": "a number (not true/false, not a string)",
+    "int_type": "a whole number (not true/false, not a string)",
+    "int_from_float": "a whole number",
+    "bool_type": "true or false (not a number, not a string)",
+    "string_type": "a string",
+    "finite_number": "a finite number (not inf or nan)",
+    "tuple_type": "an array",
+    "dict_type": "a table",
+}
+
+
 def _expected(e: Any) -> str:
     """Turn a pydantic error into the 'expected …' half of a problem line."""
     kind, ctx = e["type"], e.get("ctx", {})
@@ -235,22 +258,61 @@ def _expected(e: Any) -> str:
         return f"a number {op} {ctx[key]}"
     if kind in ("literal_error", "enum"):
         return f"one of {ctx.get('expected')}"
+    if kind in _STRICT_TYPES:
+        return _STRICT_TYPES[kind]
     msg = str(e["msg"]).removeprefix("Value error, ")
     return msg[:1].lower() + msg[1:]
 
 
+_UNION_MEMBERS = ("float", "bool")  # the loc pydantic appends for each member of Value
+
+
 def _pydantic_problems(prefix: str, err: ValidationError) -> list[Problem]:
-    return [
-        Problem(
-            ".".join(str(p) for p in (prefix, *e["loc"]) if p != ""), e.get("input"), _expected(e)
-        )
-        for e in err.errors()
-    ]
+    probs: list[Problem] = []
+    seen: set[str] = set()
+    for e in err.errors():
+        loc = list(e["loc"])
+        union = bool(loc) and loc[-1] in _UNION_MEMBERS
+        if union:  # `safe`: one line for the field, not one per member of float | bool
+            loc = loc[:-1]
+        path = ".".join(str(p) for p in (prefix, *loc) if p != "")
+        if union and path in seen:
+            continue
+        seen.add(path)
+        expected = "true/false or a number" if union else _expected(e)
+        probs.append(Problem(path, e.get("input"), expected))
+    return probs
+
+
+# An OPC UA NodeId string (OPC 10000-6 §5.3.1.10): an optional namespace index or URI, then one
+# identifier: numeric, string, GUID or opaque (base64).
+_NODE_ID = re.compile(
+    r"^(?:ns=(?P<ns>\d{1,5});|nsu=[^;]+;)?"
+    r"(?:i=(?P<i>\d{1,10})|s=.+|"
+    r"g=[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|"
+    r"b=(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?)$",
+    re.S,
+)
+NODE_ID_FORMS = (
+    "ns=<n>;i=<n> | ns=<n>;s=<text> | ns=<n>;g=<guid> | ns=<n>;b=<base64> (or nsu=<uri>;…)"
+)
+
+
+def valid_node_id(text: str) -> bool:
+    m = _NODE_ID.match(text)
+    if m is None or text.endswith("b="):
+        return False
+    ns, ident = m.group("ns"), m.group("i")
+    return (ns is None or int(ns) <= 65535) and (ident is None or int(ident) <= 2**32 - 1)
 
 
 def _check_tag(tag: Tag) -> list[Problem]:
     p = f"tags.{tag.name}"
     probs: list[Problem] = []
+    if tag.opcua_node is not None and not valid_node_id(tag.opcua_node):
+        probs.append(Problem(f"{p}.opcua_node", tag.opcua_node, f"a NodeId: {NODE_ID_FORMS}"))
+    if tag.is_bool and tuple(tag.range) != (0.0, 1.0):
+        probs.append(Problem(f"{p}.range", list(tag.range), "[0, 1] for a bool tag"))
     if not _SNAKE.match(tag.name):
         probs.append(Problem(f"{p}", tag.name, "a snake_case tag name"))
     if tag.unit not in UNITS:
@@ -331,6 +393,260 @@ def _check_supervision(by_name: dict[str, Tag]) -> list[Problem]:
     return probs
 
 
+# The heartbeat counter must count at least this many distinct values before it wraps, so a PLC
+# watchdog sampling it slowly cannot mistake a wrap for "unchanged".
+HEARTBEAT_MIN_COUNTS = 255
+# float32 represents every integer exactly only up to 2**24.
+FLOAT32_EXACT = 2**24
+_RAW_MAX = {Encoding.INT16: 32767, Encoding.UINT16: 65535, Encoding.INT32: 2**31 - 1}
+
+
+def _check_heartbeat(hb: Tag) -> list[Problem]:
+    """The counter 0, 1, 2, … range-high, 0, … must reach the PLC as distinct exact values."""
+    p, mb = "tags.heartbeat", hb.modbus
+    lo, hi = hb.range
+    probs = []
+    if mb.scale != 1:
+        probs.append(Problem(f"{p}.modbus.scale", mb.scale, "1 (a counter sent as exact counts)"))
+    if lo != 0 or hi != int(hi):
+        probs.append(
+            Problem(f"{p}.range", list(hb.range), "[0, N] with a whole N (the counter wraps to 0)")
+        )
+    elif hi - lo + 1 < HEARTBEAT_MIN_COUNTS:
+        probs.append(
+            Problem(
+                f"{p}.range",
+                list(hb.range),
+                f"at least {HEARTBEAT_MIN_COUNTS} counts before the counter wraps",
+            )
+        )
+    if mb.encoding is Encoding.FLOAT32 and hi > FLOAT32_EXACT:
+        probs.append(
+            Problem(
+                f"{p}.range",
+                list(hb.range),
+                f"a high end ≤ 2**24 = {FLOAT32_EXACT} with encoding float32 "
+                "(above it consecutive counts are not distinct)",
+            )
+        )
+    raw_max = _RAW_MAX.get(mb.encoding)
+    if raw_max is not None and hi > raw_max:
+        probs.append(
+            Problem(
+                f"{p}.range", list(hb.range), f"a high end ≤ {raw_max} with {mb.encoding.value}"
+            )
+        )
+    return probs
+
+
+def is_safety_input(tag: Tag) -> bool:
+    """Leak and fault inputs: a cut wire on them must never read healthy (DESIGN §8)."""
+    return (
+        tag.is_bool
+        and not tag.is_output
+        and (tag.name.startswith("leak_") or tag.name.endswith("_fault"))
+    )
+
+
+def _check_fail_safe_inputs(by_name: dict[str, Tag]) -> list[Problem]:
+    probs = []
+    for t in by_name.values():
+        if is_safety_input(t) and t.fail_state is not True and t.supervised_by is None:
+            probs.append(
+                Problem(
+                    f"tags.{t.name}.fail_state",
+                    t.fail_state,
+                    "true (de-energise-to-trip: a cut wire reads wet/faulted) or a "
+                    "supervised_by fault input, for a leak or fault input",
+                )
+            )
+        sup = by_name.get(t.supervised_by or "")
+        if sup is not None and sup.is_bool and not sup.is_output and sup.fail_state is not True:
+            probs.append(
+                Problem(
+                    f"tags.{t.name}.supervised_by",
+                    t.supervised_by,
+                    f"a fault input whose own cut wire reads faulted "
+                    f"(tags.{sup.name}.fail_state = true)",
+                )
+            )
+    return probs
+
+
+# it_supply_high_c must sit at least this far above the supply setpoint, or normal control
+# hunting around the setpoint would trip IL-01.
+SETPOINT_MARGIN_K = 3.0
+# The PLC watchdog must not trip while one request times out and the next scan retries it, and it
+# must act within a few missed scans: timeout_s + 2 × period_s < watchdog_s ≤ the bound below.
+WATCHDOG_MAX_SCANS = 10
+WATCHDOG_MAX_TIMEOUTS = 2
+
+# (threshold key, the input tag whose range it must lie inside)
+_THRESHOLD_TAGS = (
+    ("control", "it_supply_setpoint_c", "it_supply_temp"),
+    ("control", "tank_full_c", "tank_bottom_temp"),
+    ("interlocks", "it_supply_high_c", "it_supply_temp"),
+    ("interlocks", "primary_flow_low_m3h", "primary_flow"),
+    ("interlocks", "tank_top_high_c", "tank_top_temp"),
+    ("interlocks", "secondary_pressure_high_bar", "secondary_pressure"),
+    ("interlocks", "customer_supply_high_c", "customer_supply_temp"),
+    ("interlocks", "freeze_ambient_c", "ambient_temp"),
+    ("interlocks", "freeze_drycooler_out_c", "drycooler_out_temp"),
+)
+
+# The cross-field rules, as docs/site-file.md states them (generated from this table).
+CROSS_RULES = (
+    f"`interlocks.it_supply_high_c` ≥ `control.it_supply_setpoint_c` + {SETPOINT_MARGIN_K:g} K",
+    "`plc.timeout_s` < `plc.watchdog_s`",
+    "`plc.watchdog_s` > `plc.timeout_s` + 2 × `scan.period_s` (one timed-out request and a "
+    "retry must not trip the PLC watchdog)",
+    f"`plc.watchdog_s` ≤ {WATCHDOG_MAX_SCANS} × `scan.period_s` + {WATCHDOG_MAX_TIMEOUTS} × "
+    "`plc.timeout_s` (the watchdog acts within a few missed scans)",
+    "`plc.stale_after_s` > `scan.period_s` and `interlocks.stale_s` > `scan.period_s`",
+    "`plc.opcua.publish_interval_ms` / 1000 < `plc.stale_after_s`",
+    "`control.tank_full_c` < `interlocks.tank_top_high_c` (the tank is full before it is too hot)",
+    "`control.tank_full_c` < `interlocks.customer_supply_high_c` (a full tank must not close "
+    "the customer valve)",
+    "`interlocks.freeze_ambient_c` < `interlocks.freeze_drycooler_out_c` < "
+    "`control.it_supply_setpoint_c`",
+    "`control.fan_min_pct` < the high end of `tags.drycooler_fan_cmd.range` (the fan loop needs "
+    "room to act)",
+    "a threshold lies strictly inside the range of the tag it is compared with: "
+    + ", ".join(f"`{s}.{k}` in `tags.{t}`" for s, k, t in _THRESHOLD_TAGS),
+    "a tag's `frozen_s` > `interlocks.stale_s`",
+    "`bms.port` differs from `sim.opcua_port`, and from `plc.port` when the PLC is on this host",
+    "`tags.heartbeat`: scale 1, range [0, N] with N + 1 ≥ "
+    f"{HEARTBEAT_MIN_COUNTS} counts, N ≤ 2**24 with float32 and within the encoding's raw range",
+    "a `leak_*` or `*_fault` input has `fail_state = true` or `supervised_by` a fault input "
+    "whose own `fail_state` is true",
+)
+
+
+def _num(x: float) -> str:
+    return f"{x:g}"
+
+
+def cross_checks(sections: dict[str, Any], by_name: dict[str, Tag]) -> list[Problem]:
+    """Pairs of settings that contradict each other; each line names both fields."""
+    plc, scan, ctl, il, sim, bms = (
+        sections.get(k) for k in ("plc", "scan", "control", "interlocks", "sim", "bms")
+    )
+    probs: list[Problem] = []
+
+    def need(ok: bool, path: str, value: Any, expected: str) -> None:
+        if not ok:
+            probs.append(Problem(path, value, expected))
+
+    if ctl and il:
+        sp, hi = ctl.it_supply_setpoint_c, il.it_supply_high_c
+        need(
+            hi >= sp + SETPOINT_MARGIN_K,
+            "interlocks.it_supply_high_c",
+            hi,
+            f"≥ control.it_supply_setpoint_c ({_num(sp)}) + {SETPOINT_MARGIN_K:g} K",
+        )
+        need(
+            ctl.tank_full_c < il.tank_top_high_c,
+            "control.tank_full_c",
+            ctl.tank_full_c,
+            f"below interlocks.tank_top_high_c ({_num(il.tank_top_high_c)})",
+        )
+        need(
+            ctl.tank_full_c < il.customer_supply_high_c,
+            "control.tank_full_c",
+            ctl.tank_full_c,
+            f"below interlocks.customer_supply_high_c ({_num(il.customer_supply_high_c)})",
+        )
+        need(
+            il.freeze_drycooler_out_c < sp,
+            "interlocks.freeze_drycooler_out_c",
+            il.freeze_drycooler_out_c,
+            f"below control.it_supply_setpoint_c ({_num(sp)})",
+        )
+    if il:
+        need(
+            il.freeze_ambient_c < il.freeze_drycooler_out_c,
+            "interlocks.freeze_ambient_c",
+            il.freeze_ambient_c,
+            f"below interlocks.freeze_drycooler_out_c ({_num(il.freeze_drycooler_out_c)})",
+        )
+        for t in by_name.values():
+            if t.frozen_s is not None:
+                need(
+                    t.frozen_s > il.stale_s,
+                    f"tags.{t.name}.frozen_s",
+                    t.frozen_s,
+                    f"longer than interlocks.stale_s ({_num(il.stale_s)})",
+                )
+    if plc:
+        need(
+            plc.timeout_s < plc.watchdog_s,
+            "plc.timeout_s",
+            plc.timeout_s,
+            f"shorter than plc.watchdog_s ({_num(plc.watchdog_s)})",
+        )
+        need(
+            plc.opcua.publish_interval_ms / 1000 < plc.stale_after_s,
+            "plc.opcua.publish_interval_ms",
+            plc.opcua.publish_interval_ms,
+            f"shorter than plc.stale_after_s ({_num(plc.stale_after_s)} s)",
+        )
+    if plc and scan:
+        per, wd, to = scan.period_s, plc.watchdog_s, plc.timeout_s
+        if to < wd:  # else reported above
+            need(
+                wd > to + 2 * per,
+                "plc.watchdog_s",
+                wd,
+                f"longer than plc.timeout_s ({_num(to)}) + 2 × scan.period_s ({_num(per)})",
+            )
+        top = WATCHDOG_MAX_SCANS * per + WATCHDOG_MAX_TIMEOUTS * to
+        need(
+            wd <= top + 1e-9,
+            "plc.watchdog_s",
+            wd,
+            f"≤ {WATCHDOG_MAX_SCANS} × scan.period_s ({_num(per)}) + {WATCHDOG_MAX_TIMEOUTS} × "
+            f"plc.timeout_s ({_num(to)}) = {_num(top)}",
+        )
+        need(
+            plc.stale_after_s > per,
+            "plc.stale_after_s",
+            plc.stale_after_s,
+            f"longer than scan.period_s ({_num(per)})",
+        )
+    if il and scan:
+        need(
+            il.stale_s > scan.period_s,
+            "interlocks.stale_s",
+            il.stale_s,
+            f"longer than scan.period_s ({_num(scan.period_s)})",
+        )
+    fan = by_name.get("drycooler_fan_cmd")
+    if ctl and fan is not None:
+        need(
+            ctl.fan_min_pct < fan.hi,
+            "control.fan_min_pct",
+            ctl.fan_min_pct,
+            f"below the high end of tags.drycooler_fan_cmd.range ({_num(fan.hi)})",
+        )
+    for section, key, tag_name in _THRESHOLD_TAGS:
+        cfg, t = sections.get(section), by_name.get(tag_name)
+        if cfg is None or t is None or t.is_bool:
+            continue
+        v = getattr(cfg, key)
+        need(
+            t.lo < v < t.hi,
+            f"{section}.{key}",
+            v,
+            f"inside tags.{tag_name}.range {[t.lo, t.hi]}",
+        )
+    if bms and sim:
+        need(bms.port != sim.opcua_port, "bms.port", bms.port, "a port other than sim.opcua_port")
+    if bms and plc and plc.host in ("127.0.0.1", "localhost"):
+        need(bms.port != plc.port, "bms.port", bms.port, "a port other than plc.port")
+    return probs
+
+
 def _check_overlaps(tags: list[Tag]) -> list[Problem]:
     owner: dict[tuple[ModbusTable, int], str] = {}
     probs = []
@@ -405,6 +721,10 @@ def parse_site(data: dict[str, Any], source: str = "<site>", folder: Path | None
         probs.append(
             Problem("tags.heartbeat", hb.modbus.table.value, "a float tag in a holding register")
         )
+    elif hb is not None:
+        probs += _check_heartbeat(hb)
+    probs += _check_fail_safe_inputs(by_name)
+    probs += cross_checks(sections, by_name)
     il = sections.get("interlocks")
     for name, twin in il.redundant.items() if il else ():
         for key, tag_name in ((name, name), (name, twin)):
@@ -422,25 +742,66 @@ def parse_site(data: dict[str, Any], source: str = "<site>", folder: Path | None
     return Site(**sections, tags=tuple(tags), folder=folder or Path("."))
 
 
+# Site files are small; anything bigger is not a site file (and is not read into memory whole).
+MAX_SITE_BYTES = 4 * 1024 * 1024
+
+
+def read_text_file(path: str | Path, what: str = "file") -> str:
+    """A small UTF-8 text file's contents, or ValueError with one line saying why not."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_SITE_BYTES + 1)
+    except IsADirectoryError:
+        raise ValueError(f"expected a readable {what}, found a directory") from None
+    except OSError as e:
+        raise ValueError(f"expected a readable {what} ({e.strerror or e})") from None
+    if len(raw) > MAX_SITE_BYTES:
+        raise ValueError(f"expected a {what} of at most {MAX_SITE_BYTES} bytes")
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raise ValueError("a byte-order mark at the start; save as UTF-8 without BOM")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"expected UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} is not UTF-8"
+        ) from None
+
+
+def parse_toml(text: str) -> dict[str, Any]:
+    """tomllib.loads, with every failure as ValueError naming the reason in one line."""
+    if text.startswith("\ufeff"):
+        raise ValueError("a byte-order mark at the start; save as UTF-8 without BOM")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        hint = " — a key or tag defined twice" if "overwrite" in str(e) else ""
+        raise ValueError(f"not valid TOML: {e}{hint}") from None
+    except RecursionError:
+        raise ValueError("not valid TOML: arrays or tables nested too deeply") from None
+
+
 def load_site(path: str | Path) -> Site:
     """Read and validate a site file. Raises SiteError (never a bare parse traceback)."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise SiteError(
-            str(path), [Problem("", str(path), f"a readable file ({e.strerror})")]
-        ) from e
+        text = read_text_file(path)
+    except ValueError as e:
+        raise SiteError(str(path), [Problem("(file)", None, str(e), plain=True)]) from None
     return loads_site(text, str(path), path.resolve().parent)
 
 
 def loads_site(text: str, source: str = "<site>", folder: Path | None = None) -> Site:
     try:
-        data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        hint = " — a key or tag defined twice" if "overwrite" in str(e) else ""
-        raise SiteError(source, [Problem("(file)", "TOML", f"valid TOML: {e}{hint}")]) from e
-    return parse_site(data, source, folder)
+        data = parse_toml(text)
+    except ValueError as e:
+        raise SiteError(source, [Problem("(file)", None, str(e), plain=True)]) from None
+    try:
+        return parse_site(data, source, folder)
+    except RecursionError:  # a deeply nested value reached validation
+        raise SiteError(
+            source, [Problem("(file)", None, "values nested too deeply", plain=True)]
+        ) from None
 
 
 def demo_site_text() -> str:

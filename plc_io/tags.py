@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, Strict
 
 
 class Direction(StrEnum):
@@ -94,16 +94,26 @@ REQUIRED_OUTPUTS = (
 
 Value = float | bool
 
+# Site-file values are taken strictly: `port = true` is not port 1, `safe = "yes"` is not true.
+# A float accepts an integer (TOML `3` for 3.0) but never a boolean or a string; inf and NaN are
+# refused everywhere (a threshold of inf disables its interlock).
+STRICT = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+# The largest magnitude of an engineering value (range ends): finite and far above any plant's.
+MAX_ENGINEERING = 1e12
+Finite = Annotated[float, Strict(), Field(ge=-MAX_ENGINEERING, le=MAX_ENGINEERING)]
+# A pair from a TOML array (a list): the pair itself is lax, its members are strict.
+FinitePair = Annotated[tuple[Finite, Finite], Strict(False)]
+
 
 class ModbusPoint(BaseModel):
     """Where and how a tag lives in the PLC's Modbus map."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = STRICT
 
-    table: ModbusTable
+    table: ModbusTable = Field(strict=False)  # from its name in the file
     address: int = Field(ge=0, le=65535)
-    encoding: Encoding
-    scale: float = 1.0
+    encoding: Encoding = Field(strict=False)
+    scale: float = Field(1.0, ge=-1e6, le=1e6)
     word_order: Literal["big", "little"] = "big"
 
     @property
@@ -118,13 +128,13 @@ class ModbusPoint(BaseModel):
 class Tag(BaseModel):
     """One plant signal: its name, unit, engineering range and where the PLC keeps it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = STRICT
 
     name: str
-    direction: Direction
-    type: DataType
+    direction: Direction = Field(strict=False)  # from its name in the file
+    type: DataType = Field(strict=False)
     unit: str
-    range: tuple[float, float]
+    range: FinitePair
     description: str = ""
     modbus: ModbusPoint
     opcua_node: str | None = None

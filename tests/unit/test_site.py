@@ -173,3 +173,309 @@ def test_supervised_by_must_name_another_boolean_input() -> None:
     )
     ok = edit(r'^(description = "Leak, reuse zone.*)$', r'\1\nsupervised_by = "drycooler_fault"')
     assert loads_site(ok).tag("leak_reuse").supervised_by == "drycooler_fault"
+
+
+# ---- 8.2: every number finite and physically bounded ----
+
+
+@pytest.mark.parametrize(
+    ("section", "key", "value"),
+    [
+        ("plc", "stale_after_s", "inf"),
+        ("interlocks", "stale_s", "inf"),
+        ("interlocks", "max_rate_k_per_s", "inf"),
+        ("interlocks", "primary_flow_low_m3h", "inf"),
+        ("interlocks", "frozen_s", "nan"),
+        ("plc", "timeout_s", "1e9"),
+        ("plc", "stale_after_s", "1e9"),
+        ("control", "reject_dwell_s", "1e9"),
+        ("interlocks", "secondary_pressure_high_bar", "1e9"),
+        ("plant", "heat_meter_start_kwh", "1e99"),
+        ("sim", "seed", "100000000000"),
+    ],
+)
+def test_non_finite_and_absurd_numbers_are_refused(section: str, key: str, value: str) -> None:
+    text = re.sub(
+        rf"^\[{section}\]$", f"[{section}]\n{key} = {value}", demo_site_text(), count=1, flags=re.M
+    )
+    if re.search(rf"^{key} = ", demo_site_text(), re.M):  # the demo sets it: replace instead
+        text = re.sub(rf"^{key} = .*$", f"{key} = {value}", demo_site_text(), count=1, flags=re.M)
+    probs = problems(text)
+    assert len(probs) == 1 and probs[0].startswith(f"{section}.{key}: "), probs
+    assert "finite" in probs[0] or "≤" in probs[0], probs
+
+
+def test_non_finite_tag_range_and_scale_are_refused() -> None:
+    probs = problems(edit(r"^range = \[-20.0, 120.0\]", "range = [-20.0, inf]"))
+    assert probs[0].startswith("tags.it_supply_temp.range.1: inf: expected a finite number")
+    probs = problems(edit(r"scale = 0.01 \}", "scale = 1e300 }"))
+    assert any(p.startswith("tags.it_supply_temp.modbus.scale: 1e+300") for p in probs)
+
+
+def test_every_number_key_in_the_site_file_has_an_upper_bound() -> None:
+    from pydantic import BaseModel
+
+    from plc_io.site import SECTIONS
+
+    unbounded = []
+    for section, model in SECTIONS.items():
+        models = [(section, model)] + [
+            (f"{section}.{n}", f.annotation)
+            for n, f in model.model_fields.items()
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel)
+        ]
+        for where, m in models:
+            for name, f in m.model_fields.items():
+                if f.annotation in (int, float) and not any(
+                    getattr(c, "le", None) is not None or getattr(c, "lt", None) is not None
+                    for c in f.metadata
+                ):
+                    unbounded.append(f"{where}.{name}")
+    assert unbounded == []
+
+
+# ---- 8.4: strict types, bool ranges, NodeIds, byte-order marks ----
+
+
+def test_a_boolean_is_not_a_port() -> None:
+    probs = problems(edit(r"^port = 5020 ", "port = true "))
+    assert probs == ["plc.port: True: expected a whole number (not true/false, not a string)"]
+
+
+def test_a_string_is_not_a_boolean_safe_value_and_a_number_neither() -> None:
+    yes = problems(edit(r"^safe = false\n", 'safe = "yes"\n'))
+    assert any(p.startswith("tags.secondary_pump_cmd.safe: 'yes': expected") for p in yes), yes
+    one = problems(edit(r"^safe = false\n", "safe = 1\n"))
+    assert "tags.secondary_pump_cmd.safe: 1.0: expected true or false for a bool output" in one
+
+
+def test_strings_and_booleans_are_not_numbers_anywhere() -> None:
+    probs = problems(edit(r"^watchdog_s = 3.0", 'watchdog_s = "3"'))
+    assert probs == ["plc.watchdog_s: '3': expected a number (not true/false, not a string)"]
+    probs = problems(edit(r"^sensor_noise = true", "sensor_noise = 1"))
+    assert probs == ["plant.sensor_noise: 1: expected true or false (not a number, not a string)"]
+    probs = problems(edit(r"^range = \[-20.0, 120.0\]", "range = [false, 120.0]"))
+    assert probs[0].startswith("tags.it_supply_temp.range.0: False: expected a number")
+
+
+def test_a_boolean_tag_has_range_0_to_1() -> None:
+    probs = problems(
+        edit(r'^(description = "Leak, reuse zone.*\n)', r"\1").replace(
+            'range = [0.0, 1.0]\ndescription = "Leak, reuse zone',
+            'range = [0.0, 2.0]\ndescription = "Leak, reuse zone',
+        )
+    )
+    assert probs == ["tags.leak_reuse.range: [0.0, 2.0]: expected [0, 1] for a bool tag"]
+
+
+@pytest.mark.parametrize(
+    "node",
+    ["garbage", "ns=2;x=1", "ns=2;s=", "ns=70000;i=1", "ns=2;i=12ab", "ns=1;g=1234", "s"],
+)
+def test_garbage_opcua_node_is_refused(node: str) -> None:
+    text = edit(r'^(description = "Supply to the racks.*)$', rf'\1\nopcua_node = "{node}"')
+    probs = problems(text)
+    assert len(probs) == 1 and probs[0].startswith(
+        f"tags.it_supply_temp.opcua_node: {node!r}: expected a NodeId"
+    ), probs
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        "ns=2;s=PLC.it_supply_temp",
+        "i=2253",
+        "nsu=urn:heatloop:plc;s=PLC/x",
+        "ns=3;g=09087e75-8e5e-499b-954f-f2a9603db28a",
+        "ns=1;b=M/RbKBsRVkePCePcx24oRA==",
+    ],
+)
+def test_well_formed_opcua_nodes_pass(node: str) -> None:
+    text = edit(r'^(description = "Supply to the racks.*)$', rf'\1\nopcua_node = "{node}"')
+    assert loads_site(text).tag("it_supply_temp").opcua_node == node
+
+
+def test_byte_order_mark_is_named(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "site.toml"
+    path.write_bytes(b"\xef\xbb\xbf" + demo_site_text().encode())
+    assert main(["check", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: (file): a byte-order mark at the start; save as UTF-8 without BOM" in err
+    assert "Invalid statement" not in err
+    assert "byte-order mark" in problems("\ufeff" + demo_site_text())[0]
+
+
+# ---- 8.3: settings that contradict each other, one line naming both ----
+
+
+def _set(text: str, key: str, value: str) -> str:
+    out, n = re.subn(rf"^{key} = \S+", f"{key} = {value}", text, count=1, flags=re.M)
+    assert n == 1, key
+    return out
+
+
+@pytest.mark.parametrize(
+    ("edits", "line"),
+    [
+        (
+            [("it_supply_high_c", "36.0")],
+            "interlocks.it_supply_high_c: 36.0: expected ≥ control.it_supply_setpoint_c (35) + 3 K",
+        ),
+        (
+            [("timeout_s", "3.0")],
+            "plc.timeout_s: 3.0: expected shorter than plc.watchdog_s (3)",
+        ),
+        (
+            [("watchdog_s", "0.9")],
+            "plc.watchdog_s: 0.9: expected longer than plc.timeout_s (0.5) + 2 × "
+            "scan.period_s (0.25)",
+        ),
+        (
+            [("watchdog_s", "30.0")],
+            "plc.watchdog_s: 30.0: expected ≤ 10 × scan.period_s (0.25) + 2 × plc.timeout_s "
+            "(0.5) = 3.5",
+        ),
+        (
+            [("tank_full_c", "90.0")],
+            "control.tank_full_c: 90.0: expected below interlocks.tank_top_high_c (85)",
+        ),
+        (
+            [("freeze_ambient_c", "8.0")],
+            "interlocks.freeze_ambient_c: 8.0: expected below "
+            "interlocks.freeze_drycooler_out_c (5)",
+        ),
+        (
+            [("stale_s", "0.2")],
+            "interlocks.stale_s: 0.2: expected longer than scan.period_s (0.25)",
+        ),
+        (
+            [("customer_supply_high_c", "40.0")],
+            "control.tank_full_c: 42.0: expected below interlocks.customer_supply_high_c (40)",
+        ),
+    ],
+)
+def test_contradicting_settings_name_both_fields(edits: list[tuple[str, str]], line: str) -> None:
+    text = demo_site_text()
+    for key, value in edits:
+        text = _set(text, key, value)
+    assert line in problems(text)
+
+
+def test_fan_minimum_below_full_speed_and_thresholds_inside_their_tags_range() -> None:
+    text = demo_site_text().replace("[control]", "[control]\nfan_min_pct = 100.0", 1)
+    assert (
+        "control.fan_min_pct: 100.0: expected below the high end of "
+        "tags.drycooler_fan_cmd.range (100)" in problems(text)
+    )
+    text = _set(demo_site_text(), "secondary_pressure_high_bar", "12.0")
+    assert (
+        "interlocks.secondary_pressure_high_bar: 12.0: expected inside "
+        "tags.secondary_pressure.range [0.0, 10.0]" in problems(text)
+    )
+
+
+def test_bms_port_cannot_share_the_simulated_plcs_port() -> None:
+    text = _set(demo_site_text(), "opcua_port", "4840")
+    assert "bms.port: 4840: expected a port other than sim.opcua_port" in problems(text)
+
+
+def test_watchdog_of_the_hil_tests_stays_valid() -> None:
+    # tests/hil run the controller with watchdog_s 1.5 and 1.0 s: both inside the rule
+    for wd in ("1.5", "1.1"):
+        assert loads_site(_set(demo_site_text(), "watchdog_s", wd)).plc.watchdog_s == float(wd)
+
+
+# ---- 7.2: the heartbeat must be writable exactly ----
+
+
+def _heartbeat(range_: str, modbus: str) -> str:
+    text = demo_site_text()
+    block = re.search(r"\[tags.heartbeat\].*?\n\n", text + "\n\n", re.S)
+    assert block
+    new = re.sub(r"^range = .*$", f"range = {range_}", block.group(0), count=1, flags=re.M)
+    new = re.sub(r"^modbus = .*$", f"modbus = {modbus}", new, count=1, flags=re.M)
+    return text.replace(block.group(0), new)
+
+
+@pytest.mark.parametrize(
+    ("range_", "modbus", "expected"),
+    [
+        (
+            "[0.0, 65535.0]",
+            '{ table = "holding", address = 5, encoding = "uint16", scale = 0.5 }',
+            "tags.heartbeat.modbus.scale: 0.5: expected 1",
+        ),
+        (
+            "[0.0, 100000000.0]",
+            '{ table = "holding", address = 5, encoding = "float32" }',
+            "tags.heartbeat.range: [0.0, 100000000.0]: expected a high end ≤ 2**24",
+        ),
+        (
+            "[0.0, 10.0]",
+            '{ table = "holding", address = 5, encoding = "uint16" }',
+            "tags.heartbeat.range: [0.0, 10.0]: expected at least 255 counts",
+        ),
+        (
+            "[5.0, 65535.0]",
+            '{ table = "holding", address = 5, encoding = "uint16" }',
+            "tags.heartbeat.range: [5.0, 65535.0]: expected [0, N]",
+        ),
+    ],
+)
+def test_heartbeat_that_cannot_count_distinctly_is_refused(
+    range_: str, modbus: str, expected: str
+) -> None:
+    probs = problems(_heartbeat(range_, modbus))
+    assert any(p.startswith(expected) for p in probs), probs
+
+
+def test_heartbeat_float32_up_to_2_pow_24_is_fine() -> None:
+    text = _heartbeat(
+        "[0.0, 16777216.0]", '{ table = "holding", address = 5, encoding = "float32" }'
+    )
+    assert loads_site(text).tag("heartbeat").hi == 2**24
+
+
+# ---- 7.6: a cut wire on a leak or fault input never reads healthy ----
+
+
+@pytest.mark.parametrize("tag", ["leak_primary", "leak_reuse", "drycooler_fault"])
+def test_leak_or_fault_input_without_fail_safe_declaration_is_refused(tag: str) -> None:
+    text = re.sub(
+        rf"(\[tags.{tag}\].*?)fail_state = true[^\n]*\n",
+        r"\1",
+        demo_site_text(),
+        count=1,
+        flags=re.S,
+    )
+    probs = problems(text)
+    assert len(probs) == 1 and probs[0].startswith(f"tags.{tag}.fail_state: None: expected true")
+    falsy = re.sub(
+        rf"(\[tags.{tag}\].*?)fail_state = true",
+        r"\1fail_state = false",
+        demo_site_text(),
+        count=1,
+        flags=re.S,
+    )
+    assert problems(falsy)[0].startswith(f"tags.{tag}.fail_state: False: expected true")
+
+
+def test_supervised_leak_input_needs_a_fail_safe_fault_contact() -> None:
+    base = re.sub(
+        r"(\[tags.leak_reuse\].*?)fail_state = true[^\n]*\n",
+        r'\1supervised_by = "leak_reuse_zone_fault"\n',
+        demo_site_text(),
+        count=1,
+        flags=re.S,
+    )
+    contact = (
+        '\n[tags.leak_reuse_zone_fault]\ndirection = "input"\ntype = "bool"\nunit = "bool"\n'
+        'range = [0.0, 1.0]\nFAIL\nmodbus = { table = "discrete", address = 9, encoding = "bit" }\n'
+    )
+    site = loads_site(base + contact.replace("FAIL", "fail_state = true"))
+    assert site.tag("leak_reuse").supervised_by == "leak_reuse_zone_fault"
+    probs = problems(base + contact.replace("FAIL", "fail_state = false"))
+    assert any(
+        p.startswith("tags.leak_reuse.supervised_by: 'leak_reuse_zone_fault': expected a fault")
+        for p in probs
+    ), probs
