@@ -1,10 +1,37 @@
-"""The scan loop: read, step, write, heartbeat, publish, journal (DESIGN §4).
+"""The scan loop: read, step, write, persist, then log and publish (DESIGN §4).
 
 One `asyncio.TaskGroup` holds the scan and the event-loop lag monitor; they live and die
 together. If the process dies, the heartbeat stops and the PLC watchdog takes the plant to its
-safe state, by design. Safe values are written at start-up, before the first decision, and on an
-orderly shutdown. An overrun (a scan longer than its period) is logged and counted, and the next
-scan starts at once rather than being skipped.
+safe state, by design. An overrun (a scan longer than its period) is logged and counted, and the
+next scan starts at once rather than being skipped.
+
+Theory of operation.
+
+- Safe values. The site's safe values pass through the same guard as every scan
+  (`controller.arbitration.guard`) once, at construction; the start-up write, the shutdown write
+  and every degraded scan write that guarded set. A set the guard corrects is logged
+  (`safe_values_corrected`); it is never written uncorrected.
+- Order inside a scan: outputs first, then the journal, then everybody else (log lines, the
+  console, the BMS through `on_scan`). The journal's fsync can take a long time on slow storage;
+  it must never delay an interlock's outputs. Nobody is told of an event that is not on disk.
+  A kill -9 between the write and the persist loses the journal rows of that one scan: the PLC
+  already holds the trip's outputs, its watchdog then drives the plant to the safe values (which
+  isolate the reuse circuit as a leak trip does), and the restarted controller sees the leak
+  input again; only a latch whose cause vanished inside that window is lost, and no one was
+  told of it.
+- Failure is a state, not an exit. An exception in the decision step gives a degraded scan: the
+  guarded safe values are written, reuse is rejected (`Commands.degraded` on the next good step,
+  so the mode machine re-enters reuse only after its own reject dwell), and a `step_failed`
+  event is raised once per cause (`step_recovered` when a step succeeds again). A journal that
+  cannot persist (`JournalKeeper.problem`) is a degraded state too: reuse stays rejected, so a
+  latched trip that may be unpersisted keeps the plant in reject until it is on disk. Outputs the
+  PLC did not acknowledge go to the next step as `Commands.write_failed` (reject reuse, alarm).
+- The heartbeat. One counter, in the transport: it writes `heartbeat` last and only when every
+  other output of the pass was acknowledged. The runtime never sends a beat of its own, so a
+  scan that cannot write safely (link down, writes refused, the scan itself broken) sends none
+  and the PLC watchdog takes over.
+- Time is injected (`clock`, `sleep`, and `offload` for the journal's blocking I/O), so the loop
+  runs on a fake clock in tests.
 """
 
 from __future__ import annotations
@@ -12,20 +39,35 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Callable
+import traceback
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from functools import partial
+from typing import Any, TypeVar
 
 import structlog
 
-from controller.arbitration import Manual
-from controller.journal import Journal
+from controller.arbitration import Manual, Output, arbitrate, guard
+from controller.journal import JournalKeeper
 from controller.supervisor import Commands, Decision, Supervisor, SupervisorConfig
-from plc_io.image import ProcessImage
+from interlocks.engine import Event
+from plc_io.image import ProcessImage, Quality
 from plc_io.site import Site
 from plc_io.transport import CommsHealth, LinkState, Transport
 
 RESEND_EVERY_S = 10.0  # every output is re-sent this often, whatever the PLC reports
+HEARTBEAT = "heartbeat"
+# the runtime logs these itself, with the PLC's reasons, once per cause (the supervisor's events
+# of the same kinds are journalled but not logged twice)
+_LOGGED_BY_RUNTIME = frozenset({"write_failed", "write_recovered"})
+
+T = TypeVar("T")
+Offload = Callable[[Callable[[], T]], Awaitable[T]]
+
+
+async def inline(fn: Callable[[], T]) -> T:
+    """Run `fn` on the loop (tests on a fake clock; no worker thread)."""
+    return fn()
 
 
 def make_transport(site: Site, **kw: Any) -> Transport:
@@ -39,6 +81,22 @@ def make_transport(site: Site, **kw: Any) -> Transport:
     return ModbusTransport(site, **kw)
 
 
+def guarded_safe_outputs(cfg: SupervisorConfig) -> tuple[dict[str, Output], list[str]]:
+    """The site's safe values after the guard every scan passes through, and what it corrected.
+
+    Pump feedback is unknown here (start-up, shutdown, a broken step), as the guard assumes a
+    commanded pump may run.
+    """
+    out = arbitrate(cfg.safe, 0.0)
+    blocked = guard(
+        out,
+        {},
+        min_fan_pct=cfg.sequence.fan_min_pct,
+        min_pump_speed_pct=min(cfg.sequence.primary_speed_pct, 30.0),  # as the supervisor's
+    )
+    return out, blocked
+
+
 @dataclass
 class Status:
     """The latest scan, as the console view and the BMS see it."""
@@ -49,6 +107,8 @@ class Status:
     scans: int = 0
     overruns: int = 0
     blocked: int = 0
+    degraded: tuple[str, ...] = ()  # runtime faults in force (journal, decision step)
+    write_failed: Mapping[str, str] = field(default_factory=dict)  # last pass: tag -> reason
     last_scan_s: float = 0.0  # compute + I/O time of the last scan
     max_lag_s: float = 0.0  # worst event-loop lag seen
 
@@ -61,28 +121,43 @@ class Controller:
         site: Site,
         transport: Transport,
         *,
-        journal: Journal | None = None,
+        journal: JournalKeeper | None = None,
         clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        offload: Offload[None] = asyncio.to_thread,
         on_scan: Callable[[Status], None] | None = None,
+        log: Any = None,
     ) -> None:
         self.site = site
         self.transport = transport
         self.journal = journal
         self.clock = clock
+        self.sleep = sleep
+        self.offload = offload
         self.on_scan = on_scan
-        self.log = structlog.get_logger("heatloop.controller")
+        self.log = log if log is not None else structlog.get_logger("heatloop.controller")
+        self.cfg = SupervisorConfig.from_site(site)
+        # a site whose safe values the guard would refuse is a configuration error, but even
+        # if one got past `check`, the uncorrected values are never written
+        self.safe, corrected = guarded_safe_outputs(self.cfg)
+        if corrected:
+            self.log.warning("safe_values_corrected", blocked=corrected)
         latched = journal.latched() if journal else frozenset()
-        self.supervisor = Supervisor(SupervisorConfig.from_site(site), clock(), latched)
+        if latched is None:  # the journal could not be read: latched trips unknown
+            assert journal is not None
+            self.log.error("journal_unreadable", problem=journal.problem)
+            latched = frozenset()
+        self.supervisor = Supervisor(self.cfg, clock(), latched)
         if latched:
             self.log.warning("trip_restored", latched=sorted(latched))
         self.commands = Commands()
         self._reset_pending = False
         self.status = Status()
-        self._heartbeat = 0
-        # the counter wraps within the tag's range, so the PLC never refuses the write
-        self._heartbeat_modulo = int(site.tag("heartbeat").hi) + 1
         self._last_link: LinkState | None = None
         self._resent_at = -RESEND_EVERY_S
+        self._write_causes: dict[str, str] = {}  # last pass's unacknowledged outputs
+        self._step_error: str | None = None  # why the decision step failed, while it does
+        self._scan_error: str | None = None
 
     # ---- commands from operators, engineers and the BMS (already authorised) ----
 
@@ -104,7 +179,7 @@ class Controller:
 
     async def run(self, stop: asyncio.Event) -> None:
         await self.transport.connect()
-        await self.transport.write_outputs(self._with_heartbeat(self.site.safe_outputs()))
+        await self._write_safe("start")
         self.log.info("controller_started", period_s=self.site.scan.period_s)
         try:
             async with asyncio.TaskGroup() as tg:
@@ -112,63 +187,176 @@ class Controller:
                 tg.create_task(self._lag_monitor(stop))
         finally:
             try:
-                await asyncio.wait_for(
-                    self.transport.write_outputs(self._with_heartbeat(self.site.safe_outputs())),
-                    timeout=2.0,
-                )
+                await asyncio.wait_for(self._write_safe("stop"), timeout=2.0)
             except Exception as e:  # the watchdog covers a failed farewell
                 self.log.warning("safe_write_on_stop_failed", error=str(e))
             await self.transport.close()
+            if self.journal is not None:
+                with contextlib.suppress(Exception):
+                    await self.offload(self.journal.close)
             self.log.info("controller_stopped", scans=self.status.scans)
 
-    def _with_heartbeat(self, values: dict[str, Any]) -> dict[str, Any]:
-        self._heartbeat = (self._heartbeat + 1) % self._heartbeat_modulo
-        return {**values, "heartbeat": float(self._heartbeat)}
+    def safe_values(self) -> dict[str, Any]:
+        """The guarded safe values, without the heartbeat (the transport beats)."""
+        return {k: o.value for k, o in self.safe.items() if k != HEARTBEAT}
+
+    async def _write_safe(self, when: str) -> None:
+        result = await self.transport.write_outputs(self.safe_values())
+        if result.failed:
+            self.log.warning("safe_write_failed", when=when, failed=dict(result.failed))
+
+    def degraded(self) -> tuple[str, ...]:
+        """Runtime faults in force, as the next step sees them (each rejects reuse)."""
+        faults: list[str] = []
+        if self._step_error is not None:
+            faults.append(f"decision step failed: {self._step_error}")
+        if self.journal is not None and self.journal.problem is not None:
+            faults.append(self.journal.problem)
+        return tuple(faults)
 
     async def scan_once(self) -> Decision:
         t0 = self.clock()
-        image = await self.transport.read_inputs()
-        health = self.transport.health
-        link_ok = health.state is LinkState.OK
-        if health.state is not self._last_link:
-            self.log.info("plc_link", state=health.state.value, error=health.last_error)
-            self._last_link = health.state
+        image, link_ok = await self._read()
         now = self.clock()
-        cmds = replace(self.commands, link_ok=link_ok, reset=self._reset_pending)
+        self._restore_latches(now)
+        cmds = replace(
+            self.commands,
+            link_ok=link_ok,
+            reset=self._reset_pending,
+            write_failed=frozenset(self._write_causes),
+            degraded=self.degraded(),
+        )
         self._reset_pending = False
-        decision = self.supervisor.step(image, now, cmds)
-        if self.journal is not None:
-            # durable before anything acts on it or reports it: a trip the PLC has seen, or a
-            # log line has announced, is never lost to a kill -9
-            self.journal.record(decision.events, decision.latched)
+        decision = self._decide(image, now, cmds)
+        notes: list[tuple[str, dict[str, Any]]] = []
         if link_ok:
-            tripped = image["plc_watchdog_tripped"]
-            if (tripped.quality.usable and tripped.value is True) or (
-                now - self._resent_at >= RESEND_EVERY_S
-            ):
-                # the PLC releases its safe hold only on fresh commands (DESIGN §7), and a PLC
-                # that does not report its watchdog gets them all now and then anyway
-                self.transport.resend_all()
-                self._resent_at = now
-            result = await self.transport.write_outputs(self._with_heartbeat(decision.values()))
-            if result.failed:
-                self.log.warning("write_failed", failed=dict(result.failed))
+            notes += await self._write(decision, image, now)
+        # outputs first, then the journal, then anyone else (the module's theory of operation)
+        if self.journal is not None:
+            await self.offload(partial(self.journal.record, decision.events, decision.latched))
         for e in decision.events:
-            self.log.info(e.kind, source=e.source, **{k: v for k, v in e.detail.items()})
+            if e.kind not in _LOGGED_BY_RUNTIME:
+                self.log.info(e.kind, source=e.source, **dict(e.detail))
+        for kind, kw in notes:
+            getattr(self.log, "warning" if kind == "write_failed" else "info")(kind, **kw)
         st = self.status
         st.decision, st.image, st.health = decision, image, self.transport.health
         st.scans += 1
         st.blocked = self.supervisor.blocked_total
+        st.degraded = cmds.degraded
+        st.write_failed = dict(self._write_causes)
         st.last_scan_s = self.clock() - t0
         if self.on_scan:
-            self.on_scan(st)
+            try:
+                self.on_scan(st)
+            except Exception as e:  # a broken viewer never stops the scan
+                self.log.warning("on_scan_failed", error=f"{type(e).__name__}: {e}")
         return decision
+
+    async def _read(self) -> tuple[ProcessImage, bool]:
+        try:
+            image = await self.transport.read_inputs()
+        except Exception as e:  # a transport bug: treat as a lost link (IL-08, nothing written)
+            self._note_scan_error("read_inputs", e)
+            names = [t.name for t in self.site.inputs]
+            return self.status.image.marked(names, Quality.COMMS_LOST, None), False
+        health = self.transport.health
+        if health.state is not self._last_link:
+            self.log.info("plc_link", state=health.state.value, error=health.last_error)
+            self._last_link = health.state
+        return image, health.state is LinkState.OK
+
+    def _decide(self, image: ProcessImage, now: float, cmds: Commands) -> Decision:
+        """The supervisor's decision, or a degraded one with the guarded safe values."""
+        try:
+            decision = self.supervisor.step(image, now, cmds)
+        except Exception as e:
+            return self._fallback(now, e)
+        if self._step_error is not None:
+            back = Event("step_recovered", now, "runtime", {"was": self._step_error})
+            decision = replace(decision, events=(back, *decision.events))
+            self._step_error = None
+        return decision
+
+    def _fallback(self, now: float, e: Exception) -> Decision:
+        err = f"{type(e).__name__}: {e}"
+        events: tuple[Event, ...] = ()
+        if err != self._step_error:  # once per cause, with where it broke
+            tb = traceback.extract_tb(e.__traceback__)
+            at = f"{tb[-1].filename}:{tb[-1].lineno}" if tb else "?"
+            events = (Event("step_failed", now, "runtime", {"error": err, "at": at}),)
+        self._step_error = err
+        prev = self.status.decision
+        return Decision(
+            now_s=now,
+            mode=prev.mode if prev else self.supervisor.mode,
+            mode_since_s=prev.mode_since_s if prev else now,
+            outputs=dict(self.safe),
+            active=prev.active if prev else frozenset(),
+            latched=self.supervisor.latched,  # whatever is latched stays latched (and persisted)
+            bypassed=frozenset(),
+            events=events,
+            blocked=(),
+            reject_reasons=(f"decision step failed: {err}",),
+            invalid=prev.invalid if prev else {},
+        )
+
+    async def _write(
+        self, decision: Decision, image: ProcessImage, now: float
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """Write the decision's outputs; note unacknowledged ones once per cause."""
+        tripped = image["plc_watchdog_tripped"]
+        if (tripped.quality.usable and tripped.value is True) or (
+            now - self._resent_at >= RESEND_EVERY_S
+        ):
+            # the PLC releases its safe hold only on fresh commands (DESIGN §7), and a PLC
+            # that does not report its watchdog gets them all now and then anyway
+            self.transport.resend_all()
+            self._resent_at = now
+        values = {k: v for k, v in decision.values().items() if k != HEARTBEAT}
+        try:
+            result = await self.transport.write_outputs(values)
+            failed = dict(result.failed)
+        except Exception as e:  # a transport bug: nothing is known to have arrived
+            self._note_scan_error("write_outputs", e)
+            failed = dict.fromkeys([*values, HEARTBEAT], f"error: {type(e).__name__}: {e}")
+        notes: list[tuple[str, dict[str, Any]]] = []
+        if failed != self._write_causes:
+            if failed:
+                notes.append(("write_failed", {"failed": failed}))
+            else:
+                notes.append(("write_recovered", {"was": sorted(self._write_causes)}))
+            self._write_causes = failed
+        return notes
+
+    def _restore_latches(self, now: float) -> None:
+        """A journal that opened only after start-up may hold trips latched before it: restart
+        the decision core with them, exactly as a controller restart would."""
+        if self.journal is None:
+            return
+        restored = self.journal.take_restored()
+        if not restored:
+            return
+        latched = self.supervisor.latched | restored
+        self.log.warning("trip_restored", latched=sorted(latched), late=True)
+        self.supervisor = Supervisor(self.cfg, now, latched)
+
+    def _note_scan_error(self, where: str, e: Exception) -> None:
+        err = f"{where}: {type(e).__name__}: {e}"
+        if err != self._scan_error:
+            self.log.error("scan_error", where=where, error=err, exc_info=e)
+            self._scan_error = err
 
     async def _scan_loop(self, stop: asyncio.Event) -> None:
         period = self.site.scan.period_s
         next_t = self.clock()
         while not stop.is_set():
-            await self.scan_once()
+            try:
+                await self.scan_once()
+            except Exception as e:
+                # never expected (each stage above degrades on its own); a scan that breaks
+                # writes nothing this time, so no heartbeat goes out, and the loop goes on
+                self._note_scan_error("scan", e)
             next_t += period
             now = self.clock()
             if now > next_t:
@@ -178,12 +366,12 @@ class Controller:
                 )
                 next_t = now  # start the next scan at once; never skip one silently
             # a plain sleep: on Python 3.11 wait_for can swallow a cancellation (gh-86296)
-            await asyncio.sleep(max(0.0, next_t - self.clock()))
+            await self.sleep(max(0.0, next_t - self.clock()))
 
     async def _lag_monitor(self, stop: asyncio.Event, every_s: float = 0.1) -> None:
         while not stop.is_set():
             t = self.clock()
-            await asyncio.sleep(every_s)
+            await self.sleep(every_s)
             lag = self.clock() - t - every_s
             if lag > self.status.max_lag_s:
                 self.status.max_lag_s = lag
@@ -192,7 +380,11 @@ class Controller:
 
 
 async def run_service(site: Site, transport: Transport, *, json_logs: bool = True) -> int:
-    """`heatloop run`: the controller against the site's PLC until SIGINT/SIGTERM."""
+    """`heatloop run`: the controller against the site's PLC until SIGINT/SIGTERM.
+
+    A journal that cannot be opened does not stop the service: it starts degraded (reuse
+    rejected, an alarm) and keeps retrying. Only a configuration error at start exits.
+    """
     import signal
 
     from controller.logs import configure
@@ -203,9 +395,6 @@ async def run_service(site: Site, transport: Transport, *, json_logs: bool = Tru
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    journal = Journal(site.state_dir / "heatloop.db")
-    try:
-        await Controller(site, transport, journal=journal).run(stop)
-    finally:
-        journal.close()
+    journal = JournalKeeper(site.state_dir / "heatloop.db")
+    await Controller(site, transport, journal=journal).run(stop)
     return 0
