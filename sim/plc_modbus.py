@@ -1,39 +1,50 @@
-"""The simulated PLC's Modbus TCP face: the site's tag table served as a Modbus map by pymodbus.
+"""The simulated PLC's Modbus TCP face: the site's tag table served as a Modbus map.
 
-Why not pymodbus's `SimDevice`: its `action` hook sees a bit request's count in 16-bit words, not
-in bits, so it cannot refuse a read of an unmapped coil that shares a word with a mapped one, and
-its blocks cannot tell a PLC's own refresh from a client's write. The map is instead a small
-datastore with the interface the pymodbus server calls (`async_getValues` / `async_setValues`, as
-pymodbus's own `SimCore` has), installed on the server after construction. That interface is
-internal to pymodbus: the version is pinned (>=3.16.1,<3.17) and tests/hil exercises it.
+The server is our own small asyncio Modbus/TCP frame handler, not pymodbus's server. Measured on
+pymodbus 3.16 (see /work/shared/LIBNOTES.md): its server answers only the first of several
+requests that arrive in one TCP read (a pipelining client times out), answers a bad quantity or an
+unknown function code with exception 1 in a malformed exception PDU, and takes an FC05 value other
+than 0xFF00/0x0000 as ON. Commissioning and integrators practise against this PLC, so it answers
+as the Modbus Application Protocol Specification V1.1b3 says (its §6 and §7 state diagrams):
 
-Behaviour on the wire:
-- Each table spans its first to its last mapped address; a read leaving that span: exception 2
-  (illegal address). Holes inside it read as 0, because the controller's read plan reads across
-  small gaps. Writes are accepted only to output tags' own addresses (else exception 2).
+- Requests on one connection are answered one by one, in order, however they arrive in TCP
+  segments (pipelined requests each get their answer, with their own transaction id).
+- Checks in the spec's order, each with its exception (function code | 0x80, then the code):
+  function code not implemented: 1; quantity out of range (reads of registers 1..125, of bits
+  1..2000; FC15 1..1968 bits, FC16 1..123 registers, FC23 read 1..125 / write 1..121), a byte
+  count that does not match the quantity or the bytes sent, a PDU whose length does not fit its
+  function code, an FC05 value other than 0xFF00 / 0x0000: 3; an address span leaving the
+  table's map: 2.
+- Each table spans its first to its last mapped address; a read leaving that span: exception 2.
+  Holes inside it read as 0, because the controller's read plan reads across small gaps. Writes
+  are accepted only to output tags' own addresses (else exception 2).
 - A written value outside its tag's engineering range (or not finite): exception 3, nothing
   applied. A multi-register value may be written one register at a time (the other half is
   taken from the last written image).
 - Reads of outputs return the outputs the plant gets now: while the watchdog holds the safe
-  state, the safe values. The echo of a single write (function codes 5 and 6) is what was written.
+  state, the safe values. The answer to a single write (function codes 5 and 6) is the echo of
+  the request.
 - Unit id other than `plc.unit_id`: exception 4 (device failure), as pymodbus's own simulator.
+- Framing: an MBAP header with a protocol id other than 0 is skipped without an answer (the spec:
+  not Modbus); a length field below 2 or above 254 means the stream cannot be re-synchronised,
+  so the connection is closed.
 - Faults: `comms_drop` — no reply at all, nothing applied; `comms_slow` — each request delayed;
   `comms_error` — every request answered with that exception code; `comms_garble` — register
-  reads answer with one register fewer than asked for, bit reads with one byte fewer.
+  reads answer with one register fewer than asked for, bit reads with one byte fewer;
+  `write_refused` — writes to that table's outputs answered with its code, nothing applied.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
+import struct
 from collections.abc import Mapping
 from typing import Protocol
 
 import structlog
 from pymodbus.constants import ExcCodes
-from pymodbus.exceptions import NoSuchIdException
-from pymodbus.server import ModbusTcpServer
-from pymodbus.simulator import DataType, SimData, SimDevice
 
 from plc_io.codec import CodecError, decode, encode
 from plc_io.tags import Encoding, ModbusTable, Tag, Value
@@ -41,7 +52,7 @@ from sim.plc_faults import CommsFaults
 
 log = structlog.get_logger("sim.plc")
 
-# Which table each function code works on.
+# Which table each implemented function code works on; any other code is exception 1.
 _FC_TABLE: dict[int, ModbusTable] = {
     1: ModbusTable.COIL,
     5: ModbusTable.COIL,
@@ -54,12 +65,43 @@ _FC_TABLE: dict[int, ModbusTable] = {
     23: ModbusTable.HOLDING,
     4: ModbusTable.INPUT,
 }
-# A request reaches the datastore once or twice; its first call is a read for these codes...
-_READ_FIRST = frozenset({1, 2, 3, 4, 22})
-# ... and a write for these. Delays apply once per request, on its first call.
-_WRITE_FIRST = frozenset({5, 6, 15, 16, 23})
-_PLAIN_READS = frozenset({1, 2, 3, 4})
-_ECHO = frozenset({5, 6})
+_BIT_TABLES = (ModbusTable.COIL, ModbusTable.DISCRETE)
+# Quantity limits of the spec (§6.1-6.4, 6.11, 6.12, 6.17).
+_MAX_READ_BITS = 2000
+_MAX_READ_REGS = 125
+_MAX_WRITE_BITS = 1968
+_MAX_WRITE_REGS = 123
+_MAX_RW_WRITE_REGS = 121
+# MBAP: transaction id, protocol id, length (unit id + PDU), unit id. A PDU is at most 253 bytes.
+_MBAP = struct.Struct(">HHHB")
+_MAX_LENGTH = 254
+_COIL_ON, _COIL_OFF = 0xFF00, 0x0000
+
+
+class ModbusError(Exception):
+    """A request answered with a Modbus exception (the code is the spec's)."""
+
+    def __init__(self, code: ExcCodes) -> None:
+        super().__init__(code.name)
+        self.code = code
+
+
+def exception_pdu(function_code: int, code: int) -> bytes:
+    """The spec's exception response: the function code with its top bit set, then the code."""
+    return bytes(((function_code | 0x80) & 0xFF, code))
+
+
+def _pack_bits(bits: list[int | bool]) -> bytes:
+    out = bytearray((len(bits) + 7) // 8)
+    for i, b in enumerate(bits):
+        if b:
+            out[i // 8] |= 1 << (i % 8)
+    return bytes(out)
+
+
+def _unpack_bits(data: bytes, count: int) -> list[bool]:
+    return [bool(data[i // 8] >> (i % 8) & 1) for i in range(count)]
+
 
 _RAW_LIMITS = {
     Encoding.INT16: (-0x8000, 0x7FFF),
@@ -196,120 +238,191 @@ class ModbusHost(Protocol):
     def apply_writes(self, values: dict[str, Value], source: str) -> None: ...
 
 
+def _fields(body: bytes, fmt: str) -> tuple[int, ...]:
+    """A fixed-layout request body; any other length is a malformed request (exception 3)."""
+    if len(body) != struct.calcsize(fmt):
+        raise ModbusError(ExcCodes.ILLEGAL_VALUE)
+    return struct.unpack(fmt, body)
+
+
+def _require(ok: bool) -> None:
+    if not ok:
+        raise ModbusError(ExcCodes.ILLEGAL_VALUE)
+
+
 class PlcModbusStore:
-    """The datastore the pymodbus server calls for every request (SimCore's interface)."""
+    """Answers one request PDU from the map: the spec's checks in its order, faults, writes."""
 
     def __init__(self, mmap: ModbusMap, unit_id: int, host: ModbusHost) -> None:
         self.map = mmap
         self.unit_id = unit_id
         self.host = host
 
-    def device_ids(self) -> list[int]:
-        return [self.unit_id]
-
-    async def _gate(self, device_id: int, first: bool) -> ExcCodes | None:
+    async def respond(self, unit_id: int, pdu: bytes) -> bytes | None:
+        """The response PDU to a request PDU, or None when the PLC does not answer."""
         faults = self.host.faults
         if faults.dropped(self.host.now()):
-            # With ignore_missing_devices the server sends nothing back: a PLC gone quiet.
-            raise NoSuchIdException("comms_drop: the simulated PLC does not answer")
-        if first and faults.slow_s > 0:
+            return None  # comms_drop: a PLC gone quiet; nothing is applied
+        if faults.slow_s > 0:
             await asyncio.sleep(faults.slow_s)
             if faults.dropped(self.host.now()):
-                raise NoSuchIdException("comms_drop: the simulated PLC does not answer")
+                return None
+        fc = pdu[0]
         if faults.error_code is not None:
-            return ExcCodes(faults.error_code)
-        if device_id != self.unit_id:
-            return ExcCodes.DEVICE_FAILURE
-        return None
+            return exception_pdu(fc, faults.error_code)
+        if unit_id != self.unit_id:
+            return exception_pdu(fc, ExcCodes.DEVICE_FAILURE)
+        try:
+            return self._serve(fc, pdu[1:])
+        except ModbusError as e:
+            return exception_pdu(fc, e.code)
 
-    async def async_getValues(
-        self, device_id: int, func_code: int, address: int, count: int = 1
-    ) -> list[int] | list[bool] | ExcCodes:
-        table = _FC_TABLE.get(func_code)
+    def _serve(self, fc: int, body: bytes) -> bytes:
+        table = _FC_TABLE.get(fc)
         if table is None:
-            return ExcCodes.ILLEGAL_FUNCTION
-        if (exc := await self._gate(device_id, func_code in _READ_FIRST)) is not None:
-            return exc
-        if count < 1:
-            return ExcCodes.ILLEGAL_VALUE
-        values = self.map.read(table, address, count, cmd=func_code in _ECHO)
-        if values is None:
-            return ExcCodes.ILLEGAL_ADDRESS
-        if self.host.faults.garble and func_code in _PLAIN_READS:
-            if table in (ModbusTable.COIL, ModbusTable.DISCRETE):
-                values = values[: 8 * ((len(values) - 1) // 8)]  # one byte fewer
+            raise ModbusError(ExcCodes.ILLEGAL_FUNCTION)
+        bits = table in _BIT_TABLES
+        if fc in (1, 2, 3, 4):
+            address, count = _fields(body, ">HH")
+            _require(1 <= count <= (_MAX_READ_BITS if bits else _MAX_READ_REGS))
+            return self._read_reply(fc, table, self._read(table, address, count))
+        if fc == 5:
+            address, value = _fields(body, ">HH")
+            _require(value in (_COIL_ON, _COIL_OFF))
+            self._write(table, address, [value == _COIL_ON])
+            return bytes((fc,)) + body
+        if fc == 6:
+            address, value = _fields(body, ">HH")
+            self._write(table, address, [value])
+            return bytes((fc,)) + body
+        if fc in (15, 16):
+            _require(len(body) >= 5)
+            address, count, nbytes = struct.unpack_from(">HHB", body)
+            data = body[5:]
+            if bits:
+                _require(1 <= count <= _MAX_WRITE_BITS and nbytes == (count + 7) // 8)
             else:
-                values = values[:-1]
-        return values  # type: ignore[return-value]
+                _require(1 <= count <= _MAX_WRITE_REGS and nbytes == 2 * count)
+            _require(len(data) == nbytes)
+            values: list[int] | list[bool] = (
+                _unpack_bits(data, count) if bits else list(struct.unpack(f">{count}H", data))
+            )
+            self._write(table, address, values)
+            return struct.pack(">BHH", fc, address, count)
+        if fc == 22:
+            address, and_mask, or_mask = _fields(body, ">HHH")
+            current = int(self.map.cmd[table].get(address, 0))
+            self._write(table, address, [(current & and_mask) | (or_mask & ~and_mask & 0xFFFF)])
+            return bytes((fc,)) + body
+        # fc 23: read/write multiple registers; the write happens before the read (§6.17)
+        _require(len(body) >= 9)
+        r_addr, r_count, w_addr, w_count, nbytes = struct.unpack_from(">HHHHB", body)
+        _require(1 <= r_count <= _MAX_READ_REGS and 1 <= w_count <= _MAX_RW_WRITE_REGS)
+        _require(nbytes == 2 * w_count and len(body) == 9 + nbytes)
+        self._read(table, r_addr, r_count)  # a bad read span refuses the whole request
+        self._write(table, w_addr, list(struct.unpack_from(f">{w_count}H", body, 9)))
+        regs = self._read(table, r_addr, r_count)
+        return struct.pack(f">BB{r_count}H", fc, 2 * r_count, *(int(r) & 0xFFFF for r in regs))
 
-    async def async_setValues(
-        self, device_id: int, func_code: int, address: int, values: list[int] | list[bool]
-    ) -> ExcCodes | None:
-        table = _FC_TABLE.get(func_code)
-        if table is None:
-            return ExcCodes.ILLEGAL_FUNCTION
-        if (exc := await self._gate(device_id, func_code in _WRITE_FIRST)) is not None:
-            return exc
+    def _read(self, table: ModbusTable, address: int, count: int) -> list[int | bool]:
+        values = self.map.read(table, address, count)
+        if values is None:
+            raise ModbusError(ExcCodes.ILLEGAL_ADDRESS)
+        return values
+
+    def _read_reply(self, fc: int, table: ModbusTable, values: list[int | bool]) -> bytes:
+        garble = self.host.faults.garble
+        if table in _BIT_TABLES:
+            data = _pack_bits(values)
+            if garble:
+                data = data[:-1]  # comms_garble: one byte fewer than the quantity needs
+            return bytes((fc, len(data))) + data
+        if garble:
+            values = values[:-1]  # comms_garble: one register fewer than asked for
+        regs = [int(v) & 0xFFFF for v in values]
+        return struct.pack(f">BB{len(regs)}H", fc, 2 * len(regs), *regs)
+
+    def _write(self, table: ModbusTable, address: int, values: list[int] | list[bool]) -> None:
         if (refused := self.host.faults.write_refusal(table.value)) is not None:
-            return ExcCodes(refused)  # the `write_refused` PLC fault: nothing applied
-        if not values:
-            return ExcCodes.ILLEGAL_VALUE
-        err, decoded, staged = self.map.decode_write(table, address, list(values))
+            raise ModbusError(ExcCodes(refused))  # the `write_refused` PLC fault: nothing applied
+        err, decoded, staged = self.map.decode_write(table, address, values)
         if err is not None:
-            return err
+            raise ModbusError(err)
         self.map.cmd[table].update(staged)
         self.host.apply_writes(decoded, "modbus")
-        return None
-
-
-class _LoggingTcpServer(ModbusTcpServer):
-    """pymodbus's TCP server, logging each client connection with its peer address."""
-
-    def callback_new_connection(self):  # type: ignore[no-untyped-def]
-        handler = super().callback_new_connection()
-
-        peer: list[str | None] = [None]
-
-        def trace_connect(up: bool) -> None:
-            if up:
-                transport = getattr(handler, "transport", None)
-                name = transport.get_extra_info("peername") if transport is not None else None
-                peer[0] = f"{name[0]}:{name[1]}" if name else None
-            event = "modbus_client_connected" if up else "modbus_client_disconnected"
-            log.info(event, peer=peer[0])
-
-        handler.trace_connect = trace_connect
-        return handler
 
 
 class PlcModbusServer:
-    """Owns the pymodbus server; `port` is the port actually bound after `start`."""
+    """A Modbus/TCP server in front of the store; `port` is the port actually bound after
+    `start`. Each connection is one task that reads an MBAP frame, answers it and reads the next,
+    so pipelined requests are answered in order whatever TCP segments they came in."""
 
     def __init__(self, store: PlcModbusStore, host: str, port: int) -> None:
         self.store = store
         self.host = host
         self.port = port
-        self._server: ModbusTcpServer | None = None
+        self._server: asyncio.Server | None = None
+        self._clients: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        # The device is a placeholder the constructor insists on; the store replaces it.
-        placeholder = SimDevice(
-            self.store.unit_id, simdata=[SimData(0, datatype=DataType.REGISTERS)]
-        )
-        server = _LoggingTcpServer(
-            placeholder, address=(self.host, self.port), ignore_missing_devices=True
-        )
-        server.context = self.store  # type: ignore[assignment]
         try:
-            await server.serve_forever(background=True)
-        except RuntimeError as e:
+            server = await asyncio.start_server(
+                self._serve_client, self.host, self.port, reuse_address=True
+            )
+        except OSError as e:
             raise OSError(f"Modbus server cannot listen on {self.host}:{self.port}: {e}") from e
-        sockets = getattr(server.transport, "sockets", None) or []
-        if sockets:
-            self.port = sockets[0].getsockname()[1]
+        self.port = server.sockets[0].getsockname()[1]
         self._server = server
 
     async def stop(self) -> None:
-        if self._server is not None:
-            server, self._server = self._server, None
-            await server.shutdown()
+        if self._server is None:
+            return
+        server, self._server = self._server, None
+        server.close()
+        clients = list(self._clients)
+        for task in clients:
+            task.cancel()
+        for task in clients:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await server.wait_closed()
+
+    async def _serve_client(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        if task is not None:
+            self._clients.add(task)  # type: ignore[arg-type]
+        name = writer.get_extra_info("peername")
+        peer = f"{name[0]}:{name[1]}" if name else None
+        log.info("modbus_client_connected", peer=peer)
+        try:
+            while True:
+                tid, pid, length, unit = _MBAP.unpack(await reader.readexactly(_MBAP.size))
+                if not 2 <= length <= _MAX_LENGTH:
+                    # The frame boundary is lost: nothing after it can be parsed safely.
+                    log.warning(
+                        "modbus_frame_refused",
+                        peer=peer,
+                        length=length,
+                        expected=f"an MBAP length of 2..{_MAX_LENGTH}; connection closed",
+                    )
+                    break
+                pdu = await reader.readexactly(length - 1)
+                if pid != 0:
+                    continue  # not Modbus: skipped without an answer
+                try:
+                    reply = await self.store.respond(unit, pdu)
+                except Exception as e:  # a bug in the PLC, not the client's fault: device failure
+                    log.error("modbus_request_failed", peer=peer, error=repr(e)[:200])
+                    reply = exception_pdu(pdu[0], ExcCodes.DEVICE_FAILURE)
+                if reply is not None:
+                    writer.write(_MBAP.pack(tid, 0, len(reply) + 1, unit) + reply)
+                    await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass  # the client went away
+        finally:
+            if task is not None:
+                self._clients.discard(task)  # type: ignore[arg-type]
+            writer.close()
+            log.info("modbus_client_disconnected", peer=peer)
