@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from controller.arbitration import (
-    Level,
     Manual,
     Output,
     Refusal,
@@ -43,6 +42,12 @@ REUSE_SENSORS = (
     "leak_reuse",
     "leak_primary",
 )
+PUMP_FEEDBACK = (
+    ("primary_pump_a_cmd", "primary_pump_a_running"),
+    ("primary_pump_b_cmd", "primary_pump_b_running"),
+    ("secondary_pump_cmd", "secondary_pump_running"),
+)
+PRIMARY_FEEDBACK = frozenset({"primary_pump_a_running", "primary_pump_b_running"})
 SETPOINT_MIN_C = 10.0  # the lowest supply setpoint a request may ask for (as the site file)
 ANALOGUE_USED = ("it_supply_temp", "it_return_temp", "tank_bottom_temp", "primary_flow")
 
@@ -161,12 +166,14 @@ class Supervisor:
         self.memory = EMPTY_MEMORY
         c = cfg.sequence
         self.fan_pi = PI(cfg.fan_kp, cfg.fan_ti_s, c.fan_min_pct, 100.0)
+        self.fan_pi_out = math.nan  # the loop's own output last scan
         self.last: Mapping[str, Output] = {}
         self.out_tags = {t.name: t for t in cfg.outputs}
         self.invalid: Mapping[str, str] = {}  # points invalid in the last scan, with why
         self.blocked_names: frozenset[str] = frozenset()  # commands the guard blocked last scan
         self.refused: frozenset[tuple[str, str, str]] = frozenset()  # as last reported
-        self.pump_fail_since: dict[str, float] = {}
+        self.pump_fail_since: dict[str, float] = {}  # feedback tag -> commanded, stopped since
+        self.pump_failed: set[str] = set()  # feedback tags of pumps judged failed
         self.blocked_total = 0
         self.was_hunting = False
         self.write_failed: frozenset[str] = frozenset()  # as last reported, for its events
@@ -209,6 +216,7 @@ class Supervisor:
         if valve_event:
             events.append(valve_event)
         events += self._runtime_events(cmds, now_s)
+        events += self._watch_pumps(points, now_s, cmds.reset)
         reasons = self._reject_reasons(points, verdict.active, cmds, now_s)
         tank = points["tank_bottom_temp"].num() if "tank_bottom_temp" in points else math.nan
         if tank > cfg.sequence.tank_full_c:
@@ -257,12 +265,17 @@ class Supervisor:
                 setpoint = float(cmds.supply_setpoint_c)
         events += self._refusal_events(refusals, now_s)
         error = values["it_supply_temp"] - setpoint
+        # bumpless in every mode: whenever the fans were given anything but the loop's own
+        # output (a trip's or start-up's 100 %, an interlock, a manual value, the guard), the
+        # loop continues from where they really are, never from a stale integral
         last_fan = self.last.get("drycooler_fan_cmd")
-        if last_fan is not None and last_fan.level is not Level.SEQUENCE:
+        if last_fan is not None and last_fan.value != self.fan_pi_out:
             self.fan_pi = self.fan_pi.track(float(last_fan.value), error, now_s)
         fan_pct, self.fan_pi = self.fan_pi.update(error, now_s)
+        self.fan_pi_out = fan_pct
         seq = mode_outputs(self.machine.mode, values, fan_pct, cfg.sequence, self.tank_full)
-        self._pump_failover(seq, points, now_s)
+        if "primary_pump_a_running" in self.pump_failed:
+            seq["primary_pump_b_cmd"] = True  # duty to the standby
 
         forced = {k: (f.value, ",".join(f.by)) for k, f in verdict.forced.items()}
         outputs = arbitrate(cfg.safe, now_s, interlock=forced, manual=manual, sequence=seq)
@@ -317,9 +330,10 @@ class Supervisor:
         r += [str(d) for d in cmds.degraded]
         if self.valve_fault or now_s - self.valve_fault_at < self.cfg.valve_retry_s:
             r.append("reuse valve not following its command")
-        sec = self.pump_fail_since.get("secondary_pump_running")
-        if sec is not None and now_s - sec >= self.cfg.pump_fail_s:
+        if "secondary_pump_running" in self.pump_failed:
             r.append("secondary pump failed")
+        if self.pump_failed >= PRIMARY_FEEDBACK:
+            r.append("both primary pumps failed")
         return tuple(r)
 
     def _point_events(self, invalid: Mapping[str, str], now_s: float) -> list[Event]:
@@ -396,29 +410,39 @@ class Supervisor:
             )
         return None
 
-    def _pump_failover(
-        self, seq: dict[str, Value], points: Mapping[str, Point], now_s: float
-    ) -> None:
-        """Note pumps commanded but not running; hand duty from a failed pump A to pump B."""
-        for cmd, fb in (
-            ("primary_pump_a_cmd", "primary_pump_a_running"),
-            ("secondary_pump_cmd", "secondary_pump_running"),
-        ):
+    def _watch_pumps(self, points: Mapping[str, Point], now_s: float, reset: bool) -> list[Event]:
+        """Judge every pump with run feedback against what it was last told.
+
+        Commanded but reading stopped for `pump_fail_s`: failed, with one event. A failed pump
+        stays failed until its own feedback reads running again or a deliberate reset clears
+        it; not commanding it proves nothing, so reuse is not re-entered onto a dead secondary
+        pump every re-entry interval. Both primary pumps failed is its own alarm.
+        """
+        events: list[Event] = []
+        was_both = self.pump_failed >= PRIMARY_FEEDBACK
+        if reset and self.pump_failed:
+            events.append(Event("pump_reset", now_s, "pumps", {"pumps": sorted(self.pump_failed)}))
+            self.pump_failed = set()
+        for cmd, fb in PUMP_FEEDBACK:
             last = self.last.get(cmd)
             p = points.get(fb)
-            if (
-                last is not None
-                and last.value is True
-                and p is not None
-                and p.valid
-                and p.value is False
-            ):
-                self.pump_fail_since.setdefault(fb, now_s)
-            else:
+            known = p is not None and p.valid
+            if known and p.value is True:
                 self.pump_fail_since.pop(fb, None)
-        since = self.pump_fail_since.get("primary_pump_a_running")
-        if since is not None and now_s - since >= self.cfg.pump_fail_s:
-            seq["primary_pump_b_cmd"] = True
+                if fb in self.pump_failed:
+                    self.pump_failed.discard(fb)
+                    events.append(Event("pump_recovered", now_s, fb))
+            elif known and last is not None and last.value is True:
+                since = self.pump_fail_since.setdefault(fb, now_s)
+                if now_s - since >= self.cfg.pump_fail_s and fb not in self.pump_failed:
+                    self.pump_failed.add(fb)
+                    events.append(Event("pump_failed", now_s, fb, {"commanded_s": now_s - since}))
+            else:
+                self.pump_fail_since.pop(fb, None)  # not commanded, or unknown: no verdict
+        both = self.pump_failed >= PRIMARY_FEEDBACK
+        if both and not was_both:
+            events.append(Event("primary_pumps_failed", now_s, "primary_pumps"))
+        return events
 
 
 def _shown(v: object) -> object:
