@@ -28,9 +28,10 @@ class PI:
     last_s: float | None = None
 
     def update(self, error: float, now_s: float) -> tuple[float, PI]:
-        """One PI step. A NaN error holds the integral and returns the upper limit (fail safe)."""
+        """One PI step. A NaN error returns the upper limit (fail safe), and the integral
+        follows that output, so the loop comes back from it without a jump."""
         if math.isnan(error):
-            return self.hi, PI(self.kp, self.ti_s, self.lo, self.hi, self.integral, now_s)
+            return self.hi, PI(self.kp, self.ti_s, self.lo, self.hi, self.hi, now_s)
         dt = 0.0 if self.last_s is None else max(0.0, now_s - self.last_s)
         # anti-windup as simple-pid does it: the integral itself never leaves the output range
         i = min(max(self.integral + self.kp * error * dt / self.ti_s, self.lo), self.hi)

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from controller.arbitration import Level, Manual
 from controller.modes import Mode
-from controller.supervisor import Commands, Decision, Supervisor
+from controller.supervisor import Commands, Decision, Supervisor, SupervisorConfig
 from tests.unit.core_helpers import CFG, live, plant_like
+from tests.unit.core_helpers import SITE as CFG_SITE
 
 
 def reusing(now_s: float = 0.0) -> tuple[Supervisor, float]:
@@ -156,3 +157,126 @@ def test_command_blocked_once_per_distinct_set_of_blocked_commands() -> None:
         blocked_events += kinds(d, "command_blocked")
     assert len(blocked_events) == 2
     assert sup.blocked_total == 5 * 2 + 5 * 3  # the count still sees every scan
+
+
+# ---- 7.14: pumps, their failures, and the fan loop -----------------------------------------
+
+
+def test_pump_and_valve_times_come_from_the_site_file() -> None:
+    site = CFG_SITE.with_control(
+        pump_fail_s=42.0, valve_follow_s=77.0, valve_tolerance_pct=7.0, valve_retry_s=999.0
+    )
+    cfg = SupervisorConfig.from_site(site)
+    assert (cfg.pump_fail_s, cfg.valve_follow_s, cfg.valve_tolerance_pct, cfg.valve_retry_s) == (
+        42.0,
+        77.0,
+        7.0,
+        999.0,
+    )
+    assert cfg.max_force_s == site.control.max_force_s
+
+
+def test_both_primary_pumps_failed_is_its_own_alarm_and_reject_cause() -> None:
+    """Pump A stops: B takes duty; B stops too: `pump_failed` for each, one
+    `primary_pumps_failed`, reuse rejected for that cause, and both pumps stay commanded."""
+    sup, t = reusing()
+    d = None
+    seen: list[tuple[str, str]] = []
+    for i in range(int(3 * CFG.pump_fail_s) + 3):
+        d = sup.step(
+            plant_like(t + i, d, primary_pump_a_running=False, primary_pump_b_running=False),
+            t + i,
+        )
+        seen += [(e.kind, e.source) for e in d.events if "pump" in e.kind]
+    assert d is not None
+    assert seen == [
+        ("pump_failed", "primary_pump_a_running"),
+        ("pump_failed", "primary_pump_b_running"),
+        ("primary_pumps_failed", "primary_pumps"),
+    ]
+    assert "both primary pumps failed" in d.reject_reasons
+    assert sup.mode is Mode.DRY_COOLER_REJECT
+    assert d.values()["primary_pump_a_cmd"] is True and d.values()["primary_pump_b_cmd"] is True
+
+
+def test_pump_b_is_watched_when_it_runs_as_duty() -> None:
+    sup, t = reusing()
+    d = None
+    kinds_seen: list[tuple[str, str]] = []
+    for i in range(int(2 * CFG.pump_fail_s) + 3):
+        d = sup.step(plant_like(t + i, d, primary_pump_b_running=False), t + i)
+        kinds_seen += [(e.kind, e.source) for e in d.events if "pump" in e.kind]
+    assert not kinds_seen  # B not commanded: nothing to judge
+    assert d is not None and d.values()["primary_pump_b_cmd"] is False
+    d = sup.step(plant_like(t + 100, d, primary_pump_b_running=False), t + 100)
+    man = {"primary_pump_b_cmd": Manual(True, t + 1000.0, "eng")}
+    for i in range(101, 101 + int(CFG.pump_fail_s) + 2):
+        d = sup.step(
+            plant_like(t + i, d, primary_pump_b_running=False), t + i, Commands(manual=man)
+        )
+        kinds_seen += [(e.kind, e.source) for e in d.events if "pump" in e.kind]
+    assert kinds_seen == [("pump_failed", "primary_pump_b_running")]
+
+
+def test_a_failed_secondary_pump_stays_failed_until_feedback_or_reset() -> None:
+    """Its feedback never comes: reuse is entered once, the pump fails, and reuse is NOT tried
+    again every re-entry interval (3 h here: before, every 15 min). A reset clears the verdict;
+    feedback that shows it running clears it too."""
+    sup, t0 = reusing()
+    d = None
+    entries = 0
+    t = t0
+    while t < t0 + 3 * 3600.0:
+        d = sup.step(plant_like(t, d, secondary_pump_running=False), t)
+        entries += sum(
+            1 for e in d.events if e.kind == "mode_changed" and e.source == "NORMAL_REUSE"
+        )
+        t += 5.0
+    assert d is not None
+    assert entries == 0, "reuse was re-entered onto a failed secondary pump"
+    assert sup.mode is Mode.DRY_COOLER_REJECT
+    assert "secondary pump failed" in d.reject_reasons
+    assert d.values()["secondary_pump_cmd"] is False  # no longer commanded, still failed
+
+    d = sup.step(plant_like(t, d, secondary_pump_running=False), t, Commands(reset=True))
+    assert [e.kind for e in d.events if "pump" in e.kind] == ["pump_reset"]
+    assert "secondary pump failed" not in d.reject_reasons
+
+    sup2, t2 = reusing()
+    d2 = None
+    for i in range(int(CFG.pump_fail_s) + 2):
+        d2 = sup2.step(plant_like(t2 + i, d2, secondary_pump_running=False), t2 + i)
+    assert d2 is not None and "secondary pump failed" in d2.reject_reasons
+    d2 = sup2.step(plant_like(t2 + 50, d2, secondary_pump_running=True), t2 + 50)
+    assert [e.kind for e in d2.events if "pump" in e.kind] == ["pump_recovered"]
+    assert "secondary pump failed" not in d2.reject_reasons
+
+
+def test_fans_leave_a_trip_from_where_they_are_not_from_a_stale_integral() -> None:
+    """Reusing at the setpoint the fan loop sits near its minimum; a leak trip runs the fans at
+    100 %; on the first scan after the reset the loop continues from 100 % (less at most one
+    PI step), not from the minimum it had before the trip."""
+    sup, t = reusing()
+    d = sup.step(live(t), t)
+    assert d.values()["drycooler_fan_cmd"] < 50.0
+    for i in range(1, 60):
+        d = sup.step(live(t + i, leak_reuse=i < 30), t + i)
+    assert sup.mode is Mode.LEAK_TRIP and d.values()["drycooler_fan_cmd"] == 100.0
+    d = sup.step(live(t + 60), t + 60, Commands(reset=True))
+    assert sup.mode is Mode.DRY_COOLER_REJECT
+    error_k = 0.02 + 0.02  # the supply reads setpoint + at most 0.02 K, both scans
+    one_step = CFG.fan_kp * error_k * (1.0 + 1.0 / CFG.fan_ti_s)
+    assert d.values()["drycooler_fan_cmd"] >= 100.0 - one_step
+
+
+def test_fans_leave_a_supply_sensor_fault_from_100_pct() -> None:
+    """IL-02 (NaN supply) drives the fans to 100 %; when the reading returns the loop goes on
+    from 100 %, not from the integral it held while the sensor was gone."""
+    sup, t = reusing()
+    for i in range(30):
+        d = sup.step(live(t + i, it_supply_temp=float("nan")), t + i)
+    assert d.values()["drycooler_fan_cmd"] == 100.0
+    d = sup.step(live(t + 30), t + 30)
+    assert "IL-02" not in d.active
+    one_step = CFG.fan_kp * 0.04 * (1.0 + 1.0 / CFG.fan_ti_s)
+    assert d.values()["drycooler_fan_cmd"] >= 100.0 - one_step
