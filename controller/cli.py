@@ -1,21 +1,52 @@
-"""The `heatloop` command line. Exit codes: 0 success, 2 bad usage or site file, 1 failure."""
+"""The `heatloop` command line. Exit codes: 0 success, 2 bad usage or site file, 1 failure.
+
+The plant model (`sim`) is imported only inside the commands that run it (`demo`, `study`,
+`sim serve`): the production controller (`run`) never loads it.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from plc_io.site import Site, SiteError, demo_site_text, load_site
+from controller.sitecheck import checked, load_checked_site
+from plc_io.site import Site, SiteError, demo_site, demo_site_text
 from plc_io.tags import Tag
-from sim.scenario import ScenarioError
+
+if TYPE_CHECKING:  # for annotations only: `run` must not load the plant model
+    from sim.scenario import Scenario
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
 
 class UsageError(Exception):
-    """Bad command-line usage; exits with code 2."""
+    """Bad command-line usage or a bad file or directory; exits with code 2."""
+
+
+def check_state_dir(site: Site) -> Path:
+    """Create the state directory if needed and prove it writable; UsageError (exit 2) if not.
+
+    Checked at start-up, before any connection: a journal that cannot persist is a
+    configuration error here, not something to discover in the first scan.
+    """
+    d = site.state_dir
+    if d.exists() and not d.is_dir():
+        raise UsageError(f"state.dir {str(d)!r}: expected a directory, found a file")
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=d):
+            pass
+    except OSError as e:
+        raise UsageError(
+            f"state.dir {str(d)!r}: expected a writable directory ({e.strerror or e})"
+        ) from None
+    return d
 
 
 def _fmt_num(x: float) -> str:
@@ -63,7 +94,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    site = load_site(args.site)
+    site = load_checked_site(args.site)
     print(f"site {site.site.name!r}: {len(site.inputs)} inputs, {len(site.outputs)} outputs — OK")
     print()
     print("\n".join(tag_table_lines(site)))
@@ -82,6 +113,7 @@ def cause_effect_lines(site: Site) -> list[str]:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    checked(demo_site(), "<demo site>")  # the embedded site passes the same checks as any other
     from controller.demo import run_demo
 
     return run_demo(minutes=args.minutes, speed=args.speed)
@@ -92,7 +124,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from controller.runtime import make_transport, run_service
 
-    site = load_site(args.site)
+    site = load_checked_site(args.site)
+    check_state_dir(site)
     try:
         transport = make_transport(site)
     except ValueError as e:  # e.g. a password variable the site names is not set
@@ -104,10 +137,9 @@ def cmd_study(args: argparse.Namespace) -> int:
     import time
 
     from controller.study import ClosedLoop
-    from sim.scenario import load_scenario
 
-    site = load_site(args.site)
-    scenario = load_scenario(args.scenario) if args.scenario else None
+    site = load_checked_site(args.site)
+    scenario = _scenario(args.scenario)
     loop = ClosedLoop(site, seed=args.seed, scenario=scenario, dt_s=args.step)
     t0 = time.perf_counter()
     result = loop.run(args.days * 86400.0)
@@ -116,6 +148,36 @@ def cmd_study(args: argparse.Namespace) -> int:
     print("\n".join(result.lines()))
     print(f"speed                  {result.sim_s / wall:10.0f} × real time ({wall:.1f} s wall)")
     return EXIT_OK
+
+
+def _scenario(path: str | None) -> Scenario | None:
+    """Load a scenario file; a bad one is a UsageError (exit 2)."""
+    if path is None:
+        return None
+    from sim.scenario import ScenarioError, load_scenario
+
+    try:
+        return load_scenario(path)
+    except ScenarioError as e:
+        raise UsageError(str(e)) from None
+
+
+def cmd_sim_serve(args: argparse.Namespace) -> int:
+    site = load_checked_site(args.site)
+    scenario = _scenario(args.scenario)
+    from sim.serve import run_serve
+
+    return run_serve(site, scenario, args.speed)
+
+
+def _positive(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0") from None
+    if not 0 < v < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,9 +211,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scenario", default=None, help="scenario file (TOML) of timed faults")
     s.set_defaults(func=cmd_study)
 
-    from sim.serve import add_parser as add_sim_parser
-
-    add_sim_parser(sub)
+    sim = sub.add_parser("sim", help="the simulated plant and PLC")
+    sim_sub = sim.add_subparsers(dest="sim_command", required=True)
+    s = sim_sub.add_parser(
+        "serve",
+        help="serve the simulated PLC over Modbus TCP and OPC UA on the site's endpoints",
+        description=(
+            "Run the simulated plant and PLC until Ctrl-C / SIGTERM: Modbus TCP on "
+            "[plc] host:port (unit [plc] unit_id), OPC UA on opc.tcp://127.0.0.1:[sim] opcua_port/."
+        ),
+    )
+    s.add_argument("--site", required=True, help="site file (TOML)")
+    s.add_argument("--scenario", default=None, help="scenario file (TOML) of timed faults")
+    s.add_argument(
+        "--speed", type=_positive, default=1.0, help="simulated seconds per wall second (1)"
+    )
+    s.set_defaults(func=cmd_sim_serve)
     return p
 
 
@@ -162,20 +237,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # argparse exits 2 on bad usage already; keep 0 for --help
         return int(e.code or 0)
     try:
-        return int(args.func(args))
+        code = int(args.func(args))
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # `heatloop check SITE | head`: the reader has seen enough. Problems go to stderr
+        # before anything is printed, so the output stopped on the success path.
+        _silence_stdout()
+        return EXIT_OK
     except SiteError as e:
         for p in e.problems:
             print(f"{e.source}: {p}", file=sys.stderr)
         print(f"{e.source}: {len(e.problems)} problem(s); nothing started", file=sys.stderr)
-        return EXIT_USAGE
-    except ScenarioError as e:
-        print(f"heatloop: {e}", file=sys.stderr)
         return EXIT_USAGE
     except UsageError as e:
         print(f"heatloop: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_OK
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush does not fail again."""
+    with contextlib.suppress(OSError, ValueError):
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 if __name__ == "__main__":

@@ -35,19 +35,21 @@ _SNAKE = re.compile(r"^[a-z][a-z0-9_]*$")
 
 class SiteInfo(BaseModel):
     model_config = _FROZEN
-    name: str = Field(min_length=1)
-    description: str = ""
+    name: str = Field(min_length=1, max_length=100)
+    description: str = Field("", max_length=2000)
 
 
 class OpcuaClientConfig(BaseModel):
     """How heatloop reaches a PLC that speaks OPC UA."""
 
     model_config = _FROZEN
-    endpoint: str = "opc.tcp://127.0.0.1:4841/"
-    namespace: str = "urn:heatloop:plc"
+    endpoint: str = Field("opc.tcp://127.0.0.1:4841/", max_length=500)
+    namespace: str = Field("urn:heatloop:plc", max_length=500)
     security: Literal["None", "Basic256Sha256_Sign", "Basic256Sha256_SignAndEncrypt"] = "None"
-    username: str | None = None
-    password_env: str | None = None  # name of the environment variable holding the password
+    username: str | None = Field(None, max_length=100)
+    password_env: str | None = Field(
+        None, max_length=100
+    )  # name of the environment variable holding the password
     subscribe: bool = True
     publish_interval_ms: int = Field(100, ge=10, le=10_000)
 
@@ -55,7 +57,7 @@ class OpcuaClientConfig(BaseModel):
 class PlcConfig(BaseModel):
     model_config = _FROZEN
     transport: Literal["modbus", "opcua"] = "modbus"
-    host: str = "127.0.0.1"
+    host: str = Field("127.0.0.1", min_length=1, max_length=253)
     port: int = Field(5020, ge=1, le=65535)
     unit_id: int = Field(1, ge=0, le=247)
     watchdog_s: float = Field(3.0, gt=0, le=60)
@@ -78,14 +80,14 @@ class SimConfig(BaseModel):
 
 class BmsConfig(BaseModel):
     model_config = _FROZEN
-    host: str = "0.0.0.0"
+    host: str = Field("0.0.0.0", min_length=1, max_length=253)
     port: int = Field(4840, ge=1, le=65535)
     allow_none_security: bool = False
 
 
 class StateConfig(BaseModel):
     model_config = _FROZEN
-    dir: str = "state"
+    dir: str = Field("state", min_length=1, max_length=4096)
 
 
 class ScanConfig(BaseModel):
@@ -260,6 +262,10 @@ def _expected(e: Any) -> str:
         return f"one of {ctx.get('expected')}"
     if kind in _STRICT_TYPES:
         return _STRICT_TYPES[kind]
+    if kind == "string_too_long":
+        return f"a string of at most {ctx.get('max_length')} characters"
+    if kind == "string_too_short":
+        return f"a string of at least {ctx.get('min_length')} character(s)"
     msg = str(e["msg"]).removeprefix("Value error, ")
     return msg[:1].lower() + msg[1:]
 

@@ -130,14 +130,14 @@ class Tag(BaseModel):
 
     model_config = STRICT
 
-    name: str
+    name: str = Field(max_length=64)
     direction: Direction = Field(strict=False)  # from its name in the file
     type: DataType = Field(strict=False)
     unit: str
     range: FinitePair
-    description: str = ""
+    description: str = Field("", max_length=500)
     modbus: ModbusPoint
-    opcua_node: str | None = None
+    opcua_node: str | None = Field(None, max_length=4096)
     safe: Value | None = None  # outputs only: the value the PLC watchdog falls back to
     verify: bool = False  # outputs only: read back after writing
     # boolean inputs only: what the input reads when its circuit is cut / de-energised

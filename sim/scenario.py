@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-import tomllib
 from bisect import bisect_right
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from plc_io.site import parse_toml, read_text_file
 
 from . import faults
 from .plant import PlantState
@@ -133,10 +134,11 @@ def load_scenario(path: str | Path) -> Scenario:
     """Read and validate a scenario TOML file. Raises ScenarioError."""
     source = str(path)
     try:
-        with open(path, "rb") as fh:
-            data = tomllib.load(fh)
-    except OSError as exc:
-        raise ScenarioError(f"{source}: cannot read: {exc.strerror or exc}") from exc
-    except tomllib.TOMLDecodeError as exc:
-        raise ScenarioError(f"{source}: not valid TOML: {exc}") from exc
+        text = read_text_file(path, "scenario file")
+    except ValueError as exc:  # unreadable, a directory, too big, a BOM, not UTF-8
+        raise ScenarioError(f"{source}: cannot read: {exc}") from None
+    try:
+        data = parse_toml(text)  # invalid or too deeply nested TOML
+    except ValueError as exc:
+        raise ScenarioError(f"{source}: {exc}") from None
     return parse_scenario(data, source)

@@ -54,8 +54,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-ar
 def cmd_serve(args: argparse.Namespace) -> int:
     site = load_site(args.site)  # SiteError: the caller's exit 2
     scenario = load_scenario(args.scenario) if args.scenario else None  # ScenarioError: exit 2
+    return run_serve(site, scenario, args.speed)
+
+
+def run_serve(site: Site, scenario: Scenario | None, speed: float) -> int:
+    """Serve an already validated site until stopped; a port in use exits 1 with a message."""
     try:
-        return asyncio.run(serve(site, scenario, args.speed))
+        return asyncio.run(serve(site, scenario, speed))
     except OSError as e:
         print(f"heatloop sim serve: {e}", file=sys.stderr)
         return EXIT_RUNTIME
