@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import re
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Literal, get_args, get_origin
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -67,11 +68,37 @@ def transitions_markdown() -> str:
     return "\n".join(rows)
 
 
+def _bounds(f: Any) -> str:
+    """A field's bounds as the docs print them: numeric limits, string lengths, literal choices."""
+    parts = [
+        f"{k} {getattr(m, k)}"
+        for m in f.metadata
+        for k in ("gt", "ge", "lt", "le", "min_length", "max_length")
+        if getattr(m, k, None) is not None
+    ]
+    if get_origin(f.annotation) is Literal:
+        parts.append("one of " + ", ".join(repr(a) for a in get_args(f.annotation)))
+    return ", ".join(parts)
+
+
+def _default(f: Any) -> str:
+    if f.is_required():
+        return "required"
+    if isinstance(f.default, BaseModel):
+        return "(a table)"
+    return f"`{f.default!r}`"
+
+
 def site_keys_markdown() -> str:
     """Every key of every site-file section with its default and bounds, from the models."""
     from plc_io.site import SECTIONS
 
-    out = []
+    out = [
+        "Every number is finite (`inf` and `nan` are refused) and strictly typed: `true` is not "
+        'a number, `1` is not `true`, `"5"` is neither; a whole number is accepted where a '
+        "decimal is expected.",
+        "",
+    ]
     tables: list[tuple[str, type[BaseModel]]] = list(SECTIONS.items())
     for section, model in SECTIONS.items():  # nested tables such as [plc.opcua]
         for name, f in model.model_fields.items():
@@ -80,24 +107,41 @@ def site_keys_markdown() -> str:
     for section, model in tables:
         out += [f"### [{section}]", "", "| key | default | bounds |", "|---|---|---|"]
         for name, f in model.model_fields.items():
-            bounds = ", ".join(
-                f"{k} {getattr(m, k)}"
-                for m in f.metadata
-                for k in ("gt", "ge", "lt", "le", "min_length")
-                if getattr(m, k, None) is not None
-            )
-            if f.is_required():
-                default = "required"
-            elif isinstance(f.default, BaseModel):
-                default = "(a table)"
-            else:
-                default = f"`{f.default!r}`"
-            kind = "literal" if get_origin(f.annotation) is Literal else ""
-            if kind:
-                bounds = "one of " + ", ".join(repr(a) for a in get_args(f.annotation))
-            out.append(f"| `{name}` | {default} | {bounds} |")
+            out.append(f"| `{name}` | {_default(f)} | {_bounds(f)} |")
         out.append("")
     return "\n".join(out).rstrip()
+
+
+def tag_keys_markdown() -> str:
+    """The keys of a `[tags.<name>]` table and of its `modbus` table, with their bounds."""
+    from plc_io.tags import MAX_ENGINEERING, ModbusPoint, Tag
+
+    out = []
+    for title, model in (("[tags.<name>]", Tag), ("[tags.<name>].modbus", ModbusPoint)):
+        out += [f"### {title}", "", "| key | default | bounds |", "|---|---|---|"]
+        for name, f in model.model_fields.items():
+            if name == "name":
+                continue  # the table's own name
+            bounds = _bounds(f)
+            if name == "range":
+                bounds = f"two finite numbers, low < high, each within ±{MAX_ENGINEERING:g}"
+            elif isinstance(f.annotation, type) and issubclass(f.annotation, Enum):
+                bounds = "one of " + ", ".join(repr(e.value) for e in f.annotation)
+            out.append(f"| `{name}` | {_default(f)} | {bounds} |")
+        out.append("")
+    return "\n".join(out).rstrip()
+
+
+def site_rules_markdown() -> str:
+    """The cross-field rules and the safe-value rules, as `heatloop check` applies them."""
+    from controller.sitecheck import RULES as SAFE_RULES
+    from plc_io.site import CROSS_RULES
+
+    out = ["Settings that contradict each other (each refusal names both fields):", ""]
+    out += [f"- {r}" for r in CROSS_RULES]
+    out += ["", "Safe values (checked by `controller/sitecheck.py`):", ""]
+    out += [f"- {r}" for r in SAFE_RULES]
+    return "\n".join(out)
 
 
 def blocks(site: Site | None = None) -> dict[str, str]:
@@ -107,6 +151,8 @@ def blocks(site: Site | None = None) -> dict[str, str]:
         "transitions": transitions_markdown(),
         "ce-matrix": matrix_markdown(site),
         "site-keys": site_keys_markdown(),
+        "tag-keys": tag_keys_markdown(),
+        "site-rules": site_rules_markdown(),
     }
 
 

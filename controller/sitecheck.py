@@ -35,6 +35,21 @@ _CONTRACT: tuple[tuple[str, Value, str], ...] = (
 )
 
 
+def _shown(v: Value) -> str:
+    return str(v).lower() if isinstance(v, bool) else f"{float(v):g}"
+
+
+# The safe-value rules as docs/site-file.md states them (generated from here).
+RULES = (
+    "the arbitration guard, run over the safe values with every pump's run feedback unknown, "
+    "overrides none of them (a primary pump runs; a heat sink remains; the primary pump speed "
+    f"is at least min(`control.primary_pump_speed_pct`, {GUARD_PUMP_SPEED_FLOOR_PCT:g}) %)",
+    "DESIGN §7: "
+    + ", ".join(f"`{name}` = {_shown(want)}" for name, want, _ in _CONTRACT)
+    + "; the rule broken is named in the refusal",
+)
+
+
 def min_pump_speed_pct(site: Site) -> float:
     """The primary pump speed below which the guard overrides a command."""
     return min(site.control.primary_pump_speed_pct, GUARD_PUMP_SPEED_FLOOR_PCT)
@@ -87,10 +102,6 @@ def check_site(site: Site) -> list[Problem]:
             )
         )
     return _dedupe(probs)
-
-
-def _shown(v: Value) -> str:
-    return str(v).lower() if isinstance(v, bool) else f"{float(v):g}"
 
 
 def _dedupe(probs: list[Problem]) -> list[Problem]:
