@@ -12,3 +12,15 @@ def test_generated_docs_are_up_to_date(name: str) -> None:
     text = (DOCS / name).read_text(encoding="utf-8")
     assert render(text, blocks()) == text, f"docs/{name} is stale: run `make docs`"
     assert "<!-- generated:" in text
+
+
+def test_site_file_doc_lists_every_bound_and_cross_check() -> None:
+    from controller.sitecheck import RULES as SAFE_RULES
+    from plc_io.site import CROSS_RULES
+
+    text = (DOCS / "site-file.md").read_text(encoding="utf-8")
+    for rule in (*CROSS_RULES, *SAFE_RULES):
+        assert f"- {rule}" in text
+    assert "| `stale_after_s` | `2.0` | gt 0, le 60 |" in text  # was unbounded
+    assert "| `fail_state` |" in text and "| `frozen_s` | `None` | gt 0, le 86400 |" in text
+    assert "finite (`inf` and `nan` are refused)" in text
