@@ -30,15 +30,17 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_right
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from functools import cache
 from itertools import pairwise
 from typing import NamedTuple
 
 import numpy as np
 
 from plc_io.plant_config import PlantConfig
-from plc_io.tags import REQUIRED_INPUTS, REQUIRED_OUTPUTS
+from plc_io.site import demo_site
+from plc_io.tags import REQUIRED_INPUTS, REQUIRED_OUTPUTS, Tag
 
 from . import fluids
 
@@ -152,6 +154,37 @@ _NOISE_ROWS = (
 )  # two coprime table lengths: the combined noise repeats after 16.8 M steps
 
 
+@dataclass(frozen=True, slots=True)
+class Wiring:
+    """How the boolean inputs are wired, from the site's tag table (DESIGN §8: a broken circuit
+    never reads healthy). `sensor_fail` on a boolean input cuts its circuit: the input then reads
+    its `fail_state` (false when the site declares none: a de-energised contact), and if it is
+    `supervised_by` a fault input (a leak-detection module's zone fault contact), that input
+    reads true. Fault inputs named here read false while every circuit they watch is whole.
+    """
+
+    fail_reads: tuple[tuple[str, bool], ...] = ()  # (boolean input, reading with the wire cut)
+    supervisors: tuple[tuple[str, str], ...] = ()  # (supervised input, its fault input)
+
+    @classmethod
+    def from_tags(cls, tags: Iterable[Tag]) -> Wiring:
+        inputs = [t for t in tags if not t.is_output and t.is_bool]
+        return cls(
+            fail_reads=tuple(
+                (t.name, bool(t.fail_state)) for t in inputs if t.fail_state is not None
+            ),
+            supervisors=tuple(
+                (t.name, t.supervised_by) for t in inputs if t.supervised_by is not None
+            ),
+        )
+
+
+@cache
+def demo_wiring() -> Wiring:
+    """The demo site's wiring: what a plant built without a tag table is wired like."""
+    return Wiring.from_tags(demo_site().tags)
+
+
 class Model:
     """Constants derived once from the parameters, shared (never copied) by all states of a run."""
 
@@ -167,7 +200,9 @@ class Model:
         "cust_summer",
         "cust_to_h",
         "cust_unocc",
+        "fail_reads",
         "fan_kw",
+        "fault_inputs",
         "g_mix_kw_k",
         "hx_ua_kw_k",
         "it_kw",
@@ -189,6 +224,7 @@ class Model:
         "room_c",
         "sec_mean0_c",
         "seed",
+        "supervisors",
         "tank_loss_kw_k",
         "two_pump",
         "ua_dc_kw_k",
@@ -200,12 +236,20 @@ class Model:
         "vc_m3s",
         "vp_m3s",
         "vs_m3s",
+        "wiring",
     )
 
-    def __init__(self, params: PlantConfig, seed: int) -> None:
+    def __init__(self, params: PlantConfig, seed: int, wiring: Wiring | None = None) -> None:
         p = params
         self.params = p
         self.seed = seed
+        self.wiring = demo_wiring() if wiring is None else wiring
+        self.fail_reads = dict(self.wiring.fail_reads)
+        self.supervisors = dict(self.wiring.supervisors)
+        # fault inputs beyond the required ones: measured (false) so the PLC can serve them
+        self.fault_inputs = tuple(
+            sorted({f for _, f in self.wiring.supervisors} - set(REQUIRED_INPUTS))
+        )
         self.it_kw = p.it_power_kw
         self.it_ripple = p.it_ripple_pct / 100.0
         self.it_ripple_w = _TWO_PI / p.it_ripple_period_s
@@ -265,10 +309,14 @@ class Model:
         self.noise_scale = tuple(scale)
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, Model) and (self.params, self.seed) == (other.params, other.seed)
+        return isinstance(other, Model) and (self.params, self.seed, self.wiring) == (
+            other.params,
+            other.seed,
+            other.wiring,
+        )
 
     def __hash__(self) -> int:
-        return hash((self.params, self.seed))
+        return hash((self.params, self.seed, self.wiring))
 
     def __repr__(self) -> str:
         return f"Model(seed={self.seed})"
@@ -318,11 +366,17 @@ class Accounts:
         )
 
 
-def initial(params: PlantConfig, seed: int = 0, t0_s: float = 0.0) -> PlantState:
-    """The plant at t0_s (seconds since Jan 1 00:00) at rest in its safe state, all faults clear."""
+def initial(
+    params: PlantConfig, seed: int = 0, t0_s: float = 0.0, tags: Iterable[Tag] | None = None
+) -> PlantState:
+    """The plant at t0_s (seconds since Jan 1 00:00) at rest in its safe state, all faults clear.
+
+    `tags`: the site's tag table, which says what each boolean input reads with its circuit cut
+    (`Wiring`); without one the plant is wired like the demo site.
+    """
     if not math.isfinite(t0_s):
         raise ValueError(f"t0_s={t0_s!r}: expected a finite number of seconds since Jan 1")
-    model = Model(params, seed)
+    model = Model(params, seed, None if tags is None else Wiring.from_tags(tags))
     n = params.tank_nodes
     top_c, bottom_c = params.initial_tank_top_temp_c, params.initial_tank_bottom_temp_c
     tank = tuple(top_c + (bottom_c - top_c) * i / (n - 1) for i in range(n))
@@ -800,7 +854,8 @@ def truth(state: PlantState) -> dict[str, float]:
 
 
 def measure(state: PlantState) -> dict[str, float | bool]:
-    """Sensor readings for every REQUIRED_INPUTS tag, with noise and sensor faults applied."""
+    """Sensor readings for every REQUIRED_INPUTS tag and every fault input the wiring names,
+    with noise and sensor faults applied."""
     m = state.model
     fx = state.fx
     t_r, t_t, t_s = state.primary_c
@@ -837,6 +892,8 @@ def measure(state: PlantState) -> dict[str, float | bool]:
         "secondary_pump_running": c.pump_s,
         "drycooler_fault": fx.fan_failed,
     }
+    for name in m.fault_inputs:
+        vals[name] = False  # every watched circuit whole until a sensor_fail cuts one
     if m.params.sensor_noise:
         k = state.step_count
         row_a = m.noise_a[k % _NOISE_ROWS[0]]
@@ -853,6 +910,13 @@ def measure(state: PlantState) -> dict[str, float | bool]:
         elif kind == "sensor_stuck":
             if frozen is not None:
                 vals[tag] = frozen
-        else:  # sensor_fail: an open circuit reads NaN; a dry contact reads de-energised
-            vals[tag] = False if isinstance(vals[tag], bool) else _NAN
+        elif isinstance(vals[tag], bool):
+            # sensor_fail on a contact: a cut circuit reads what the site says it reads (a
+            # de-energise-to-trip leak cable reads wet), and its supervising fault input trips
+            vals[tag] = m.fail_reads.get(tag, False)
+            supervisor = m.supervisors.get(tag)
+            if supervisor is not None:
+                vals[supervisor] = True
+        else:  # sensor_fail on an analogue input: an open circuit reads NaN
+            vals[tag] = _NAN
     return vals

@@ -65,7 +65,7 @@ class SimPlc:
         self._clock = clock
         self._step_s = site.sim.step_s
         self._t0_s = site.sim.start_day * 86400.0
-        self._state = plant.initial(site.plant, seed=self.seed, t0_s=self._t0_s)
+        self._state = plant.initial(site.plant, seed=self.seed, t0_s=self._t0_s, tags=site.tags)
         if scenario is not None:
             self._state = scenario.apply_due(self._state, -1.0, 0.0)  # events at 0 s
         self._plant_cmds = frozenset(plant.COMMAND_TAGS)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from plc_io.plant_config import PlantConfig
+from plc_io.tags import Tag
 
 from .local import local_policy
 from .plant import PlantState, accounts, initial, measure, step
@@ -59,14 +60,16 @@ def simulate(
     policy: Policy = local_policy,
     t0_s: float = 0.0,
     supply_limit_c: float = 45.0,
+    tags: Iterable[Tag] | None = None,
 ) -> tuple[Figures, PlantState]:
     """Run the plant for `seconds` under `policy` (fed by `measure`), applying the scenario;
-    return the figures and the final plant state."""
+    return the figures and the final plant state. `tags`: the site's tag table (the wiring of
+    its boolean inputs, see `plant.initial`)."""
     if not (seconds >= 0.0 and math.isfinite(seconds)):
         raise ValueError(f"seconds={seconds!r}: expected a finite duration >= 0")
     if not (dt_s > 0.0 and math.isfinite(dt_s)):
         raise ValueError(f"dt_s={dt_s!r}: expected a finite time step > 0 s")
-    state = initial(params, seed, t0_s)
+    state = initial(params, seed, t0_s, tags)
     if scenario is not None:
         state = scenario.apply_due(state, -math.inf, 0.0)
     above_s = kelvin_s = elapsed_s = 0.0

@@ -33,9 +33,11 @@ from tests.hil.conftest import (
     Heartbeat,
     ModbusProbe,
     free_port,
+    make_plc,
     release_watchdog,
     wait_for,
 )
+from tests.unit.test_plant_faults import ZONE_FAULT, supervised_site
 
 pytestmark = [pytest.mark.hil, pytest.mark.asyncio(loop_scope="session")]
 
@@ -476,6 +478,46 @@ async def test_plant_fault_via_opcua_shows_on_modbus(plc: SimPlc, opc: tuple[Cli
         await sim.call_method(f"{ns}:InjectFault", "comms_garble", "", 1.0)
         await sim.call_method(f"{ns}:ClearAllFaults")
         assert not plc.faults.active(plc.now())
+
+
+async def test_a_cut_leak_cable_reads_wet_and_a_cut_fault_wire_reads_faulted_over_modbus(
+    plc: SimPlc,
+) -> None:
+    site = plc.site
+    assert site.tag("leak_reuse").fail_state is True  # the demo site: de-energise-to-trip
+    assert site.tag("drycooler_fault").fail_state is True
+    async with ModbusProbe(site, plc.modbus_port) as probe:
+        assert await probe.read("leak_reuse") is False
+        assert await probe.read("drycooler_fault") is False
+        plc.inject("sensor_fail", "leak_reuse")
+        assert await probe.read("leak_reuse") is True  # a cut cable reads wet
+        assert await probe.read("leak_primary") is False  # the other zone is untouched
+        plc.inject("sensor_fail", "drycooler_fault")
+        assert await probe.read("drycooler_fault") is True  # a cut wire reads faulted
+        plc.clear("sensor_fail", "leak_reuse")
+        plc.clear("sensor_fail", "drycooler_fault")
+        assert await probe.read("leak_reuse") is False
+        assert await probe.read("drycooler_fault") is False
+
+
+async def test_a_cut_supervised_leak_cable_trips_its_zone_fault_input_over_modbus() -> None:
+    site = supervised_site()  # leak_reuse supervised by a zone fault contact, no fail_state
+    async with make_plc(site) as plc, ModbusProbe(site, plc.modbus_port) as probe:
+        assert await probe.read(ZONE_FAULT) is False
+        plc.inject("sensor_fail", "leak_reuse")
+        assert await probe.read(ZONE_FAULT) is True  # the controller sees the zone invalid
+        assert await probe.read("leak_reuse") is False
+        plc.clear("sensor_fail", "leak_reuse")
+        assert await probe.read(ZONE_FAULT) is False
+
+
+async def test_a_dead_dry_cooler_reads_faulted_over_modbus(plc: SimPlc) -> None:
+    async with ModbusProbe(plc.site, plc.modbus_port) as probe:
+        assert await probe.read("drycooler_fault") is False
+        plc.inject("drycooler_fan_fail")
+        assert await probe.read("drycooler_fault") is True
+        plc.clear("drycooler_fan_fail")
+        assert await probe.read("drycooler_fault") is False
 
 
 # ---- the command ----

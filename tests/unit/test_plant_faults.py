@@ -8,6 +8,8 @@ from collections.abc import Callable
 import pytest
 
 from plc_io.plant_config import PlantConfig
+from plc_io.site import Site, demo_site, demo_site_text, loads_site
+from plc_io.tags import REQUIRED_BOOL_INPUTS
 from sim import faults, plant
 from sim.faults import FAULT_NAMES, FaultError, active, clear, clear_all, inject
 
@@ -231,3 +233,118 @@ def test_clear_validates_too() -> None:
 def test_check_normalises_without_a_state() -> None:
     assert faults.check("valve_stuck", "") == "reuse_valve"
     assert faults.check("sensor_fail", "it_power") == "it_power"
+
+
+# ---- a cut wire on a boolean input reads what the site declares (DESIGN §8) ----
+
+ZONE_FAULT = "leak_reuse_zone_fault"
+
+
+def supervised_site(fail_state: bool | None = None) -> Site:
+    """The demo site with the reuse-zone leak cable supervised by the leak-detection module's
+    zone fault contact (a new discrete input); `fail_state` of the cable as given (None: none)."""
+    text = demo_site_text()
+    old = 'description = "Leak, reuse zone (true = wet)"\nfail_state = true'
+    assert text.count(old) == 1, "demo site's leak_reuse entry changed: update this helper"
+    declared = "" if fail_state is None else f"\nfail_state = {str(fail_state).lower()}"
+    text = text.replace(
+        old,
+        f'description = "Leak, reuse zone (true = wet)"\nsupervised_by = "{ZONE_FAULT}"{declared}',
+    )
+    taken = {t.modbus.address for t in demo_site().tags if t.modbus.table.value == "discrete"}
+    text += f"""
+[tags.{ZONE_FAULT}]
+direction = "input"
+type = "bool"
+unit = "bool"
+range = [0.0, 1.0]
+description = "Leak detection module: reuse zone cable fault (true = faulted)"
+fail_state = true
+modbus = {{ table = "discrete", address = {max(taken) + 1}, encoding = "bit" }}
+"""
+    return loads_site(text, "<supervised demo site>")
+
+
+def _running_on(site: Site) -> plant.PlantState:
+    s = plant.initial(site.plant.model_copy(update={"it_ripple_pct": 0.0}), tags=site.tags)
+    for _ in range(60):
+        s = plant.step(s, RUN, 10.0)
+    return s
+
+
+@pytest.mark.parametrize("name", REQUIRED_BOOL_INPUTS)
+def test_a_cut_boolean_input_reads_the_fail_state_its_tag_declares(name: str) -> None:
+    site = demo_site()
+    declared = site.tag(name).fail_state
+    s = _running_on(site)
+    cut = plant.measure(inject(s, "sensor_fail", name))[name]
+    assert cut is (False if declared is None else declared)
+    assert plant.measure(clear(inject(s, "sensor_fail", name), "sensor_fail", name)) == (
+        plant.measure(s)
+    )
+
+
+def test_a_cut_leak_cable_reads_wet_and_a_cut_fault_wire_reads_faulted() -> None:
+    # the hazard itself: dry zones and a healthy dry cooler, then the wires are cut
+    s = _running_on(demo_site())
+    healthy = plant.measure(s)
+    assert not healthy["leak_reuse"] and not healthy["leak_primary"]
+    assert not healthy["drycooler_fault"]
+    for name in ("leak_reuse", "leak_primary", "drycooler_fault"):
+        assert plant.measure(inject(s, "sensor_fail", name))[name] is True, name
+
+
+def test_the_plant_takes_its_wiring_from_the_tag_table_it_is_given() -> None:
+    # not a list in the plant: flip the declaration in the tags, the reading follows
+    site = demo_site()
+    flipped = tuple(
+        t.model_copy(update={"fail_state": False}) if t.name == "leak_reuse" else t
+        for t in site.tags
+    )
+    s = plant.initial(site.plant, tags=flipped)
+    assert plant.measure(inject(s, "sensor_fail", "leak_reuse"))["leak_reuse"] is False
+    # without a tag table the plant is wired like the demo site
+    assert plant.initial(PlantConfig()).model.wiring == plant.Wiring.from_tags(site.tags)
+
+
+@pytest.mark.parametrize("fail_state", [None, True])
+def test_a_cut_supervised_cable_trips_its_zone_fault_input(fail_state: bool | None) -> None:
+    site = supervised_site(fail_state)
+    s = _running_on(site)
+    healthy = plant.measure(s)
+    assert healthy[ZONE_FAULT] is False and healthy["leak_reuse"] is False
+    cut = plant.measure(inject(s, "sensor_fail", "leak_reuse"))
+    assert cut[ZONE_FAULT] is True
+    assert cut["leak_reuse"] is bool(fail_state)
+    # a real leak on a whole cable is wet with the zone healthy
+    wet = plant.measure(inject(s, "leak", "reuse", 5.0))
+    assert wet["leak_reuse"] is True and wet[ZONE_FAULT] is False
+    # another cut circuit leaves the reuse zone's fault contact alone
+    assert plant.measure(inject(s, "sensor_fail", "leak_primary"))[ZONE_FAULT] is False
+    assert (
+        plant.measure(clear(inject(s, "sensor_fail", "leak_reuse"), "sensor_fail", "leak_reuse"))[
+            ZONE_FAULT
+        ]
+        is False
+    )
+
+
+# ---- a dead dry cooler is visible to the controller ----
+
+
+def test_a_dead_dry_cooler_reads_faulted_and_its_outlet_ignores_the_fan_command() -> None:
+    s = _running()
+
+    def run(state: plant.PlantState, fan_pct: float) -> tuple[dict, dict]:
+        return _after(state, 300.0, {"drycooler_fan_cmd": fan_pct})
+
+    # healthy: more fan, more air, a colder outlet (the outlet follows the command)
+    (m_hi, t_hi), (m_lo, t_lo) = run(s, 100.0), run(s, 20.0)
+    assert not m_hi["drycooler_fault"]
+    assert t_hi["drycooler_out_temp_c"] < t_lo["drycooler_out_temp_c"] - 0.5
+    # fans failed: the fault input reads true and the outlet is the same whatever is commanded
+    dead = inject(s, "drycooler_fan_fail")
+    (m_hi, t_hi), (m_lo, t_lo) = run(dead, 100.0), run(dead, 20.0)
+    assert m_hi["drycooler_fault"] is True and m_lo["drycooler_fault"] is True
+    assert t_hi["drycooler_out_temp_c"] == t_lo["drycooler_out_temp_c"]
+    assert t_hi["fan_power_kw"] == 0.0
