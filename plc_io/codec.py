@@ -12,6 +12,7 @@ import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+from plc_io.image import kind_error
 from plc_io.tags import Encoding, ModbusTable, Tag, Value
 
 MAX_REGISTERS = 125
@@ -93,16 +94,22 @@ def decode(tag: Tag, raw: Sequence[int] | Sequence[bool]) -> Value:
     else:  # UINT16
         n = int(raw[0]) & 0xFFFF
     if tag.is_bool:
-        return n != 0
+        # a flag in a register is 0 or 1; anything else is handed on as the integer it is,
+        # and the kind check (plc_io.image.kind_error) makes it bad_reply, never True
+        return n == 1 if n in (0, 1) else n
     return n * m.scale
 
 
 def encode(tag: Tag, value: Value) -> list[int] | bool:
     """Encode one value as registers, or as a bit for coils and discrete inputs.
 
-    Refuses NaN and values the encoding cannot hold, rather than writing a wrapped number.
+    Refuses NaN, values of the wrong kind (a float or NaN for a boolean, a boolean or a string
+    for a number) and values the encoding cannot hold, rather than writing a coerced or wrapped
+    number.
     """
     m = tag.modbus
+    if (why := kind_error(tag, value)) is not None:
+        raise CodecError(why)  # never bool(nan) = True on a coil, nor float(True) = 1.0
     if m.encoding is Encoding.BIT:
         return bool(value)
     v = float(value)
@@ -122,6 +129,15 @@ def encode(tag: Tag, value: Value) -> list[int] | bool:
     if m.encoding is Encoding.INT32:
         return _u32_to_words(n & 0xFFFFFFFF, m.word_order)
     return [n & 0xFFFF]
+
+
+def encode_or_none(tag: Tag, value: Value) -> list[int] | bool | None:
+    """`encode`, or None for a value that cannot be encoded (a read-back of the wrong kind
+    compares unequal to anything that was sent)."""
+    try:
+        return encode(tag, value)
+    except CodecError:
+        return None
 
 
 def decode_block(block: Block, raw: Sequence[int] | Sequence[bool]) -> dict[str, Value]:

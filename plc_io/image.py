@@ -7,6 +7,7 @@ whether it is still fresh. A value that could not be read is never served as goo
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Iterable, Iterator, Mapping
 from enum import StrEnum
 from typing import NamedTuple
@@ -53,15 +54,60 @@ class Sample(NamedTuple):
 MISSING = Sample(None, Quality.COMMS_LOST, -math.inf)
 
 
-def judge(tag: Tag, value: Value | None, at_s: float) -> Sample:
-    """A freshly decoded value's sample: GOOD inside the engineering range, else OUT_OF_RANGE."""
-    if value is None:
-        return Sample(None, Quality.BAD_REPLY, at_s)
-    if tag.is_bool or isinstance(value, bool):
-        return Sample(bool(value), Quality.GOOD, at_s)
-    v = float(value)
+INT64_LIMIT = 1 << 63  # no PLC integer is wider: a bigger one is a garbled reply
+
+
+def _is_bool(value: object) -> bool:
+    # numpy's bool_ is no subclass of bool; the simulated plant hands those over in-process
+    return isinstance(value, bool) or getattr(getattr(value, "dtype", None), "kind", "") == "b"
+
+
+def kind_error(tag: Tag, value: object) -> str | None:
+    """Why `value` is not of the kind `tag` carries, or None when it is.
+
+    A boolean tag takes a boolean (or an integer 0 or 1: a register holding a flag); an analogue
+    tag takes a real number that is not a boolean (NaN and out-of-range numbers are of the
+    right kind: the range check judges them). Anything else (a float on a boolean tag, NaN
+    included; True on an analogue tag; a string; None; an integer no PLC register can hold) is
+    a garbled reply, never coerced: `bool(nan)` is True and `float(True)` is 1.0.
+    """
+    if tag.is_bool:
+        if _is_bool(value):
+            return None
+        if isinstance(value, int) and value in (0, 1):
+            return None
+        return f"{tag.name}: got {type(value).__name__} {_short(value)}, expected a boolean"
+    if _is_bool(value) or not isinstance(value, numbers.Real):
+        return f"{tag.name}: got {type(value).__name__} {_short(value)}, expected a number"
+    if isinstance(value, numbers.Integral) and not -INT64_LIMIT <= int(value) < INT64_LIMIT:
+        return f"{tag.name}: integer {_short(value)} outside the 64-bit range"
+    return None
+
+
+def _short(value: object, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}… ({len(text)} chars)"
+
+
+def judge_why(tag: Tag, value: object, at_s: float) -> tuple[Sample, str | None]:
+    """A freshly decoded value's sample and, when it is of the wrong kind, the reason.
+
+    GOOD inside the engineering range, OUT_OF_RANGE outside it (NaN included), BAD_REPLY (value
+    None) for a value of the wrong kind.
+    """
+    why = kind_error(tag, value)
+    if why is not None:
+        return Sample(None, Quality.BAD_REPLY, at_s), why
+    if tag.is_bool:
+        return Sample(bool(value), Quality.GOOD, at_s), None
+    v = float(value)  # type: ignore[arg-type]  # a Real, checked above
     ok = math.isfinite(v) and tag.lo <= v <= tag.hi
-    return Sample(v, Quality.GOOD if ok else Quality.OUT_OF_RANGE, at_s)
+    return Sample(v, Quality.GOOD if ok else Quality.OUT_OF_RANGE, at_s), None
+
+
+def judge(tag: Tag, value: object, at_s: float) -> Sample:
+    """A freshly decoded value's sample: see `judge_why`."""
+    return judge_why(tag, value, at_s)[0]
 
 
 class ProcessImage(Mapping[str, Sample]):

@@ -12,6 +12,8 @@ that tag):
 - `comms_slow` value = seconds of delay per answer, until cleared (≥ timeout_s: no answer);
 - `comms_error` value = Modbus exception code: the block's points come back bad_reply;
 - `comms_garble`: replies carry fewer values than asked for: bad_reply.
+- `write_refused` target "" (every output), "coil" or "holding", value = Modbus exception
+  code: writes to the outputs of that table are refused with that code, nothing applied.
 `stop()` refuses connections at once (a stopped PLC); `start()` is a PLC restart, which forgets
 every output (back to its safe value) and so makes the transport write all outputs again.
 """
@@ -25,8 +27,8 @@ from typing import Any, NoReturn
 
 import structlog
 
-from plc_io.codec import Block, decode, encode, plan_reads
-from plc_io.image import ProcessImage, Quality, Sample, judge
+from plc_io.codec import Block, decode, encode, encode_or_none, plan_reads
+from plc_io.image import ProcessImage, Quality, Sample
 from plc_io.modbus import plan_writes
 from plc_io.site import Site
 from plc_io.tags import Tag, Value
@@ -36,10 +38,10 @@ from plc_io.transport import (
     OutputCache,
     PlannedTransport,
     PlcError,
-    WriteResult,
 )
 
-FAULTS = ("comms_drop", "comms_slow", "comms_error", "comms_garble")
+FAULTS = ("comms_drop", "comms_slow", "comms_error", "comms_garble", "write_refused")
+WRITE_TARGETS = ("", "coil", "holding")
 
 
 class MemoryPlc:
@@ -77,11 +79,16 @@ class MemoryPlc:
     def inject(self, name: str, target: str = "", value: float = 1.0) -> None:
         if name not in FAULTS:
             raise ValueError(f"unknown fault {name!r}; known: {', '.join(FAULTS)}")
+        if name == "write_refused" and target not in WRITE_TARGETS:
+            raise ValueError(f"write_refused target {target!r}: expected one of {WRITE_TARGETS}")
         if name == "comms_drop":
             value = self._clock() + value  # held as the time the drop ends
         self.faults[(name, target)] = value
 
     def clear(self, name: str, target: str = "") -> None:
+        if name == "write_refused" and not target:  # as the simulated PLC: every target
+            for key in [k for k in self.faults if k[0] == name]:
+                del self.faults[key]
         self.faults.pop((name, target), None)
 
     def clear_all(self) -> None:
@@ -124,6 +131,11 @@ class MemoryPlc:
         return {t.name: self.values[t.name] for t in self.site.inputs}
 
     # ---- the transport's side ----
+
+    def write_refusal(self, table: str) -> int | None:
+        """The exception code a write to this Modbus table gets (`write_refused`), or None."""
+        code = self.faults.get(("write_refused", table), self.faults.get(("write_refused", "")))
+        return None if code is None else int(code)
 
     def fault(self, name: str, tags: Iterable[Tag]) -> float | None:
         """The active fault of this kind for a request touching `tags`, if any."""
@@ -174,34 +186,37 @@ class MemoryTransport(PlannedTransport):
     async def close(self) -> None:
         self._epoch = None
 
-    async def write_outputs(self, values: Mapping[str, Value]) -> WriteResult:
+    async def _connected(self) -> bool:
+        return self._ensure_connected(self._clock())
+
+    async def _send(self, tags: list[Tag], failed: dict[str, str]) -> list[str]:
+        """As `ModbusTransport._send`: one request per FC16/FC15 run, then verify."""
         out = self._out
-        failed = out.accept(values)
-        due = out.due()
-        if not due:
-            return WriteResult((), failed)
-        if not self._ensure_connected(self._clock()):
-            return self._link_down(failed, due)
         written: list[str] = []
-        for _table, _start, tags in plan_writes(due):
-            names = [t.name for t in tags]
+        for table, _start, run in plan_writes(tags):
+            names = [t.name for t in run]
             try:
-                await self._request(tags)
+                await self._request(run)
+                code = self.plc.write_refusal(table.value)
+                if code is not None:
+                    msg = f"exception code {code} ({MODBUS_EXCEPTIONS.get(code, 'unknown')})"
+                    self.link.error_reply(msg)
+                    raise PlcError("exception", msg, code)
             except PlcError as e:
                 failed.update(dict.fromkeys(names, f"{e.kind}: {e}"))
                 out.unsent(names)
                 continue
-            write = {t.name: decode(t, _raw(out.desired[t.name])) for t in tags}
+            write = {t.name: decode(t, _raw(out.desired[t.name])) for t in run}
             self.plc.values.update(write)
             self.plc.write_log.append(write)
             out.sent(names)
             written += names
         for n in written:
             t = self._outputs[n]
-            if t.verify and encode(t, self.plc.read(n)) != out.desired[n]:
+            if t.verify and encode_or_none(t, self.plc.read(n)) != out.desired[n]:
                 failed[n] = f"verify: PLC holds {self.plc.read(n)!r}"
                 out.unsent([n])
-        return WriteResult(tuple(n for n in written if n not in failed), failed)
+        return written
 
     # ---- internals ----
 
@@ -270,7 +285,7 @@ class MemoryTransport(PlannedTransport):
             self.link.cause(key, None)
             at = self._clock()
             for t in block.tags:
-                samples[t.name] = judge(t, self.plc.read(t.name), at)
+                samples[t.name] = self.link.judged(t, self.plc.read(t.name), at)
         image = prev.updated(samples) if samples else prev
         for q, names in bad.items():
             image = image.marked(names, q, None)

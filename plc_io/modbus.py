@@ -20,15 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 import structlog
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
-from plc_io.codec import Block, CodecError, decode_block, encode, plan_reads
-from plc_io.image import ProcessImage, Quality, Sample, judge
+from plc_io.codec import Block, CodecError, decode_block, encode, encode_or_none, plan_reads
+from plc_io.image import ProcessImage, Quality, Sample
 from plc_io.site import Site
 from plc_io.tags import ModbusTable, Tag, Value
 from plc_io.transport import (
@@ -37,7 +37,6 @@ from plc_io.transport import (
     OutputCache,
     PlannedTransport,
     PlcError,
-    WriteResult,
     answer_within,
 )
 
@@ -115,40 +114,53 @@ class ModbusTransport(PlannedTransport):
     async def close(self) -> None:
         self._drop()
 
-    async def write_outputs(self, values: Mapping[str, Value]) -> WriteResult:
+    async def _connected(self) -> bool:
+        return await self._ensure_connected(self._clock())
+
+    async def _send(self, tags: list[Tag], failed: dict[str, str]) -> list[str]:
+        """Write these outputs (one FC16/FC15 per adjacent run), then verify; see
+        `write_in_order`, which calls this for the commands and then for the heartbeat."""
         out = self._out
-        failed = out.accept(values)
-        due = out.due()
-        if not due:
-            return WriteResult((), failed)
-        if not await self._ensure_connected(self._clock()):
-            return self._link_down(failed, due)
         written: list[str] = []
-        for table, start, tags in plan_writes(due):
-            names = [t.name for t in tags]
+        for table, start, run in plan_writes(tags):
+            names = [t.name for t in run]
+            key = f"write {table.value} {start}"
             if self._client is None:  # the link dropped earlier in this pass
                 failed.update(dict.fromkeys(names, "comms: link lost"))
+                out.unsent(names)
                 continue
             try:
                 if table is ModbusTable.HOLDING:
                     regs = [r for n in names for r in out.desired[n]]
                     req = self._client.write_registers(start, regs, device_id=self.unit_id)
+                    fc, count = 16, len(regs)
                 else:
                     bits = [bool(out.desired[n]) for n in names]
                     req = self._client.write_coils(start, bits, device_id=self.unit_id)
-                await self._call(req)
+                    fc, count = 15, len(bits)
+                rr = await self._call(req, fc)
+                self._check_echo(rr, fc, start, count)
             except PlcError as e:
                 failed.update(dict.fromkeys(names, _reason(e)))
                 out.unsent(names)
-                self.link.cause(f"write {table.value} {start}", _reason(e))
+                self.link.cause(key, _reason(e))
                 continue
-            self.link.cause(f"write {table.value} {start}", None)
+            self.link.cause(key, None)
             out.sent(names)
             written += names
         verify = [self._outputs[n] for n in written if self._outputs[n].verify]
         if verify:
             await self._verify(verify, failed)
-        return WriteResult(tuple(n for n in written if n not in failed), failed)
+        return written
+
+    def _check_echo(self, rr: Any, fc: int, start: int, count: int) -> None:
+        """An FC15/FC16 answer echoes the request's address and quantity; anything else is not
+        an acknowledgement of what we sent."""
+        got = (getattr(rr, "address", None), getattr(rr, "count", None))
+        if got != (start, count):
+            msg = f"FC{fc} reply echoes address {got[0]} count {got[1]}, sent {start} {count}"
+            self.link.error_reply(msg)
+            raise PlcError("bad_reply", msg)
 
     # ---- internals ----
 
@@ -189,12 +201,23 @@ class ModbusTransport(PlannedTransport):
             self._client.close()
             self._client = None
 
-    async def _call(self, request: Any) -> Any:
-        """Send one request within the timeout; translate both failure channels to PlcError."""
+    async def _call(self, request: Any, fc: int) -> Any:
+        """Send one request within the timeout; translate both failure channels to PlcError.
+
+        pymodbus matches a reply to its request by transaction id only and decodes it by the
+        reply's own function code, so an FC03 answer to an FC04 read arrives as data: the
+        function code (or 0x80 + it, for an exception) must be the request's, else bad_reply.
+        """
         self.link.requests += 1
         rr = await answer_within(
             self.timeout_s, request, self._comms_failed, (ModbusException, OSError)
         )
+        got = getattr(rr, "function_code", None)
+        if not isinstance(got, int) or got & 0x7F != fc:
+            self.link.ok(self._clock())  # the PLC answered; the answer is wrong
+            msg = f"reply has function code {got!r}, request was FC{fc}"
+            self.link.error_reply(msg)
+            raise PlcError("bad_reply", msg)
         if rr.isError():
             code = getattr(rr, "exception_code", None)
             self.link.ok(self._clock())
@@ -214,17 +237,17 @@ class ModbusTransport(PlannedTransport):
         assert self._client is not None
         c, a, n, dev = self._client, block.start, block.count, self.unit_id
         if block.table is ModbusTable.INPUT:
-            rr = await self._call(c.read_input_registers(a, count=n, device_id=dev))
+            rr = await self._call(c.read_input_registers(a, count=n, device_id=dev), 4)
         elif block.table is ModbusTable.HOLDING:
-            rr = await self._call(c.read_holding_registers(a, count=n, device_id=dev))
+            rr = await self._call(c.read_holding_registers(a, count=n, device_id=dev), 3)
         elif block.table is ModbusTable.DISCRETE:
-            rr = await self._call(c.read_discrete_inputs(a, count=n, device_id=dev))
+            rr = await self._call(c.read_discrete_inputs(a, count=n, device_id=dev), 2)
         else:
-            rr = await self._call(c.read_coils(a, count=n, device_id=dev))
+            rr = await self._call(c.read_coils(a, count=n, device_id=dev), 1)
         if block.is_bits:
             raw = rr.bits or []
-            # bits come padded to whole bytes: more than asked is normal, fewer is short
-            got_ok = n <= len(raw) < n + 8
+            # the byte count must be ceil(n / 8): bits come padded to whole bytes
+            got_ok = len(raw) == 8 * ((n + 7) // 8)
         else:
             raw = rr.registers or []
             got_ok = len(raw) == n
@@ -261,7 +284,7 @@ class ModbusTransport(PlannedTransport):
             self.link.cause(key, None)
             at = self._clock()
             for t in block.tags:
-                samples[t.name] = judge(t, values[t.name], at)
+                samples[t.name] = self.link.judged(t, values[t.name], at)
         image = prev.updated(samples) if samples else prev
         for q, names in bad.items():
             image = image.marked(names, q, None)
@@ -270,15 +293,18 @@ class ModbusTransport(PlannedTransport):
     async def _verify(self, tags: list[Tag], failed: dict[str, str]) -> None:
         """Read back tags marked `verify` and fail those the PLC does not hold as written."""
         for block in plan_reads(tags, 0, 0):
+            names = [t.name for t in block.tags]
             if self._client is None:
-                failed.update({t.name: "verify: link lost" for t in block.tags})
+                failed.update(dict.fromkeys(names, "verify: link lost"))
+                self._out.unsent(names)
                 continue
             try:
                 got = await self._read_block(block)
             except PlcError as e:
-                failed.update({t.name: f"verify: {_reason(e)}" for t in block.tags})
+                failed.update(dict.fromkeys(names, f"verify: {_reason(e)}"))
+                self._out.unsent(names)
                 continue
             for t in block.tags:
-                if encode(t, got[t.name]) != self._out.desired[t.name]:
+                if encode_or_none(t, got[t.name]) != self._out.desired[t.name]:
                     failed[t.name] = f"verify: PLC holds {got[t.name]!r}"
                     self._out.unsent([t.name])  # so the next pass sends it again

@@ -6,12 +6,20 @@ TranslateBrowsePaths call per connect. Inputs arrive by subscription (`subscribe
 one polled Read per scan. asyncua's own reconnect is off: this transport reconnects itself with
 `LinkMonitor`'s bounded back-off and then writes every output again, exactly like Modbus.
 
-Freshness with a subscription: the server only sends changes, so an unchanged value is
-confirmed by every publish response (data or keep-alive; the keep-alive count is set so one
-comes at least every timeout_s/2). A sample's time is therefore the later of its arrival and
-the last publish response, and `quality_at(now, stale_after_s)` makes it stale when publishes
-stop. No publish response for keep-alive period + timeout_s means the link is dead: every
-input goes comms_lost and the client reconnects.
+Freshness with a subscription: the server only sends changes, and asyncua 2.1's server never
+tells a subscriber that a node was deleted (a PLC program download): a subscription trusted
+alone serves the last value as good for ever and never updates after the node returns. So each
+subscribed item is proven fresh on its own: a sample's time is that of its last data-change
+notification or of the last Read of its node, and every stale_after_s / 2 one Read of every
+subscribed node refreshes the unchanged ones (`quality_at(now, stale_after_s)` makes any item
+stale that neither proved). A node that answers BadNodeIdUnknown is bad at once; its browse path
+is looked up again each period, and once it answers its monitored item is recreated. Keep-alives
+still watch the link: no publish response for keep-alive period + timeout_s means the link is
+dead, every input goes comms_lost and the client reconnects.
+
+Type check: a Good value whose variant type does not match the tag (a Boolean for a float tag,
+a Double NaN for a boolean tag, a String, an array) is bad_reply, on read and on subscription;
+an analogue tag takes any numeric scalar variant, a boolean tag only Boolean.
 
 Status codes to quality (documented in docs/plc-io.md):
   Good*                                                   → good (then the range check)
@@ -37,7 +45,7 @@ from asyncua import Client, ua
 from asyncua.client.ua_client import UaClientState
 from asyncua.ua.uaerrors import UaError
 
-from plc_io.image import ProcessImage, Quality, Sample, judge
+from plc_io.image import ProcessImage, Quality, Sample, kind_error
 from plc_io.site import Site
 from plc_io.tags import Tag, Value
 from plc_io.transport import (
@@ -47,6 +55,7 @@ from plc_io.transport import (
     PlcError,
     WriteResult,
     answer_within,
+    write_in_order,
 )
 
 S = ua.StatusCodes
@@ -85,8 +94,43 @@ def quality_of(status: ua.StatusCode | None) -> Quality:
     return Quality.BAD_REPLY
 
 
+# Variant types a tag may arrive as: a boolean tag only as Boolean; an analogue tag as any
+# numeric scalar (PLCs serve REAL, LREAL, INT, DINT…). Anything else is bad_reply.
+NUMERIC_VARIANTS = frozenset(
+    {
+        ua.VariantType.Double,
+        ua.VariantType.Float,
+        ua.VariantType.SByte,
+        ua.VariantType.Byte,
+        ua.VariantType.Int16,
+        ua.VariantType.UInt16,
+        ua.VariantType.Int32,
+        ua.VariantType.UInt32,
+        ua.VariantType.Int64,
+        ua.VariantType.UInt64,
+    }
+)
+BOOL_VARIANTS = frozenset({ua.VariantType.Boolean})
+# A node that is not there (deleted by a PLC program download, or never was): look it up again.
+GONE_CODES = frozenset({S.BadNodeIdUnknown, S.BadNodeIdInvalid})
+
+
+def variant_error(tag: Tag, variant: ua.Variant | None) -> str | None:
+    """Why this variant cannot be the tag's value (wrong variant type, array, no value)."""
+    if variant is None or variant.Value is None:
+        return f"{tag.name}: no value"
+    allowed = BOOL_VARIANTS if tag.is_bool else NUMERIC_VARIANTS
+    if variant.VariantType not in allowed or isinstance(variant.Value, list | tuple):
+        kind = "array of " if isinstance(variant.Value, list | tuple) else ""
+        want = "Boolean" if tag.is_bool else "a numeric scalar (Double, Float, Int…)"
+        return f"{tag.name}: variant {kind}{variant.VariantType.name}, expected {want}"
+    return kind_error(tag, variant.Value)
+
+
 def _normalise(tag: Tag, value: Value) -> bool | float:
     """The Python value to send for a tag; refuses what must never reach the PLC."""
+    if (why := kind_error(tag, value)) is not None:
+        raise ValueError(why)  # never bool(nan) = True, nor float(True) = 1.0
     if tag.is_bool:
         return bool(value)
     v = float(value)
@@ -138,10 +182,18 @@ class OpcuaTransport:
         self._sub: Any = None
         self._nodes: dict[str, ua.NodeId] = {}  # tag -> node, for the tags that resolved
         self._by_node: dict[ua.NodeId, str] = {}
+        self._ns = 0
         self._unresolved: dict[str, str] = {}  # tag -> why it has no node
         self._latest: dict[str, tuple[ua.DataValue, float]] = {}  # subscription: dv, arrival
         self._image = ProcessImage()
         self._subscribed_at = 0.0
+        # Subscription verification (see the module docstring): a Read of every subscribed
+        # item at least every stale_after_s / 2; nodes that went away are looked up again and
+        # their monitored items recreated once they answer.
+        self._verify_every_s = site.plc.stale_after_s / 2
+        self._verified_at = -math.inf
+        self._handles: dict[str, int] = {}  # input tag -> monitored item handle
+        self._gone: set[str] = set()  # tags whose node answered "unknown" or has no item
         self._polled_bad: set[str] = set()  # bad status codes of the last polled read
         self._logged_codes: set[str] = set()  # the ones logged, until they clear
         # keep-alive: at least every timeout_s/2, so a dead link shows within one timeout
@@ -173,8 +225,16 @@ class OpcuaTransport:
         if not await self._ensure_connected(now):
             self._image = self._image.marked(names, Quality.COMMS_LOST, None)
         elif self.cfg.subscribe:
-            self._image = self._from_subscription(now)
+            if now - self._verified_at >= self._verify_every_s:
+                await self._verify_subscription()
+            if self._client is None:  # the verification found the link dead
+                self._image = self._image.marked(names, Quality.COMMS_LOST, None)
+            else:
+                self._image = self._from_subscription(now)
         else:
+            if (self._gone or self._unresolved) and now - self._verified_at >= self._verify_every_s:
+                self._verified_at = now
+                await self._reresolve()
             self._image = await self._poll(self._inputs, self._image)
         self._log_statuses()
         return self._image
@@ -208,20 +268,27 @@ class OpcuaTransport:
         return await self._poll(tags, ProcessImage())
 
     async def write_outputs(self, values: Mapping[str, Value]) -> WriteResult:
+        return await write_in_order(
+            self._out, values, self._connected, self._link_reason, self._send
+        )
+
+    async def _connected(self) -> bool:
+        return await self._ensure_connected(self._clock())
+
+    def _link_reason(self) -> str:
+        return f"comms: link {self.link.state.value} ({self.link.last_error})"
+
+    async def _send(self, tags: list[Tag], failed: dict[str, str]) -> list[str]:
+        """Write these outputs in one Write request, then verify; see `write_in_order`, which
+        calls this for the commands and then for the heartbeat alone."""
         out = self._out
-        failed = out.accept(values)
-        due = out.due()
-        if not due:
-            return WriteResult((), failed)
-        if not await self._ensure_connected(self._clock()):
-            reason = f"comms: link {self.link.state.value} ({self.link.last_error})"
-            return WriteResult((), {**failed, **{t.name: reason for t in due}})
-        send = [t for t in due if t.name in self._nodes]
-        for t in due:
+        send = [t for t in tags if t.name in self._nodes]
+        for t in tags:
             if t.name not in self._nodes:
                 failed[t.name] = f"bad_reply: {self._unresolved.get(t.name, 'no node')}"
+                out.unsent([t.name])
         if not send:
-            return WriteResult((), failed)
+            return []
         dvs = [
             ua.DataValue(
                 ua.Variant(
@@ -240,13 +307,13 @@ class OpcuaTransport:
         except PlcError as e:
             out.unsent(t.name for t in send)
             failed.update({t.name: f"{e.kind}: {e}" for t in send})
-            return WriteResult((), failed)
+            return []
         if len(results) != len(send):  # a garbled answer: nothing is known to have landed
             out.unsent(t.name for t in send)
             msg = f"bad_reply: {len(results)} results for {len(send)} writes"
             self.link.error_reply(msg)
             failed.update(dict.fromkeys((t.name for t in send), msg))
-            return WriteResult((), failed)
+            return []
         written: list[str] = []
         for t, st in zip(send, results, strict=True):
             if st.is_good():
@@ -257,10 +324,12 @@ class OpcuaTransport:
                 out.unsent([t.name])
                 failed[t.name] = f"exception: {st.name}"
                 self.link.cause(f"write {t.name}", st.name)
+                if st.value & 0xFFFF0000 in GONE_CODES:
+                    self._gone.add(t.name)
         verify = [self._outputs[n] for n in written if self._outputs[n].verify]
         if verify:
             await self._verify(verify, failed)
-        return WriteResult(tuple(n for n in written if n not in failed), failed)
+        return written
 
     async def _verify(self, tags: list[Tag], failed: dict[str, str]) -> None:
         """Read back tags marked `verify`; fail, and resend next pass, what the PLC lacks."""
@@ -277,9 +346,14 @@ class OpcuaTransport:
         for i, t in enumerate(tags):
             dv = dvs[i] if i < len(dvs) else None
             got = dv.Value.Value if dv is not None and dv.Value is not None else None
-            ok = dv is not None and quality_of(dv.StatusCode) is Quality.GOOD
-            if not ok or got is None or _normalise(t, got) != self._out.desired[t.name]:
-                failed[t.name] = f"verify: PLC holds {got!r}"
+            ok = (
+                dv is not None
+                and quality_of(dv.StatusCode) is Quality.GOOD
+                and variant_error(t, dv.Value) is None
+                and _normalise(t, got) == self._out.desired[t.name]
+            )
+            if not ok:
+                failed[t.name] = f"verify: PLC holds {got!r}"[:200]
                 self._out.unsent([t.name])
 
     # ---- connection ----
@@ -355,6 +429,7 @@ class OpcuaTransport:
     async def _resolve(self, client: Client) -> None:
         self._nodes.clear()
         self._unresolved.clear()
+        self._gone.clear()
         ns = await client.get_namespace_index(self.cfg.namespace)
         by_path: list[Tag] = []
         for t in self.site.tags:
@@ -365,19 +440,59 @@ class OpcuaTransport:
                     self._unresolved[t.name] = f"bad opcua_node {t.opcua_node!r}: {e}"
             else:
                 by_path.append(t)
+        self._ns = ns
         if by_path:
-            objects = ua.NodeId(ua.ObjectIds.ObjectsFolder, 0)
-            paths = [f"/{ns}:PLC/{ns}:{t.name}" for t in by_path]
-            results = await client.translate_browsepaths(objects, paths)
-            for t, r in zip(by_path, results, strict=True):
-                if r.StatusCode.is_good() and r.Targets:
-                    target = r.Targets[0].TargetId
-                    self._nodes[t.name] = ua.NodeId(target.Identifier, target.NamespaceIndex)
+            found = await self._translate(client, by_path)
+            for t in by_path:
+                got = found[t.name]
+                if isinstance(got, ua.NodeId):
+                    self._nodes[t.name] = got
                 else:
-                    self._unresolved[t.name] = f"Objects/PLC/{t.name}: {r.StatusCode.name}"
+                    self._unresolved[t.name] = got
         for name, why in self._unresolved.items():
             self.link.cause(f"node {name}", why)
         self._by_node = {n: k for k, n in self._nodes.items()}
+
+    async def _translate(self, client: Client, tags: Sequence[Tag]) -> dict[str, ua.NodeId | str]:
+        """Browse-path results by tag name: the node, or why there is none."""
+        objects = ua.NodeId(ua.ObjectIds.ObjectsFolder, 0)
+        paths = [f"/{self._ns}:PLC/{self._ns}:{t.name}" for t in tags]
+        results = await client.translate_browsepaths(objects, paths)
+        out: dict[str, ua.NodeId | str] = {}
+        for name, r in zip((t.name for t in tags), results, strict=True):
+            if r.StatusCode.is_good() and r.Targets:
+                target = r.Targets[0].TargetId
+                out[name] = ua.NodeId(target.Identifier, target.NamespaceIndex)
+            else:
+                out[name] = f"Objects/PLC/{name}: {r.StatusCode.name}"
+        return out
+
+    async def _reresolve(self) -> None:
+        """Look up again the browse paths of tags whose node went away or never resolved (a
+        PLC program download may delete nodes and create them under new ids). Tags that
+        resolve join `_gone`, so their monitored item is (re)created once they answer."""
+        tags = [
+            t
+            for t in self.site.tags
+            if not t.opcua_node and (t.name in self._gone or t.name in self._unresolved)
+        ]
+        if not tags:
+            return
+        client = self._client_or_raise()
+        try:
+            found = await self._call(self._translate(client, tags))
+        except PlcError:
+            return  # comms drops the link; a refused lookup is retried next period
+        for name, got in found.items():
+            if isinstance(got, ua.NodeId):
+                old = self._nodes.get(name)
+                self._nodes[name] = got
+                if self._unresolved.pop(name, None) is not None:
+                    self.link.cause(f"node {name}", None)
+                    self._gone.add(name)
+                if old is not None and old != got:
+                    self._by_node.pop(old, None)
+                self._by_node[got] = name
 
     async def _subscribe(self, client: Client) -> None:
         params = ua.CreateSubscriptionParameters()
@@ -388,23 +503,88 @@ class OpcuaTransport:
         params.PublishingEnabled = True
         params.Priority = 0
         self._latest.clear()
+        self._handles.clear()
         sub = await client.create_subscription(params, _Handler(self))
-        nodes = [
-            client.get_node(self._nodes[t.name]) for t in self._inputs if t.name in self._nodes
-        ]
-        if nodes:
-            handles = await sub.subscribe_data_change(
-                nodes, sampling_interval=self.cfg.publish_interval_ms
-            )
-            for node, h in zip(nodes, handles, strict=True):
-                if isinstance(h, ua.StatusCode) and not h.is_good():
-                    name = self._by_node[node.nodeid]
-                    self._unresolved[name] = f"monitored item refused: {h.name}"
-                    self.link.cause(f"node {name}", self._unresolved[name])
         self._sub = sub
+        await self._monitor([t for t in self._inputs if t.name in self._nodes])
         self._subscribed_at = time.monotonic()
         # Seed with one read so the first scan after a connect is not empty.
         await self._seed([t for t in self._inputs if t.name in self._nodes])
+        self._verified_at = self._clock()
+
+    async def _monitor(self, tags: Sequence[Tag]) -> None:
+        """Create monitored items for these tags (a refused one joins `_gone`: retried once
+        its node answers a read)."""
+        client = self._client_or_raise()
+        if not tags or self._sub is None:
+            return
+        nodes = [client.get_node(self._nodes[t.name]) for t in tags]
+        handles = await self._sub.subscribe_data_change(
+            nodes, sampling_interval=self.cfg.publish_interval_ms
+        )
+        for t, h in zip(tags, handles, strict=True):
+            if isinstance(h, ua.StatusCode):
+                self._gone.add(t.name)
+                self.link.cause(f"node {t.name}", f"monitored item refused: {h.name}")
+            else:
+                self._handles[t.name] = h
+                self._gone.discard(t.name)
+                self.link.cause(f"node {t.name}", None)
+
+    async def _verify_subscription(self) -> None:
+        """Prove every subscribed item fresh with one Read (asyncua 2.1's server never tells a
+        subscriber that a node was deleted: trusted alone, a subscription serves the last value
+        as good for ever). A good read of an item's node refreshes its sample; a bad one
+        replaces it; an item whose node went away is recreated once the node answers again."""
+        self._verified_at = self._clock()
+        if self._gone or self._unresolved:
+            await self._reresolve()
+            if self._client is None:
+                return
+        tags = [t for t in self._inputs if t.name in self._nodes]
+        if not tags:
+            return
+        sent_at = self._clock()
+        try:
+            dvs = await self._call(
+                self._client_or_raise().uaclient.read_attributes(
+                    [self._nodes[t.name] for t in tags], ua.AttributeIds.Value
+                )
+            )
+        except PlcError:
+            return  # comms drops the link; unverified items go stale by their own age
+        if len(dvs) != len(tags):
+            self.link.error_reply(f"read returned {len(dvs)} results for {len(tags)} nodes")
+            return
+        at = self._clock()
+        back: list[Tag] = []
+        for t, dv in zip(tags, dvs, strict=True):
+            code = dv.StatusCode.value & 0xFFFF0000 if dv.StatusCode is not None else 0
+            if code in GONE_CODES:
+                self._gone.add(t.name)
+            elif t.name in self._gone and quality_of(dv.StatusCode) is not Quality.COMMS_LOST:
+                back.append(t)
+            latest = self._latest.get(t.name)
+            if latest is None or latest[1] <= sent_at:  # never over a newer notification
+                self._latest[t.name] = (dv, at)
+        if back:
+            await self._remonitor(back)
+
+    async def _remonitor(self, tags: list[Tag]) -> None:
+        """Replace the monitored items of nodes that came back."""
+        assert self._sub is not None
+        old = [self._handles.pop(t.name) for t in tags if t.name in self._handles]
+        if old:
+            try:
+                await self._call(self._sub.unsubscribe(old))
+            except PlcError as e:
+                if e.kind == "comms":
+                    return
+                # the server may already have dropped items of deleted nodes: nothing to free
+        try:
+            await self._call(self._monitor(tags))
+        except PlcError:
+            return  # comms drops the link; otherwise retried at the next verification
 
     # ---- reading ----
 
@@ -412,6 +592,9 @@ class OpcuaTransport:
         name = self._by_node.get(nodeid)
         if name is not None:
             self._latest[name] = (dv, self._clock())
+            code = dv.StatusCode.value & 0xFFFF0000 if dv.StatusCode is not None else 0
+            if code in GONE_CODES:  # the item reports an error: recreate it when the node is back
+                self._gone.add(name)
 
     async def _seed(self, tags: Sequence[Tag]) -> None:
         c = self._client_or_raise()
@@ -423,13 +606,20 @@ class OpcuaTransport:
             self._latest.setdefault(t.name, (dv, at))
 
     def _sample(self, tag: Tag, dv: ua.DataValue, at: float, prev: Sample) -> Sample:
+        """One DataValue (read or notified) as a sample: the status code, then the variant
+        type against the tag's type, then the kind and the range (`judge`)."""
         q = quality_of(dv.StatusCode)
-        value = dv.Value.Value if dv.Value is not None else None
+        why = variant_error(tag, dv.Value)
         if q is Quality.GOOD:
-            if isinstance(value, bool | int | float):
-                return judge(tag, value, at)
-            q = Quality.BAD_REPLY  # a Good status with no number is a garbled reply
-        keep = value if isinstance(value, bool | int | float) else prev.value
+            if why is None:
+                return self.link.judged(tag, dv.Value.Value, at)
+            # a Boolean for a float tag is not 0.0 °C, a Double NaN for a boolean not True
+            self.link.cause(f"value {tag.name}", f"bad_reply: {why}")
+            return Sample(prev.value, Quality.BAD_REPLY, prev.at_s)
+        keep = prev.value
+        if why is None:
+            v = dv.Value.Value
+            keep = bool(v) if tag.is_bool else float(v)
         return Sample(keep, q, at if q is Quality.STALE else prev.at_s)
 
     def _from_subscription(self, now: float) -> ProcessImage:
@@ -441,7 +631,6 @@ class OpcuaTransport:
             self.link.lost(now, f"comms: no publish response for {self._dead_after_s:.2f} s")
             names = [t.name for t in self._inputs]
             return self._image.marked(names, Quality.COMMS_LOST, None)
-        confirmed = now - (mono - last)
         samples: dict[str, Sample] = {}
         for t in self._inputs:
             prev = self._image[t.name]
@@ -452,8 +641,9 @@ class OpcuaTransport:
                     prev.value, Quality.BAD_REPLY if why else Quality.COMMS_LOST, prev.at_s
                 )
                 continue
+            # fresh as of its last notification or verifying read, never of a keep-alive alone
             dv, arrived = got
-            samples[t.name] = self._sample(t, dv, max(arrived, confirmed), prev)
+            samples[t.name] = self._sample(t, dv, arrived, prev)
         return ProcessImage(samples)
 
     async def _poll(self, tags: Sequence[Tag], prev: ProcessImage) -> ProcessImage:
@@ -480,6 +670,10 @@ class OpcuaTransport:
             dv.StatusCode.name for dv in dvs if quality_of(dv.StatusCode) is Quality.BAD_REPLY
         }
         for t, dv in zip(known, dvs, strict=True):
+            if dv.StatusCode is not None and dv.StatusCode.value & 0xFFFF0000 in GONE_CODES:
+                self._gone.add(t.name)  # looked up again by browse path (read_inputs)
+            else:
+                self._gone.discard(t.name)
             samples[t.name] = self._sample(t, dv, at, prev[t.name])
         return prev.updated(samples)
 

@@ -18,7 +18,7 @@ from typing import Any, NoReturn, Protocol
 import structlog
 
 from plc_io.codec import Block
-from plc_io.image import ProcessImage
+from plc_io.image import ProcessImage, Sample, judge_why
 from plc_io.tags import Tag, Value
 
 
@@ -61,7 +61,10 @@ class CommsHealth:
 
 @dataclass(frozen=True)
 class WriteResult:
-    written: tuple[str, ...] = ()  # tags sent this pass (changed values plus heartbeat)
+    """What a write pass achieved. `heartbeat` is in `failed` with a reason starting
+    "withheld:" when it was not sent because some other output of the pass failed."""
+
+    written: tuple[str, ...] = ()  # tags acknowledged this pass (changed values plus heartbeat)
     failed: Mapping[str, str] = field(default_factory=dict)  # tag -> reason
 
 
@@ -80,7 +83,8 @@ class Transport(Protocol):
         """Read every input tag. Points that could not be read come back comms_lost or bad_reply."""
 
     async def write_outputs(self, values: Mapping[str, Value]) -> WriteResult:
-        """Write the values that changed since the last good write, plus `heartbeat` always.
+        """Write the values that changed since the last good write, then `heartbeat` last,
+        in its own request, only if every other due output was acknowledged (and verified).
 
         Raises UnknownTagError for a name that is not an output tag.
         """
@@ -174,6 +178,14 @@ class LinkMonitor:
         self.failures += 1
         self.last_error = error
 
+    def judged(self, tag: Tag, value: object, at_s: float) -> Sample:
+        """`judge` a decoded value; a value of the wrong kind is bad_reply, its reason logged
+        once when it starts and once when it clears (keyed per tag)."""
+        sample, why = judge_why(tag, value, at_s)
+        if why is not None or self._causes:
+            self.cause(f"value {tag.name}", why and f"bad_reply: {why}")
+        return sample
+
     def cause(self, key: str, cause: str | None) -> None:
         """Log a failure cause for `key` only when it changes (None: it cleared)."""
         old = self._causes.get(key)
@@ -232,7 +244,7 @@ class OutputCache:
         return failed
 
     def due(self) -> list[Tag]:
-        """Outputs to send this pass, in tag-table order."""
+        """Outputs to send this pass, in tag-table order (`heartbeat` included)."""
         d, w = self.desired, self.written
         return [
             t
@@ -251,6 +263,52 @@ class OutputCache:
     def reconnected(self) -> None:
         """The PLC may have lost every output: send them all again."""
         self.written.clear()
+
+
+def withheld(failed: Mapping[str, str]) -> str:
+    """The reason the heartbeat is not sent: the other outputs of the pass that failed."""
+    names = sorted(n for n in failed if n != HEARTBEAT)
+    first = failed[names[0]]
+    if len(first) > 120:  # a reason may quote the PLC; one log line stays one line
+        first = first[:120] + "… (truncated)"
+    return f"withheld: {', '.join(names)} not acknowledged ({names[0]}: {first})"
+
+
+async def write_in_order(
+    out: OutputCache,
+    values: Mapping[str, Value],
+    connected: Callable[[], Awaitable[bool]],
+    link_reason: Callable[[], str],
+    send: Callable[[list[Tag], dict[str, str]], Awaitable[list[str]]],
+) -> WriteResult:
+    """One write pass, the same for every transport: the due commands first, `heartbeat` last.
+
+    The heartbeat tells the PLC watchdog "my commands arrived". So it goes in a request of its
+    own, after every other due output, and only when each of them was acknowledged (and read
+    back, where `verify` is set) and none was refused before sending (NaN, wrong kind). Else it
+    is withheld, `failed["heartbeat"]` says why ("withheld: …"), and if the controller cannot
+    get its commands through for `watchdog_s` the PLC drives the plant to its safe values.
+
+    `send(tags, failed)` writes the tags in as few requests as the protocol allows, verifies
+    those marked `verify`, records each failure in `failed`, keeps `out` up to date and returns
+    the names the PLC acknowledged.
+    """
+    failed = out.accept(values)
+    due = out.due()
+    if not due:
+        return WriteResult((), failed)
+    if not await connected():
+        reason = link_reason()
+        return WriteResult((), {**failed, **{t.name: reason for t in due}})
+    commands = [t for t in due if t.name != HEARTBEAT]
+    written = await send(commands, failed) if commands else []
+    beat = [t for t in due if t.name == HEARTBEAT]
+    if beat:
+        if any(n != HEARTBEAT for n in failed):
+            failed[HEARTBEAT] = withheld(failed)
+        else:
+            written += await send(beat, failed)
+    return WriteResult(tuple(n for n in written if n not in failed), failed)
 
 
 class PlannedTransport:
@@ -281,10 +339,20 @@ class PlannedTransport:
     async def _read(self, plan: Sequence[Block], prev: ProcessImage) -> ProcessImage:
         raise NotImplementedError
 
-    def _link_down(self, failed: dict[str, str], due: Sequence[Tag]) -> WriteResult:
+    async def write_outputs(self, values: Mapping[str, Value]) -> WriteResult:
+        return await write_in_order(
+            self._out, values, self._connected, self._link_reason, self._send
+        )
+
+    async def _connected(self) -> bool:
+        raise NotImplementedError
+
+    async def _send(self, tags: list[Tag], failed: dict[str, str]) -> list[str]:
+        raise NotImplementedError
+
+    def _link_reason(self) -> str:
         """Nothing could be sent: every due output fails with the link's state as the reason."""
-        reason = f"comms: link {self.link.state.value} ({self.link.last_error})"
-        return WriteResult((), {**failed, **{t.name: reason for t in due}})
+        return f"comms: link {self.link.state.value} ({self.link.last_error})"
 
 
 async def answer_within(

@@ -10,6 +10,9 @@ answers on the wire. Times are in the PLC's wall clock, passed in.
   still work: a PLC whose output card or data block is write-protected.
 - `nodes_deleted`, target "", value = seconds: the OPC UA face deletes every `Objects/PLC/<tag>`
   node for that long, then creates them again (a PLC program download). Modbus is untouched.
+- `wrong_type`, target = a tag, value 1: the OPC UA face serves that tag with the other scalar
+  type (a Boolean true for an analogue tag, a Double NaN for a boolean tag); value 2: a String.
+  Until cleared. Modbus is untouched (registers have no type).
 """
 
 from __future__ import annotations
@@ -26,7 +29,9 @@ PLC_FAULT_NAMES = (
     "comms_garble",
     "write_refused",
     "nodes_deleted",
+    "wrong_type",
 )
+WRONG_TYPE_KINDS = {1: "the other scalar type", 2: "a String"}
 WRITE_TARGETS = ("", "coil", "holding")
 MAX_DROP_S = 3600.0
 MAX_SLOW_S = 60.0
@@ -52,6 +57,8 @@ class CommsFaults:
     garble: bool = False
     write_refused: dict[str, int] = field(default_factory=dict)  # target -> exception code
     nodes_deleted_until_s: float | None = None
+    wrong_types: dict[str, int] = field(default_factory=dict)  # tag -> WRONG_TYPE_KINDS key
+    tag_names: frozenset[str] = frozenset()  # set by the PLC: targets `wrong_type` may name
 
     def dropped(self, now_s: float) -> bool:
         return self.drop_until_s is not None and now_s < self.drop_until_s
@@ -76,6 +83,8 @@ class CommsFaults:
             out["comms_error"] = float(self.error_code)
         if self.garble:
             out["comms_garble"] = 1.0
+        for target, kind in self.wrong_types.items():
+            out[f"wrong_type {target}"] = float(kind)
         for target, code in self.write_refused.items():
             out[f"write_refused {target or '*'}"] = float(code)
         if self.nodes_gone(now_s) and self.nodes_deleted_until_s is not None:
@@ -88,8 +97,15 @@ class CommsFaults:
                 raise PlcFaultValueError("target", target, f"one of {list(WRITE_TARGETS)}")
             self.write_refused[target] = _exception_code(value)
             return
+        if name == "wrong_type":
+            if not target or (self.tag_names and target not in self.tag_names):
+                raise PlcFaultValueError("target", _bounded(target), "a tag of the site")
+            if value not in WRONG_TYPE_KINDS:
+                raise PlcFaultValueError("value", value, f"one of {WRONG_TYPE_KINDS}")
+            self.wrong_types[target] = int(value)
+            return
         if target:
-            raise PlcFaultValueError("target", target, "'' (PLC faults take no target)")
+            raise PlcFaultValueError("target", _bounded(target), "'' (PLC faults take no target)")
         v = float(value)
         if name == "comms_drop":
             if not (math.isfinite(v) and 0 < v <= MAX_DROP_S):
@@ -110,7 +126,7 @@ class CommsFaults:
                 raise PlcFaultValueError("value", value, f"seconds, 0 < value ≤ {MAX_DROP_S:g}")
             self.nodes_deleted_until_s = now_s + v
         else:
-            raise PlcFaultValueError("name", name, f"one of {list(PLC_FAULT_NAMES)}")
+            raise PlcFaultValueError("name", _bounded(name), f"one of {list(PLC_FAULT_NAMES)}")
 
     def clear(self, name: str) -> None:
         if name == "comms_drop":
@@ -125,8 +141,10 @@ class CommsFaults:
             self.write_refused.clear()
         elif name == "nodes_deleted":
             self.nodes_deleted_until_s = None
+        elif name == "wrong_type":
+            self.wrong_types.clear()
         else:
-            raise PlcFaultValueError("name", name, f"one of {list(PLC_FAULT_NAMES)}")
+            raise PlcFaultValueError("name", _bounded(name), f"one of {list(PLC_FAULT_NAMES)}")
 
     def clear_all(self) -> None:
         self.drop_until_s = None
@@ -135,6 +153,7 @@ class CommsFaults:
         self.garble = False
         self.write_refused.clear()
         self.nodes_deleted_until_s = None
+        self.wrong_types.clear()
 
 
 def _exception_code(value: float) -> int:
@@ -143,3 +162,14 @@ def _exception_code(value: float) -> int:
     if not (math.isfinite(v) and v == int(v) and int(v) in codes):
         raise PlcFaultValueError("value", value, f"a Modbus exception code, one of {codes}")
     return int(v)
+
+
+BOUND_CHARS = 80
+
+
+def _bounded(text: str) -> str:
+    """A caller's string as quoted in an error or a log line: at most BOUND_CHARS, and says so
+    (a 1 MB fault name must not become a 1 MB log line)."""
+    if len(text) <= BOUND_CHARS:
+        return text
+    return f"{text[:BOUND_CHARS]}… ({len(text)} chars, truncated)"

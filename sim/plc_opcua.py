@@ -111,6 +111,9 @@ class PlcOpcua:
         self._read_only: set[ua.NodeId] = set()
         self._last: dict[ua.NodeId, Any] = {}
         self._bad: int | None = None  # the status every PLC variable shows during a fault
+        self._plc_folder: Any = None
+        host.faults.tag_names = frozenset(t.name for t in tags)  # `wrong_type` targets
+        self._deleted = False  # the `nodes_deleted` fault holds: no Objects/PLC/<tag> nodes
 
     @property
     def endpoint(self) -> str:
@@ -127,27 +130,10 @@ class PlcOpcua:
         self.ns = ns
         objects = server.nodes.objects
 
-        plc = await objects.add_folder(ua.NodeId("PLC", ns), ua.QualifiedName("PLC", ns))
-        outputs = self.host.outputs()
-        for tag in self.tags:
-            vt = ua.VariantType.Boolean if tag.is_bool else ua.VariantType.Double
-            nid = ua.NodeId(f"PLC.{tag.name}", ns)
-            init: Value = outputs.get(tag.name, False if tag.is_bool else 0.0)
-            var = await plc.add_variable(
-                nid, ua.QualifiedName(tag.name, ns), ua.Variant(_typed(init, vt), vt)
-            )
-            if tag.description:
-                await var.write_attribute(
-                    ua.AttributeIds.Description,
-                    ua.DataValue(ua.Variant(ua.LocalizedText(tag.description))),
-                )
-            self._plc_nodes[tag.name] = nid
-            self._plc_vt[tag.name] = vt
-            if tag.is_output:
-                await var.set_writable()
-                self._outputs[nid] = tag
-            else:
-                self._read_only.add(nid)
+        self._plc_folder = await objects.add_folder(
+            ua.NodeId("PLC", ns), ua.QualifiedName("PLC", ns)
+        )
+        await self._add_plc_nodes()
 
         sim = await objects.add_object(ua.NodeId("Sim", ns), ua.QualifiedName("Sim", ns))
         msg = [_arg("Message", ua.VariantType.String, "what was done, or why not")]
@@ -177,6 +163,42 @@ class PlcOpcua:
             self.port = server.bserver.port
         self.server = server
 
+    async def _add_plc_nodes(self) -> None:
+        """Create `Objects/PLC/<tag>` for every tag (at start, and again after `nodes_deleted`)."""
+        ns, plc = self.ns, self._plc_folder
+        outputs = self.host.outputs()
+        for tag in self.tags:
+            vt = ua.VariantType.Boolean if tag.is_bool else ua.VariantType.Double
+            nid = ua.NodeId(f"PLC.{tag.name}", ns)
+            init: Value = outputs.get(tag.name, False if tag.is_bool else 0.0)
+            var = await plc.add_variable(
+                nid, ua.QualifiedName(tag.name, ns), ua.Variant(_typed(init, vt), vt)
+            )
+            if tag.description:
+                await var.write_attribute(
+                    ua.AttributeIds.Description,
+                    ua.DataValue(ua.Variant(ua.LocalizedText(tag.description))),
+                )
+            self._plc_nodes[tag.name] = nid
+            self._plc_vt[tag.name] = vt
+            self._last.pop(nid, None)
+            if tag.is_output:
+                await var.set_writable()
+                self._outputs[nid] = tag
+            else:
+                self._read_only.add(nid)
+
+    async def _delete_plc_nodes(self) -> None:
+        """The `nodes_deleted` fault: every `Objects/PLC/<tag>` goes, as in a PLC program
+        download (the folder stays). Reads answer BadNodeIdUnknown, browse paths BadNoMatch."""
+        assert self.server is not None
+        nodes = [self.server.get_node(nid) for nid in self._plc_nodes.values()]
+        await self.server.delete_nodes(nodes)
+        self._outputs.clear()
+        self._read_only.difference_update(self._plc_nodes.values())
+        self._last.clear()
+        self._bad = None
+
     async def stop(self) -> None:
         if self.server is not None:
             server, self.server = self.server, None
@@ -186,16 +208,34 @@ class PlcOpcua:
 
     async def _write(self, nid: ua.NodeId, value: Any, vt: ua.VariantType, ts: datetime) -> None:
         assert self.server is not None
-        if self._last.get(nid, _UNSET) == value:
+        last = self._last.get(nid, _UNSET)
+        if last == value:
             return
         self._last[nid] = value
+        if isinstance(last, tuple):  # `wrong_type` served another variant type here
+            await self._untyped(nid, ts)
         dv = ua.DataValue(ua.Variant(_typed(value, vt), vt), SourceTimestamp=ts, ServerTimestamp=ts)
+        await self.server.write_attribute_value(nid, dv)
+
+    async def _untyped(self, nid: ua.NodeId, ts: datetime) -> None:
+        """asyncua refuses a value of another variant type than the node holds, even from the
+        server itself; a value-less DataValue in between lifts that (for `wrong_type`)."""
+        assert self.server is not None
+        code = _status(ua.StatusCodes.BadWaitingForInitialData)
+        dv = ua.DataValue(StatusCode=code, SourceTimestamp=ts, ServerTimestamp=ts)
         await self.server.write_attribute_value(nid, dv)
 
     async def publish_plc(self, values: Mapping[str, Value], bad_status: int | None) -> None:
         """Show PLC view values (changed ones only), or every one with `bad_status` while a
         PLC fault holds (BadNoCommunication for a drop, BadDeviceFailure for an error)."""
         if self.server is None:
+            return
+        gone = self.host.faults.nodes_gone(self.host.now())
+        if gone != self._deleted:
+            self._deleted = gone
+            await (self._delete_plc_nodes() if gone else self._add_plc_nodes())
+            log.info("sim_plc_nodes_" + ("deleted" if gone else "recreated"), nodes=len(self.tags))
+        if gone:
             return
         ts = datetime.now(UTC)
         if bad_status is not None:
@@ -209,10 +249,32 @@ class PlcOpcua:
                     await self.server.write_attribute_value(nid, bad)
             return
         self._bad = None
+        wrong = self.host.faults.wrong_types
         for name, v in values.items():
             nid = self._plc_nodes.get(name)
-            if nid is not None:
+            if nid is None:
+                continue
+            if name in wrong:
+                await self._write_wrong(nid, name, wrong[name], ts)
+            else:
                 await self._write(nid, v, self._plc_vt[name], ts)
+
+    async def _write_wrong(self, nid: ua.NodeId, name: str, kind: int, ts: datetime) -> None:
+        """The `wrong_type` fault: serve a variant that does not match the tag's type."""
+        assert self.server is not None
+        marker = ("wrong_type", kind)
+        if self._last.get(nid, _UNSET) == marker:
+            return
+        self._last[nid] = marker  # unequal to any value: the true value returns on clear
+        if kind == 2:
+            variant = ua.Variant("21.5", ua.VariantType.String)
+        elif self._plc_vt[name] == ua.VariantType.Boolean:
+            variant = ua.Variant(math.nan, ua.VariantType.Double)
+        else:
+            variant = ua.Variant(True, ua.VariantType.Boolean)
+        await self._untyped(nid, ts)
+        dv = ua.DataValue(variant, SourceTimestamp=ts, ServerTimestamp=ts)
+        await self.server.write_attribute_value(nid, dv)
 
     async def publish_plant(self, values: Mapping[str, float | bool | int]) -> None:
         if self.server is None:
@@ -242,6 +304,8 @@ class PlcOpcua:
                         accepted[self._outputs[wv.NodeId].name] = value
                 elif wv.NodeId in self._read_only:
                     results[i] = _status(ua.StatusCodes.BadNotWritable)
+                elif self._deleted and wv.NodeId in self._plc_nodes.values():
+                    results[i] = _status(ua.StatusCodes.BadNodeIdUnknown)
                 else:
                     passthrough.append(i)
             if passthrough:
@@ -342,9 +406,9 @@ class PlcOpcua:
         except ValueError as e:  # FaultError and friends: the caller's mistake
             return self._fail(method, ua.StatusCodes.BadInvalidArgument, str(e), [])
         except Exception as e:  # never let a method call take the instrument down
-            log.exception("sim_method_failed", method=method, args=values)
+            log.exception("sim_method_failed", method=method, args=[_bounded(v) for v in values])
             return self._fail(method, ua.StatusCodes.BadInternalError, repr(e), [])
-        text = f"{method}({', '.join(repr(v) for v in values)}): done"
+        text = f"{method}({', '.join(_bounded(v) for v in values)}): done"
         return ua.CallMethodResult(
             StatusCode=_status(ua.StatusCodes.Good),
             InputArgumentResults=[_status(ua.StatusCodes.Good)] * len(args),
@@ -355,6 +419,8 @@ class PlcOpcua:
     def _fail(
         method: str, code: int, message: str, arg_results: list[ua.StatusCode]
     ) -> ua.CallMethodResult:
+        # a method argument is the caller's: a 1 MB name must not become a 1 MB log line
+        message = _bounded_text(message, MESSAGE_CHARS)
         log.warning(
             "sim_method_refused", method=method, status=ua.StatusCode(code).name, reason=message
         )
@@ -363,6 +429,21 @@ class PlcOpcua:
             InputArgumentResults=arg_results,
             OutputArguments=[ua.Variant(message, ua.VariantType.String)],
         )
+
+
+MESSAGE_CHARS = 300  # longest reason logged or answered for a method call
+ARG_CHARS = 80  # longest argument quoted
+
+
+def _bounded_text(text: str, limit: int) -> str:
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} chars, truncated)"
+
+
+def _bounded(value: object) -> str:
+    """An argument as quoted in a log line or an answer: its repr, at most ARG_CHARS."""
+    return _bounded_text(repr(value), ARG_CHARS)
 
 
 class _Unset:

@@ -92,8 +92,9 @@ async def test_writes_only_changed_outputs(rig: Rig, tx: Any) -> None:
     n0 = tx.health.requests
     r = await tx.write_outputs({**COMMANDS, "reuse_valve_cmd": 42.0, "secondary_pump_cmd": True})
     assert set(r.written) == {"reuse_valve_cmd", "secondary_pump_cmd", "heartbeat"}
-    # memory and Modbus: one FC16 per adjacent run (0, 5) and one FC15; OPC UA: one Write
-    assert tx.health.requests - n0 == (1 if rig.is_opcua else 3)
+    # memory and Modbus: one FC16 (0), one FC15, then the heartbeat's own FC16 (5);
+    # OPC UA: one Write of the commands, then the heartbeat's own Write
+    assert tx.health.requests - n0 == (2 if rig.is_opcua else 3)
     cmd = rig.plc.commanded()
     assert cmd["reuse_valve_cmd"] == pytest.approx(42.0)
     assert cmd["secondary_pump_cmd"] is True
@@ -114,10 +115,16 @@ async def test_heartbeat_written_every_pass(rig: Rig, tx: Any) -> None:
 
 async def test_nan_is_refused_and_unknown_tags_raise(rig: Rig, tx: Any) -> None:
     await tx.write_outputs(COMMANDS)
-    r = await tx.write_outputs({"reuse_valve_cmd": math.nan})
+    beat = rig.plc.commanded()["heartbeat"]
+    r = await tx.write_outputs({"reuse_valve_cmd": math.nan, "secondary_pump_cmd": True})
     assert "reuse_valve_cmd" in r.failed and "reuse_valve_cmd" not in r.written
-    assert "heartbeat" in r.written  # the rest of the pass goes on
+    assert "secondary_pump_cmd" in r.written  # the rest of the pass goes on...
+    # ... but a command that did not reach the PLC withholds the heartbeat
+    assert r.failed["heartbeat"].startswith("withheld: reuse_valve_cmd")
+    assert rig.plc.commanded()["heartbeat"] == beat
     assert rig.plc.commanded()["reuse_valve_cmd"] == COMMANDS["reuse_valve_cmd"]
+    r = await tx.write_outputs({"reuse_valve_cmd": 0.0})
+    assert "heartbeat" in r.written and not r.failed
     with pytest.raises(UnknownTagError, match=r"no_such_tag.*not an output"):
         await tx.write_outputs({"no_such_tag": 1.0})
     with pytest.raises(UnknownTagError):
@@ -199,7 +206,8 @@ async def test_error_replies_are_bad_quality_not_exceptions(rig: Rig, tx: Any) -
         assert tx.health.state is LinkState.OK  # the PLC answered: the link is fine
         if fault == "comms_error":
             r = await tx.write_outputs(COMMANDS)
-            assert "heartbeat" in r.failed and "exception" in r.failed["heartbeat"]
+            assert r.failed["heartbeat"].startswith("withheld:"), r.failed
+            assert "exception" in r.failed["heartbeat"]
         rig.plc.clear(fault)
     img = await tx.read_inputs()
     assert all_q(img, Quality.GOOD)
@@ -311,3 +319,231 @@ async def test_verify_over_the_wire_agrees_with_what_the_plc_holds(rig: Rig) -> 
                 assert r.failed["reuse_valve_cmd"].startswith("verify: PLC holds")
     finally:
         await t.close()
+
+
+# ---- the heartbeat means "my commands arrived" ----
+
+# A plant sending heat to the customer, then a reuse leak: the commands change in both the
+# holding-register block (valve, speed) and the coil block (pump, isolation valves).
+REUSE = {
+    **COMMANDS,
+    "reuse_valve_cmd": 60.0,
+    "secondary_pump_speed_cmd": 70.0,
+    "secondary_pump_cmd": True,
+    "customer_isolation_cmd": True,
+    "reuse_isolation_cmd": True,
+}
+LEAK_TRIP = {
+    **REUSE,
+    "reuse_valve_cmd": 0.0,
+    "secondary_pump_speed_cmd": 0.0,
+    "secondary_pump_cmd": False,
+    "customer_isolation_cmd": False,
+    "reuse_isolation_cmd": False,
+}
+COILS = [t.name for t in SITE.outputs if t.modbus.table.value == "coil"]
+TRIPPED_COILS = {n for n in COILS if LEAK_TRIP[n] != REUSE[n]}
+
+
+class MemoryWatchdog:
+    """The in-memory PLC has no watchdog: feed DESIGN §7's (the simulated PLC's own state
+    machine) from what actually landed in the in-memory PLC, and apply its safe hold."""
+
+    def __init__(self, plc: Any, site: Any) -> None:
+        from sim.plc_watchdog import Watchdog
+
+        self.plc, self.site = plc, site
+        self.wd = Watchdog(site.plc.watchdog_s, site.plc.watchdog_holdoff_s, time.monotonic())
+        self.seen = 0
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        for write in self.plc.write_log[self.seen :]:
+            if "heartbeat" in write:
+                self.wd.heartbeat(float(write["heartbeat"]), now)
+            if any(n != "heartbeat" for n in write):
+                self.wd.command(now)
+        self.seen = len(self.plc.write_log)
+        self.wd.poll(now)
+        for t in self.site.outputs:
+            if self.wd.tripped:
+                self.plc.override(t.name, t.safe)
+            else:
+                self.plc.release(t.name)
+
+    @property
+    def watchdog_tripped(self) -> bool:
+        self.poll()
+        return bool(self.wd.tripped)
+
+
+async def scan_until(t: Any, values: dict[str, Any], done: Any, within_s: float) -> list[Any]:
+    """Write passes every 50 ms (a controller's scan), re-sending everything while the PLC
+    holds its safe state, until `done()`; return the results."""
+    results = []
+    deadline = time.monotonic() + within_s
+    while not done():
+        assert time.monotonic() < deadline, f"not done within {within_s} s: {results[-1:]}"
+        results.append(await t.write_outputs(values))
+        await asyncio.sleep(0.05)
+    return results
+
+
+async def test_a_refused_coil_block_withholds_the_heartbeat_and_the_watchdog_trips(
+    rig: Rig,
+) -> None:
+    """7.1: coil writes refused during a reuse leak: the valve command lands, the pump and
+    isolation commands do not, so the heartbeat is withheld and the PLC watchdog takes the
+    plant to its safe values (secondary pump off, isolation closed)."""
+    site = conformance_site(watchdog_s=1.0, watchdog_holdoff_s=0.3)
+    own = Rig(rig.kind, site)  # a PLC of its own, with a short watchdog
+    await own.start()
+    t = own.transport()
+    try:
+        await t.connect()
+        plc = own.plc
+        wd = MemoryWatchdog(plc, site) if own.kind == "memory" else plc
+        bound_s = site.plc.watchdog_s + site.plc.watchdog_holdoff_s + 3.0
+
+        def released() -> bool:
+            if wd.watchdog_tripped:
+                t.resend_all()  # the PLC releases its safe hold only on fresh commands
+                return False
+            return True
+
+        await scan_until(t, REUSE, released, bound_s)
+        await scan_until(t, REUSE, lambda: plc.outputs()["secondary_pump_cmd"] is True, 1.0)
+        assert not wd.watchdog_tripped and plc.outputs()["reuse_isolation_cmd"] is True
+
+        plc.inject("write_refused", "coil", 4.0)
+        beat = plc.commanded()["heartbeat"]
+        results = await scan_until(
+            t, LEAK_TRIP, lambda: wd.watchdog_tripped, site.plc.watchdog_s + 3.0
+        )
+        assert results, "the watchdog was already tripped"
+        for r in results:
+            assert set(r.failed) >= TRIPPED_COILS, r
+            assert r.failed["heartbeat"].startswith("withheld:"), r.failed
+            assert "secondary_pump_cmd" in r.failed["heartbeat"]
+        assert "reuse_valve_cmd" in results[0].written  # the holding block still landed
+        assert plc.commanded()["heartbeat"] == beat, "the PLC never saw the heartbeat advance"
+        assert plc.commanded()["secondary_pump_cmd"] is True  # the refused command
+        safe = SITE.safe_outputs()
+        held = plc.outputs()
+        assert {n: held[n] for n in COILS} == {n: safe[n] for n in COILS}
+        assert held["drycooler_fan_cmd"] == pytest.approx(safe["drycooler_fan_cmd"])
+
+        plc.clear("write_refused")
+        results = await scan_until(t, LEAK_TRIP, released, bound_s)
+        r = await t.write_outputs(LEAK_TRIP)
+        assert "heartbeat" in r.written and not r.failed
+        assert plc.outputs()["secondary_pump_cmd"] is False
+    finally:
+        await t.close()
+        await own.close()
+
+
+# ---- a value of the wrong kind is never good ----
+
+
+async def test_a_value_of_the_wrong_kind_is_bad_reply_never_coerced() -> None:
+    """7.4: bool(nan) is True and float(True) is 1.0; neither may reach the decision core."""
+    from plc_io.memory import MemoryPlc, MemoryTransport
+
+    plc = MemoryPlc(SITE)
+    t = MemoryTransport(SITE, plc)
+    wrong = {
+        "leak_primary": math.nan,  # would read wet... or, for a healthy-when-true input, healthy
+        "customer_ready": 1.0,
+        "drycooler_fault": "false",
+        "it_supply_temp": True,  # would read 1.0 °C: cold, so no IL-01
+        "it_return_temp": "35.0",
+        "ambient_temp": None,
+        "primary_flow": 10**30,
+    }
+    with capture_logs() as logs:
+        plc.set_many(wrong)  # type: ignore[arg-type]
+        img = await t.read_inputs()
+        img = await t.read_inputs()  # logged once, not every scan
+    for name in wrong:
+        assert img[name].quality is Quality.BAD_REPLY, name
+        assert img[name].value is None, name
+    assert all(img[n].quality is Quality.GOOD for n in INPUTS if n not in wrong)
+    reasons = {e["where"]: e["cause"] for e in logs if e["event"] == "plc_fault"}
+    assert len(reasons) == len(wrong), reasons
+    assert "expected a boolean" in reasons["value leak_primary"]
+    assert "expected a number" in reasons["value it_supply_temp"]
+    # and nothing of the wrong kind is ever sent: NaN is not "run", True is not 1 %
+    r = await t.write_outputs({"secondary_pump_cmd": math.nan, "reuse_valve_cmd": True})
+    assert set(r.failed) == {"secondary_pump_cmd", "reuse_valve_cmd", "heartbeat"}
+    assert plc.commanded()["secondary_pump_cmd"] is False
+    assert plc.commanded()["reuse_valve_cmd"] == 0.0
+
+
+# ---- OPC UA: wrong variant types, deleted nodes ----
+
+
+async def test_opcua_a_variant_of_the_wrong_type_is_bad_reply(rig: Rig, tx: Any) -> None:
+    """8.7: a Boolean served for a float tag is not 0.0 °C, a Double NaN for a boolean tag is
+    not True, a String is not a number: bad_reply, by subscription and by read."""
+    if not rig.is_opcua:
+        pytest.skip("variant types are OPC UA's; Modbus registers carry no type")
+    await until(tx, lambda i: all_q(i, Quality.GOOD), 3.0)
+    kinds = {"it_supply_temp": 1.0, "leak_reuse": 1.0, "ambient_temp": 2.0, "customer_ready": 2.0}
+    for name, kind in kinds.items():
+        rig.plc.inject("wrong_type", name, kind)
+
+    def shows(img: ProcessImage) -> bool:
+        return all(img[n].quality is Quality.BAD_REPLY for n in kinds)
+
+    img, _ = await until(tx, shows, 3.0)
+    assert {n: img[n].quality for n in kinds} == dict.fromkeys(kinds, Quality.BAD_REPLY)
+    for _ in range(3):  # and it stays so, whether verified by a read or notified
+        img = await tx.read_inputs()
+        assert all(img[n].quality is Quality.BAD_REPLY for n in kinds)
+        assert all(img[n].quality is Quality.GOOD for n in INPUTS if n not in kinds)
+        await asyncio.sleep(SITE.plc.stale_after_s / 2)
+    rig.plc.clear("wrong_type")
+    img, _ = await until(tx, lambda i: all_q(i, Quality.GOOD), 3.0)
+    assert all_q(img, Quality.GOOD)
+    assert isinstance(img.value("it_supply_temp"), float)
+    assert isinstance(img.value("leak_reuse"), bool)
+
+
+async def test_opcua_deleted_nodes_go_bad_and_come_back_fresh(rig: Rig, tx: Any) -> None:
+    """8.8: a PLC program download deletes the PLC's nodes. The asyncua server never tells the
+    subscriber; the points must go bad (never stay good on the last value) and be good with
+    fresh values, by notification again, once the nodes are back."""
+    if not rig.is_opcua:
+        pytest.skip("Modbus has no nodes to delete")
+    await until(tx, lambda i: all_q(i, Quality.GOOD), 3.0)
+    stale_s = SITE.plc.stale_after_s
+    rig.plc.inject("nodes_deleted", "", 2.0 * stale_s + 1.0)
+    img, _ = await until(tx, lambda i: all_q(i, Quality.BAD_REPLY), stale_s + 2.0)
+    assert all_q(img, Quality.BAD_REPLY), {n: img[n].quality for n in INPUTS}
+    deleted_seen = time.monotonic()
+    w = await tx.write_outputs(COMMANDS)
+    assert "heartbeat" in w.failed  # nowhere to write it
+    while rig.plc.faults.nodes_gone(time.monotonic()):
+        img = await tx.read_inputs()
+        assert not any(img[n].usable_at(time.monotonic(), stale_s) for n in INPUTS)
+        await asyncio.sleep(0.05)
+    back_at = time.monotonic()
+    assert back_at > deleted_seen
+    img, _ = await until(
+        tx,
+        lambda i: all(i[n].quality is Quality.GOOD and i[n].at_s >= back_at for n in INPUTS),
+        5.0,
+    )
+    assert all(img[n].quality is Quality.GOOD and img[n].at_s >= back_at for n in INPUTS)
+    if rig.kind == "opcua":  # notifications flow again: the monitored items were recreated
+        notified: list[str] = []
+        arrived = tx._arrived
+        tx._arrived = lambda nodeid, dv: (notified.append(nodeid), arrived(nodeid, dv))
+        try:
+            await until(tx, lambda i: bool(notified), 5.0)
+        finally:
+            tx._arrived = arrived
+        assert notified, "no data change notification after the nodes came back"
+    w = await tx.write_outputs(COMMANDS)
+    assert "heartbeat" in w.written and not w.failed
