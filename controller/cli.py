@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -170,13 +171,31 @@ def cmd_sim_serve(args: argparse.Namespace) -> int:
     return run_serve(site, scenario, args.speed)
 
 
-def _positive(text: str) -> float:
+def _number_in(lo: float, hi: float) -> Callable[[str], float]:
+    """An argparse type: a finite number with lo < x ≤ hi (usage error, exit 2, otherwise)."""
+
+    def parse(text: str) -> float:
+        try:
+            v = float(text)
+        except ValueError:
+            v = math.nan
+        if not lo < v <= hi:  # NaN fails too
+            raise argparse.ArgumentTypeError(f"{text!r}: expected a number > {lo:g} and ≤ {hi:g}")
+        return v
+
+    return parse
+
+
+_positive = _number_in(0.0, 1e6)  # --speed: simulated seconds per wall second
+
+
+def _seed(text: str) -> int:
     try:
-        v = float(text)
+        v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0") from None
-    if not 0 < v < float("inf"):
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
+        v = -1
+    if not 0 <= v < 2**32:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number 0 … 2**32 - 1")
     return v
 
 
@@ -194,8 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_check)
 
     s = sub.add_parser("demo", help="run the embedded demo site")
-    s.add_argument("--minutes", type=float, default=None, help="stop after N wall minutes")
-    s.add_argument("--speed", type=float, default=None, help="simulated seconds per wall second")
+    s.add_argument(
+        "--minutes", type=_number_in(0, 525_600), default=None, help="stop after N wall minutes"
+    )
+    s.add_argument(
+        "--speed", type=_positive, default=None, help="simulated seconds per wall second"
+    )
     s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("run", help="the production controller")
@@ -205,9 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("study", help="plant and supervisor in-process at full speed")
     s.add_argument("--site", required=True)
-    s.add_argument("--days", type=float, default=1.0)
-    s.add_argument("--step", type=float, default=10.0, help="simulated seconds per step")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--days", type=_number_in(0, 3660), default=1.0)
+    s.add_argument(
+        "--step", type=_number_in(0, 3600), default=10.0, help="simulated seconds per step"
+    )
+    s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--scenario", default=None, help="scenario file (TOML) of timed faults")
     s.set_defaults(func=cmd_study)
 

@@ -258,3 +258,22 @@ def test_the_cli_does_not_import_the_plant_model() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, timeout=60, check=False
     )
     assert proc.returncode == 0, proc.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--step", "0"],
+        ["--step", "nan"],
+        ["--days", "inf"],
+        ["--days", "-1"],
+        ["--seed", "-3"],
+    ],
+)
+def test_study_options_out_of_bounds_are_usage_errors(
+    argv: list[str], no_sockets: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site = str(ROOT / "plc_io" / "demo_site.toml")
+    assert main(["study", "--site", site, *argv]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"argument {argv[0]}: {argv[1]!r}: expected" in err
