@@ -88,8 +88,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.exists() and not args.force:
         raise UsageError(f"{path} exists; use --force to overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(demo_site_text(), encoding="utf-8")
+    if path.is_dir():
+        raise UsageError(f"{path}: expected a file path, found a directory")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(demo_site_text(), encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write the site file ({e.strerror or e})") from None
     print(f"wrote the demo site file to {path}")
     return EXIT_OK
 

@@ -277,3 +277,13 @@ def test_study_options_out_of_bounds_are_usage_errors(
     assert main(["study", "--site", site, *argv]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"argument {argv[0]}: {argv[1]!r}: expected" in err
+
+
+def test_init_into_a_directory_or_an_unwritable_place_is_a_usage_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["init", str(tmp_path), "--force"]) == 2
+    one_line_each(capsys.readouterr().err, "expected a file path, found a directory")
+    (tmp_path / "file").write_text("x")
+    assert main(["init", str(tmp_path / "file" / "site.toml")]) == 2
+    one_line_each(capsys.readouterr().err, "cannot write the site file")
