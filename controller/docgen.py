@@ -17,28 +17,23 @@ from pydantic import BaseModel
 
 from controller.modes import TRANSITIONS, mermaid_diagram
 from controller.supervisor import SupervisorConfig
-from interlocks.rules import RULES
-from interlocks.validation import Point
+from interlocks.rules import RULES, conditions, effect_cell, matrix_columns
 from plc_io.site import Site, demo_site
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 
 
-def _cell(v: object) -> str:
-    return "on" if v is True else "off" if v is False else f"{v:g}"  # type: ignore[str-format]
-
-
 def matrix_markdown(site: Site) -> str:
+    """The C&E matrix from the rule table's declared effects, reset conditions and merge roles."""
     th = SupervisorConfig.from_site(site).thresholds
-    wide = {"tank_bottom_temp": Point(0.0, True), "it_return_temp": Point(100.0, True)}
-    outs = [t.name for t in site.outputs if any(t.name in r.effects(wide, th) for r in RULES)]
-    head = ["id", "hazard", "cause", "delay", "latch", "bypass", "response", *outs]
+    outs = matrix_columns(tuple(t.name for t in site.outputs))
+    marks = {c.name: chr(ord("a") + i) for i, c in enumerate(conditions())}
+    head = ["id", "hazard", "cause", "delay", "latch", "reset", "bypass", "response", "wins on"]
+    head += outs
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in RULES:
-        fx, always = r.effects(wide, th), r.effects({}, th)
-        cells = [
-            "" if o not in fx else _cell(fx[o]) + ("\\*" if o not in always else "") for o in outs
-        ]
+        by_out = {e.output: e for e in r.forces}
+        limit_h = min(r.max_bypass_s, th.max_bypass_s) / 3600
         rows.append(
             "| "
             + " | ".join(
@@ -47,16 +42,20 @@ def matrix_markdown(site: Site) -> str:
                     r.hazard,
                     r.cause_text,
                     f"{r.delay_s:g} s",
-                    "yes: " + r.reset_text if r.latching else "no",
-                    f"≤ {r.max_bypass_s / 3600:g} h" if r.bypassable else "never",
+                    "yes" if r.latching else "no",
+                    r.reset.text,
+                    f"≤ {limit_h:g} h" if r.bypassable else "never",
                     f"{r.response_s:g} s",
-                    *cells,
+                    "its circuit: " + ", ".join(r.protects) if r.protects else "more cooling",
+                    *(effect_cell(by_out.get(o), th, marks) for o in outs),
                 ]
             )
             + " |"
         )
     rows.append("")
-    rows.append("\\* only while the tank is colder than the return: the HX is then a heat sink.")
+    for c in conditions():
+        rows.append(f"[{marks[c.name]}] while {c.text}.  ")
+    rows[-1] = rows[-1].rstrip()
     return "\n".join(rows)
 
 

@@ -25,7 +25,14 @@ from controller.modes import Conditions, Mode, ModeMachine, Timing
 from controller.sequences import PI, SequenceConfig, mode_outputs
 from interlocks.engine import Event, InterlockState, evaluate
 from interlocks.rules import Thresholds
-from interlocks.validation import EMPTY_MEMORY, Point, ValidationConfig, compile_spec, validate
+from interlocks.validation import (
+    EMPTY_MEMORY,
+    Point,
+    ValidationConfig,
+    compile_spec,
+    compile_supervision,
+    validate,
+)
 from plc_io.image import ProcessImage
 from plc_io.site import Site
 from plc_io.tags import Tag, Value
@@ -121,13 +128,17 @@ class SupervisorConfig:
                 freeze_ambient_c=il.freeze_ambient_c,
                 freeze_drycooler_out_c=il.freeze_drycooler_out_c,
                 fan_min_pct=c.fan_min_pct,
+                max_bypass_s=il.max_bypass_s,
             ),
             validation=ValidationConfig(
                 il.stale_s,
                 il.frozen_s,
                 il.max_rate_k_per_s,
                 redundant=dict(il.redundant),
-                spec=compile_spec(site.inputs, il.redundant),
+                spec=compile_spec(site.inputs, il.redundant, il.frozen_s),
+                plausibility_band_k=il.plausibility_band_k,
+                plausibility_min_it_power_kw=il.plausibility_min_it_power_kw,
+                supervised=compile_supervision(site.inputs),
             ),
             sequence=SequenceConfig(
                 supply_setpoint_c=c.it_supply_setpoint_c,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -56,8 +57,11 @@ def test_supply_flipping_between_hot_and_unknown_still_acts() -> None:
 def test_hx_joins_as_a_sink_only_when_the_tank_is_colder() -> None:
     v = run(pts(it_supply_temp=46.0, tank_bottom_temp=30.0, it_return_temp=50.0), [0, 3])
     assert v.forced["reuse_valve_cmd"].value == 100.0
+    assert v.forced["secondary_pump_cmd"].value is True
+    # a tank hotter than the return would heat the primary: the valve goes to bypass (7.9)
     v = run(pts(it_supply_temp=46.0, tank_bottom_temp=60.0, it_return_temp=50.0), [0, 3])
-    assert "reuse_valve_cmd" not in v.forced
+    assert v.forced["reuse_valve_cmd"] == (0.0, ("IL-01",))
+    assert "secondary_pump_cmd" not in v.forced
 
 
 def test_leak_isolation_wins_over_cooling_wishes() -> None:
@@ -146,10 +150,19 @@ def test_redundant_sensors_worse_of_two_drives_the_interlock() -> None:
     cfg = SupervisorConfig.from_site(site)
     sup = Supervisor(cfg)
     t = 0.0
+    hot_plant = {"it_return_temp": 56.0, "drycooler_out_temp": 45.5}
     for i in range(5):  # A reads normal, B reads hot: the hotter valid one counts
         t += 1
-        d = sup.step(image(t, it_supply_temp=35.0 + 0.01 * i, it_supply_temp_b=46.0), t)
+        d = sup.step(
+            image(t, it_supply_temp=35.0 + 0.01 * i, it_supply_temp_b=46.0, **hot_plant), t
+        )
     assert "IL-01" in d.active
+    armed = replace(cfg, validation=replace(cfg.validation, plausibility_settle_s=0.0))
+    sup = Supervisor(armed)
+    for i in range(5):  # B hot but implausible (above the return): the pair is unknown, never A
+        t += 1
+        d = sup.step(image(t, it_supply_temp=35.0 + 0.01 * i, it_supply_temp_b=46.0), t)
+    assert "IL-02" in d.active and d.invalid["it_supply_temp"] == "implausible"
     sup = Supervisor(cfg)
     for i in range(5):  # B dead: A alone is enough, no IL-02
         t += 1
