@@ -77,7 +77,8 @@ async def _bench() -> list[str]:
         raw.close()
         await tx.close()
     reads = len(plan_reads(site.inputs, site.plc.gap_registers, site.plc.gap_bits))
-    all_writes = len(plan_writes(site.outputs))
+    # every command in as few FC16/FC15 runs as possible, then the heartbeat's own request
+    all_writes = len(plan_writes([t for t in site.outputs if t.name != "heartbeat"])) + 1
     m_tx, m_raw = statistics.median(t_tx), statistics.median(t_raw)
     p99 = statistics.quantiles(t_tx, n=100)[98]
     return [
@@ -88,7 +89,7 @@ async def _bench() -> list[str]:
         f"requests per scan  {steady:.2f} steady (minimum {reads} reads + 1 heartbeat write"
         f" = {reads + 1})",
         f"first scan         {first_scan} requests (minimum {reads} reads + {all_writes}"
-        f" writes = {reads + all_writes})",
+        f" writes, the heartbeat last = {reads + all_writes})",
         f"inputs not good at the end: {bad or 'none'}",
     ]
 

@@ -8,8 +8,10 @@ again after a reconnect.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
+import struct
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -510,6 +512,8 @@ async def test_opcua_a_variant_of_the_wrong_type_is_bad_reply(rig: Rig, tx: Any)
     assert isinstance(img.value("leak_reuse"), bool)
 
 
+# asyncua 2.1's server fails to notify the deletion (the bug this case is about) and says so
+@pytest.mark.filterwarnings("ignore:coroutine 'MonitoredItemService.datachange_callback'")
 async def test_opcua_deleted_nodes_go_bad_and_come_back_fresh(rig: Rig, tx: Any) -> None:
     """8.8: a PLC program download deletes the PLC's nodes. The asyncua server never tells the
     subscriber; the points must go bad (never stay good on the last value) and be good with
@@ -547,3 +551,132 @@ async def test_opcua_deleted_nodes_go_bad_and_come_back_fresh(rig: Rig, tx: Any)
         assert notified, "no data change notification after the nodes came back"
     w = await tx.write_outputs(COMMANDS)
     assert "heartbeat" in w.written and not w.failed
+
+
+# ---- Modbus: a PLC that lies about what it answers ----
+
+
+class LyingPlc:
+    """A raw Modbus/TCP server on 127.0.0.1 (no library): answers every request honestly with
+    zeros, except that `lie(fc, pdu)` may rewrite the reply PDU."""
+
+    def __init__(self, lie: Any = None) -> None:
+        self.lie = lie
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> LyingPlc:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    @staticmethod
+    def honest(pdu: bytes) -> bytes:
+        fc = pdu[0]
+        address, count = struct.unpack(">HH", pdu[1:5])
+        if fc in (3, 4):
+            return bytes([fc, 2 * count]) + bytes(2 * count)
+        if fc in (1, 2):
+            n = (count + 7) // 8
+            return bytes([fc, n]) + bytes(n)
+        if fc in (15, 16):
+            return struct.pack(">BHH", fc, address, count)
+        return pdu  # 5, 6: the echo
+
+    async def _serve(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(asyncio.IncompleteReadError, ConnectionError):
+            while True:
+                tid, _pid, length, unit = struct.unpack(">HHHB", await r.readexactly(7))
+                pdu = await r.readexactly(length - 1)
+                reply = self.honest(pdu)
+                if self.lie is not None:
+                    reply = self.lie(pdu[0], reply)
+                w.write(struct.pack(">HHHB", tid, 0, len(reply) + 1, unit) + reply)
+                await w.drain()
+        w.close()
+
+
+def swap_fc(of: int, to: int) -> Any:
+    """A reply to function `of` sent under function code `to` (same body)."""
+    return lambda fc, reply: bytes([to]) + reply[1:] if fc == of else reply
+
+
+def one_register_more(fc: int, reply: bytes) -> bytes:
+    if fc == 4:
+        return bytes([4, reply[1] + 2]) + reply[2:] + b"\x00\x00"
+    return reply
+
+
+def one_byte_more(fc: int, reply: bytes) -> bytes:
+    return bytes([2, reply[1] + 1]) + reply[2:] + b"\x00" if fc == 2 else reply
+
+
+def exception_for_another_fc(fc: int, reply: bytes) -> bytes:
+    return bytes([0x83, 2]) if fc == 4 else reply  # "illegal address", but for FC03
+
+
+MODBUS_LIES = {
+    "FC03 answer to FC04": (swap_fc(4, 3), "input"),
+    "FC01 answer to FC02": (swap_fc(2, 1), "discrete"),
+    "FC04 with one register more": (one_register_more, "input"),
+    "FC02 with one byte more": (one_byte_more, "discrete"),
+    "FC04 exception under 0x83": (exception_for_another_fc, "input"),
+}
+
+
+@pytest.mark.parametrize("lie", list(MODBUS_LIES))
+async def test_modbus_a_reply_that_does_not_match_the_request_is_bad_reply(lie: str) -> None:
+    """8.6: pymodbus matches replies by transaction id and decodes them by their own function
+    code: an FC03 answer to an FC04 read would be used as input registers."""
+    from plc_io.modbus import ModbusTransport
+
+    liar, table = MODBUS_LIES[lie]
+    lied = [t.name for t in SITE.inputs if t.modbus.table.value == table]
+    async with LyingPlc() as plc:
+        t = ModbusTransport(SITE, host="127.0.0.1", port=plc.port)
+        img = await t.read_inputs()
+        assert all_q(img, Quality.GOOD), "the honest server answers well"
+        plc.lie = liar
+        with capture_logs() as logs:
+            img = await t.read_inputs()
+        await t.close()
+    assert {n: img[n].quality for n in lied} == dict.fromkeys(lied, Quality.BAD_REPLY)
+    assert all(img[n].quality is Quality.GOOD for n in INPUTS if n not in lied)
+    assert t.health.state is LinkState.OK  # the PLC answered: the link is up, the answer wrong
+    assert any(e["event"] == "plc_fault" and "bad_reply" in e["cause"] for e in logs), logs
+
+
+MODBUS_WRITE_LIES = {
+    "FC16 answer under FC06": (swap_fc(16, 6), "holding"),
+    "FC15 answer under FC16": (swap_fc(15, 16), "coil"),
+    "FC16 echo with another count": (
+        lambda fc, reply: reply[:3] + bytes([0, reply[4] + 1]) if fc == 16 else reply,
+        "holding",
+    ),
+    "FC15 echo with another address": (
+        lambda fc, reply: bytes([15, 0, reply[2] + 1]) + reply[3:] if fc == 15 else reply,
+        "coil",
+    ),
+}
+
+
+@pytest.mark.parametrize("lie", list(MODBUS_WRITE_LIES))
+async def test_modbus_a_write_answer_that_does_not_match_is_no_acknowledgement(lie: str) -> None:
+    """8.6 and 7.1: an answer to a write under another function code or echoing another span
+    did not acknowledge the write: those outputs fail and the heartbeat is withheld."""
+    from plc_io.modbus import ModbusTransport
+
+    liar, table = MODBUS_WRITE_LIES[lie]
+    lied = {t.name for t in SITE.outputs if t.modbus.table.value == table} - {"heartbeat"}
+    async with LyingPlc(liar) as plc:
+        t = ModbusTransport(SITE, host="127.0.0.1", port=plc.port)
+        r = await t.write_outputs(COMMANDS)
+        await t.close()
+    assert set(r.failed) == lied | {"heartbeat"}, r.failed
+    assert all(r.failed[n].startswith("bad_reply") for n in lied), r.failed
+    assert r.failed["heartbeat"].startswith("withheld:")
+    assert set(r.written) == set(OUTPUTS) - lied - {"heartbeat"}

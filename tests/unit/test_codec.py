@@ -187,3 +187,37 @@ def test_decode_block_places_every_tag_at_its_offset() -> None:
     assert (block.start, block.count) == (3, 4)
     raw = [*encode(a, 12.34), 0, *encode(b, 1.5)]  # type: ignore[misc]
     assert decode_block(block, raw) == {"a": pytest.approx(12.34), "b": 1.5}
+
+
+@pytest.mark.parametrize(
+    ("type_", "encoding", "table", "value"),
+    [
+        ("bool", "bit", "coil", math.nan),  # bool(nan) is True: a pump started by a NaN
+        ("bool", "bit", "coil", 0.0),
+        ("bool", "bit", "coil", "false"),  # bool("false") is True
+        ("bool", "uint16", "holding", math.nan),
+        ("float", "uint16", "holding", True),  # float(True) is 1.0
+        ("float", "float32", "holding", False),
+        ("float", "int16", "holding", "12"),  # float("12") is 12.0
+        ("float", "int16", "holding", None),
+    ],
+)
+def test_encode_refuses_a_value_of_the_wrong_kind(
+    type_: str, encoding: str, table: str, value: object
+) -> None:
+    t = tag(
+        encoding=encoding, table=table, type_=type_, rng=(0, 1) if type_ == "bool" else (0, 100)
+    )
+    with pytest.raises(CodecError, match=r"t: got .*expected a (boolean|number)"):
+        encode(t, value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("raw", [2, 0xFFFF, 0x8000])
+def test_a_flag_register_that_is_neither_0_nor_1_is_bad_reply(raw: int) -> None:
+    from plc_io.image import Quality, judge
+
+    t = tag(encoding="uint16", table="holding", type_="bool", rng=(0, 1))
+    assert decode(t, [0]) is False and decode(t, [1]) is True
+    value = decode(t, [raw])
+    assert value is not True and value is not False  # handed on as the integer it is
+    assert judge(t, value, 0.0).quality is Quality.BAD_REPLY

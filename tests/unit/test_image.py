@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import math
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from plc_io.image import MISSING, ProcessImage, Quality, Sample, judge
+from plc_io.image import MISSING, ProcessImage, Quality, Sample, judge, judge_why
 from plc_io.site import demo_site
 
 SITE = demo_site()
@@ -96,3 +97,43 @@ def test_opcua_status_codes_map_to_the_documented_qualities() -> None:
         assert quality_of(ua.StatusCode(code)) is q, ua.StatusCode(code).name
     # info bits (here: overflow) do not change the meaning of the code
     assert quality_of(ua.StatusCode(S.BadNoCommunication | 0x0080)) is Quality.COMMS_LOST
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "why"),
+    [
+        ("leak_primary", math.nan, "expected a boolean"),  # bool(nan) is True
+        ("leak_primary", 1.0, "expected a boolean"),
+        ("leak_primary", 2, "expected a boolean"),
+        ("leak_primary", "false", "expected a boolean"),  # bool("false") is True
+        ("leak_primary", None, "expected a boolean"),
+        ("it_supply_temp", True, "expected a number"),  # float(True) is 1.0
+        ("it_supply_temp", False, "expected a number"),
+        ("it_supply_temp", "35.0", "expected a number"),
+        ("it_supply_temp", None, "expected a number"),
+        ("it_supply_temp", [35.0], "expected a number"),
+        ("it_supply_temp", 2**70, "outside the 64-bit range"),
+        ("it_supply_temp", -(2**70), "outside the 64-bit range"),
+    ],
+)
+def test_a_value_of_the_wrong_kind_is_bad_reply_with_a_reason(
+    name: str, value: object, why: str
+) -> None:
+    sample, reason = judge_why(SITE.tag(name), value, 3.0)
+    assert sample == Sample(None, Quality.BAD_REPLY, 3.0)
+    assert reason is not None and reason.startswith(f"{name}: ") and why in reason
+    assert judge(SITE.tag(name), value, 3.0) == sample
+
+
+def test_values_of_the_right_kind_are_judged_by_range() -> None:
+    np = pytest.importorskip("numpy")
+    assert judge(LEAK, np.bool_(True), 0.0) == Sample(True, Quality.GOOD, 0.0)
+    assert judge(LEAK, 0, 0.0) == Sample(False, Quality.GOOD, 0.0)  # a flag register
+    assert judge(TEMP, 35, 0.0) == Sample(35.0, Quality.GOOD, 0.0)
+    assert judge(TEMP, np.float32(35.5), 0.0) == Sample(35.5, Quality.GOOD, 0.0)
+    assert judge(TEMP, 2**40, 0.0).quality is Quality.OUT_OF_RANGE  # a number, far out
+
+
+def test_a_reason_quotes_a_huge_value_bounded() -> None:
+    _, reason = judge_why(TEMP, "x" * 1_000_000, 0.0)
+    assert reason is not None and len(reason) < 200 and "1000002 chars" in reason
