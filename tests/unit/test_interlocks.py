@@ -7,12 +7,15 @@ from dataclasses import replace
 
 import pytest
 
-from controller.supervisor import Supervisor, SupervisorConfig
+from controller.arbitration import Level, Manual
+from controller.docgen import matrix_markdown
+from controller.supervisor import Commands, Supervisor, SupervisorConfig
 from interlocks.engine import InterlockState, evaluate
-from interlocks.rules import RULES, RULES_BY_ID
+from interlocks.rules import RULES, RULES_BY_ID, Condition, Effect, Rule, matrix_lines
 from interlocks.validation import Point
+from plc_io.image import Quality, Sample
 from plc_io.site import SiteError, demo_site_text, loads_site
-from tests.unit.core_helpers import CFG, HEALTHY, image
+from tests.unit.core_helpers import CFG, HEALTHY, SITE, image
 
 TH = CFG.thresholds
 
@@ -183,3 +186,256 @@ def test_redundant_pair_must_name_analogue_inputs() -> None:
     assert [str(p) for p in e.value.problems] == [
         "interlocks.redundant.it_supply_temp: 'leak_reuse': expected an analogue input tag"
     ]
+
+
+# ---- 7.5: a clock that steps backwards never suspends a delay --------------------------------
+
+
+def test_clock_stepping_back_an_hour_mid_delay_does_not_suspend_il01() -> None:
+    hot = pts(it_supply_temp=46.0)
+    delay = RULES_BY_ID["IL-01"].delay_s
+    times = [0.0, 0.5, 1.0]  # 1 s of the 2 s delay accumulated, then NTP steps back an hour
+    back = [1.0 - 3600.0 + 0.5 * k for k in range(0, 6)]
+    state, acted_after = InterlockState(), None
+    elapsed, last = 0.0, None
+    for t in times + back:
+        elapsed += max(0.0, t - last) if last is not None else 0.0
+        last = t
+        v = evaluate(hot, state, t, TH)
+        state = v.state
+        if "IL-01" in v.active and acted_after is None:
+            acted_after = elapsed
+    assert acted_after == delay  # after 2 s of accumulated scan time, not an hour later
+
+
+def test_clock_stepping_back_through_the_supervisor_still_cools() -> None:
+    sup = Supervisor(CFG)
+    t = 1000.0
+    for _ in range(3):
+        d = sup.step(image(t, it_supply_temp=46.0), t)
+        t += 0.5
+    t -= 3600.0  # the clock steps back; old samples now look stamped in the future
+    for _ in range(3):
+        d = sup.step(image(t, it_supply_temp=46.0), t)
+        t += 0.5
+    assert "IL-01" in d.active and d.outputs["drycooler_fan_cmd"].value == 100.0
+
+
+# ---- 7.7: a latch is never cleared on an unknown sensor ------------------------------------
+
+
+@pytest.mark.parametrize(
+    "unknown",
+    [
+        Point(None, False, "quality"),
+        Point(False, False, "stale"),
+        Point(None, False, "type"),
+    ],
+)
+def test_a_leak_latch_is_not_reset_while_its_input_is_unknown(unknown: Point) -> None:
+    v = run(pts(leak_reuse=True), [0.0])
+    assert v.latched == {"IL-04"}
+    v = evaluate(pts(leak_reuse=unknown), v.state, 1.0, TH, reset=True)
+    assert v.latched == {"IL-04"} and v.forced["secondary_pump_cmd"].value is False
+    assert [e.kind for e in v.events] == ["reset_refused"]
+    assert v.events[0].detail["why"] == RULES_BY_ID["IL-04"].reset.text
+    v = evaluate(pts(leak_reuse=False), v.state, 2.0, TH, reset=True)
+    assert not v.latched
+
+
+def test_a_leak_input_lost_does_not_latch_but_keeps_an_existing_latch() -> None:
+    lost = Point(None, False, "quality")
+    v = run(pts(leak_reuse=lost), [0.0, 1.0, 2.0])
+    assert not v.latched  # a PLC link blip does not latch a trip that needs an engineer
+    v = run(pts(leak_reuse=True), [3.0], v.state)
+    v = run(pts(leak_reuse=lost), [4.0, 5.0], v.state)
+    assert v.latched == {"IL-04"}
+
+
+def test_supervisor_keeps_leak_trip_when_reset_arrives_with_the_leak_input_lost() -> None:
+    sup = Supervisor(CFG)
+    d = sup.step(image(0.0, leak_reuse=True), 0.0)
+    assert d.mode.value == "LEAK_TRIP"
+    lost = Sample(None, Quality.COMMS_LOST, 1.0)
+    d = sup.step(image(1.0, leak_reuse=lost), 1.0, Commands(reset=True))
+    assert "IL-04" in d.latched and d.mode.value == "LEAK_TRIP"
+    assert d.outputs["reuse_isolation_cmd"].value is False
+
+
+# ---- 7.8: every rule's reset condition is data, evaluated by the engine, in the matrix -------
+
+
+def test_every_rule_declares_its_reset_condition_and_the_matrix_shows_it() -> None:
+    site = SITE
+    outs = tuple(t.name for t in site.outputs)
+    lines = "\n".join(matrix_lines(outs, TH))
+    md = matrix_markdown(site)
+    for r in RULES:
+        assert isinstance(r.reset, Condition) and r.reset.text
+        assert r.reset.text in lines and r.reset.text in md
+    assert "| reset |" in md.splitlines()[0]
+
+
+def test_the_engine_evaluates_a_rules_reset_condition() -> None:
+    # a non-latching rule with hysteresis in its reset: acts above 50, clears only below 40
+    hyst = Rule(
+        "IL-T",
+        "test",
+        "tank_top_temp above 50",
+        "fans 100",
+        lambda p, th: p["tank_top_temp"].num() > 50.0,
+        (Effect("drycooler_fan_cmd", 100.0),),
+        Condition("cool", "tank_top_temp below 40", lambda p, th: p["tank_top_temp"].num() < 40.0),
+    )
+    rules = (hyst,)
+    v = evaluate(pts(tank_top_temp=55.0), InterlockState(), 0.0, TH, rules=rules)
+    assert "IL-T" in v.active
+    v = evaluate(pts(tank_top_temp=45.0), v.state, 1.0, TH, rules=rules)
+    assert "IL-T" in v.active  # cause gone, reset condition not yet met
+    v = evaluate(pts(tank_top_temp=39.0), v.state, 2.0, TH, rules=rules)
+    assert "IL-T" not in v.active
+
+
+# ---- 7.9 / 7.10: the reuse circuit as an emergency sink, the customer kept in service -------
+
+HOT_SINK = {"it_supply_temp": 46.0, "tank_bottom_temp": 30.0, "it_return_temp": 50.0}
+
+
+@pytest.mark.parametrize(
+    ("why", "change"),
+    [
+        ("secondary over-pressure (before IL-06's delay)", {"secondary_pressure": 6.0}),
+        ("tank top over its limit", {"tank_top_temp": 90.0}),
+        ("secondary pressure unknown", {"secondary_pressure": Point(None, False, "quality")}),
+        ("tank top unknown", {"tank_top_temp": Point(None, False, "stale")}),
+        ("reuse leak input unknown", {"leak_reuse": Point(None, False, "quality")}),
+    ],
+)
+def test_il01_uses_the_reuse_circuit_only_when_its_protections_are_valid_and_normal(
+    why: str, change: dict
+) -> None:
+    v = run(pts(**HOT_SINK), [0, 3])
+    assert v.forced["secondary_pump_cmd"].value is True  # the HX is a sink: in service
+    v = run(pts(**HOT_SINK, **change), [0, 3])
+    assert v.forced["reuse_valve_cmd"].value == 0.0, why
+    assert "secondary_pump_cmd" not in v.forced or v.forced["secondary_pump_cmd"].value is False
+    assert "reuse_isolation_cmd" not in v.forced or v.forced["reuse_isolation_cmd"].value is False
+
+
+def test_il01_keeps_the_customer_path_open_unless_its_supply_is_hot_or_unknown() -> None:
+    v = run(pts(it_supply_temp=46.0), [0, 3])
+    assert v.forced["customer_isolation_cmd"] == (True, ("IL-01",))
+    v = run(pts(it_supply_temp=46.0, customer_supply_temp=Point(None, False, "quality")), [0, 3])
+    assert "customer_isolation_cmd" not in v.forced
+    hot_customer = TH.customer_supply_high_c + 1.0
+    v = run(pts(it_supply_temp=46.0, customer_supply_temp=hot_customer), [0, 1, 3])
+    assert "IL-07" in v.active and v.forced["customer_isolation_cmd"] == (False, ("IL-07",))
+
+
+def test_with_the_dry_cooler_failed_the_hx_is_a_sink_by_any_margin() -> None:
+    # tank 1 K colder than the return: below the usual margin, but a sink all the same
+    near = {"it_supply_temp": 46.0, "tank_bottom_temp": 49.0, "it_return_temp": 50.0}
+    assert TH.hx_sink_margin_k > 1.0
+    v = run(pts(**near), [0, 3])
+    assert v.forced["reuse_valve_cmd"].value == 0.0
+    v = run(pts(**near, drycooler_fault=True), [0, 3])
+    assert v.forced["reuse_valve_cmd"].value == 100.0
+    assert v.forced["secondary_pump_cmd"].value is True
+    # a tank hotter than the return would heat the primary even now: never a sink
+    v = run(pts(**dict(near, tank_bottom_temp=51.0), drycooler_fault=True), [0, 3])
+    assert v.forced["reuse_valve_cmd"].value == 0.0
+    # an unknown fault input does not relax the margin
+    v = run(pts(**near, drycooler_fault=Point(None, False, "quality")), [0, 3])
+    assert v.forced["reuse_valve_cmd"].value == 0.0
+
+
+def test_il01_sends_the_valve_to_bypass_in_maintenance_when_the_tank_is_no_sink() -> None:
+    sup = Supervisor(CFG)
+    manual = {"reuse_valve_cmd": Manual(100.0, 3600.0, "engineer")}
+    cmds = Commands(maintenance=True, manual=manual)
+    no_sink = {"tank_bottom_temp": 60.0, "it_return_temp": 50.0}
+    t = 0.0
+    for k in range(10):
+        d = sup.step(image(t, it_supply_temp=44.0 + 0.01 * (k % 2), **no_sink), t, cmds)
+        t += 0.5
+    assert d.outputs["reuse_valve_cmd"].level is Level.MANUAL  # the engineer has the valve
+    for k in range(8):  # warming at 1 K/s, within what the rate check believes
+        d = sup.step(image(t, it_supply_temp=min(44.5 + 0.5 * k, 46.0), **no_sink), t, cmds)
+        t += 0.5
+    assert "IL-01" in d.active
+    assert d.outputs["reuse_valve_cmd"] == (0.0, Level.INTERLOCK, "IL-01")
+
+
+# ---- 7.15: every declared field is used; bypass limits enforced -------------------------------
+
+
+def test_every_rules_delay_fits_its_required_response_time() -> None:
+    for r in RULES:
+        assert r.delay_s <= r.response_s, r.id
+
+
+def test_interlock_active_event_carries_hazard_effect_and_alarm() -> None:
+    v = run(pts(it_supply_temp=46.0), [0, 3])
+    (e,) = [e for e in v.events if e.kind == "interlock_active"]
+    rule = RULES_BY_ID["IL-01"]
+    assert e.detail == {"hazard": rule.hazard, "effect": rule.effect_text, "alarm": "IT"}
+    v = run(pts(tank_top_temp=90.0), [0, 3])
+    (e,) = [e for e in v.events if e.kind == "interlock_active"]
+    assert e.detail["alarm"] == "operator"
+
+
+def test_every_rule_field_is_used_somewhere() -> None:
+    import dataclasses
+
+    fields = {f.name for f in dataclasses.fields(Rule)}
+    assert fields == {
+        "id",  # everywhere
+        "hazard",  # events, matrix
+        "cause_text",  # matrix
+        "effect_text",  # interlock_active event
+        "cause",  # engine
+        "forces",  # engine, matrix, pair tests
+        "reset",  # engine, matrix
+        "delay_s",  # engine
+        "latching",  # engine
+        "bypassable",  # engine (refusal)
+        "max_bypass_s",  # engine (refusal)
+        "response_s",  # tests: delay fits, HIL budget
+        "protects",  # engine merge
+        "alarm",  # interlock_active event
+        "group",  # engine shared clock
+    }
+
+
+def _refusals(v) -> list[tuple[str, str]]:
+    return [(e.source, str(e.detail["why"])) for e in v.events if e.kind == "bypass_refused"]
+
+
+def test_a_bypass_longer_than_the_maximum_is_refused_with_an_event() -> None:
+    hot_tank = pts(tank_top_temp=90.0)
+    limit = min(RULES_BY_ID["IL-06"].max_bypass_s, TH.max_bypass_s)
+    too_long = {"IL-06": 3 + limit + 1.0}
+    v = run(hot_tank, [0], bypasses=too_long)
+    assert [s for s, _ in _refusals(v)] == ["IL-06"]
+    v = run(hot_tank, [3], v.state, bypasses=too_long)
+    assert not v.bypassed and v.forced["reuse_valve_cmd"].value == 0.0
+    assert not _refusals(v)  # reported once, not every scan
+    v = run(hot_tank, [0, 3], bypasses={"IL-06": 3 + limit})
+    assert v.bypassed == {"IL-06"} and not _refusals(v)
+
+
+@pytest.mark.parametrize(
+    ("rid", "expiry", "why"),
+    [
+        ("IL-01", 100.0, "not bypassable"),
+        ("IL-04", 100.0, "not bypassable"),
+        ("IL-99", 100.0, "unknown rule"),
+        ("IL-06", math.nan, "is not a time"),
+        ("IL-06", math.inf, "longer than max_bypass_s"),
+    ],
+)
+def test_an_impossible_bypass_is_refused_with_an_event(rid: str, expiry: float, why: str) -> None:
+    v = run(pts(tank_top_temp=90.0, it_supply_temp=46.0), [0.0], bypasses={rid: expiry})
+    assert not v.bypassed
+    (refusal,) = _refusals(v)
+    assert refusal[0] == rid and why in refusal[1]
