@@ -208,7 +208,7 @@ class OutputCache:
     `normalise(tag, value)` turns a value into what is compared and sent (a Modbus encoding, an
     OPC UA Variant value) and raises ValueError (CodecError is one) for a value that must never
     be sent, such as NaN: that tag fails for this pass and its previous command stays in force.
-    If the caller passes no `heartbeat`, the cache counts one itself (0 … 65535, wrapping).
+    If the caller passes no `heartbeat`, the cache counts one itself (0 … range high, wrapping).
     """
 
     def __init__(
@@ -237,7 +237,8 @@ class OutputCache:
                 failed[name] = f"refused, not sent: {e}"
         if HEARTBEAT in self.tags:
             if HEARTBEAT not in values:
-                self.heartbeat = (self.heartbeat + 1) % 65536
+                # wraps to 0 after the tag's range high (the site check demands [0, N])
+                self.heartbeat = (self.heartbeat + 1) % (int(self.tags[HEARTBEAT].hi) + 1)
                 self.desired[HEARTBEAT] = self.normalise(self.tags[HEARTBEAT], self.heartbeat)
             elif HEARTBEAT in failed:
                 self.desired.pop(HEARTBEAT, None)  # never resend an old beat as if alive

@@ -212,6 +212,20 @@ async def test_the_runtime_never_sends_a_heartbeat_of_its_own() -> None:
     assert len(beats) == 5
 
 
+async def test_the_heartbeat_wraps_within_its_tags_range() -> None:
+    """The counter the PLC sees goes 0 … range high, 0 …: never outside the declared range."""
+    hi = 300.0
+    tags = tuple(
+        t.model_copy(update={"range": (0.0, hi)}) if t.name == "heartbeat" else t
+        for t in QUICK.tags
+    )
+    rig = Rig(QUICK.model_copy(update={"tags": tags}))
+    await rig.scans(int(2.5 * (hi + 1)))
+    beats = [float(w["heartbeat"]) for w in rig.plc.write_log if "heartbeat" in w]
+    assert max(beats) == hi and min(beats) == 0.0
+    assert all(a != b for a, b in itertools.pairwise(beats))
+
+
 async def test_slow_plc_overruns_are_counted_and_no_scan_is_skipped() -> None:
     rig = Rig(SITE)
     slow_s = 0.8 * SITE.plc.timeout_s  # each request: slow, not dead
