@@ -56,7 +56,15 @@ def _fmt_num(x: float) -> str:
 
 def tag_table_lines(site: Site) -> list[str]:
     """The tag table as fixed-width text (what `heatloop check` prints)."""
-    rows = [("tag", "dir", "type", "unit", "range", "modbus", "encoding", "safe")]
+    rows = [("tag", "dir", "type", "unit", "range", "modbus", "encoding", "safe", "cut wire")]
+
+    def cut(t: Tag) -> str:
+        """What a broken circuit on this boolean input reads (commissioning proves it)."""
+        if t.supervised_by is not None:
+            return f"invalid (supervised by {t.supervised_by})"
+        if t.fail_state is not None:
+            return f"reads {str(t.fail_state).lower()}"
+        return ""
 
     def enc(t: Tag) -> str:
         m = t.modbus
@@ -78,6 +86,7 @@ def tag_table_lines(site: Site) -> list[str]:
                 f"{t.modbus.table.value}:{t.modbus.address}",
                 enc(t),
                 "" if t.safe is None else str(t.safe).lower(),
+                cut(t),
             )
         )
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]

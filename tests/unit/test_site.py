@@ -134,6 +134,8 @@ def test_cli_init_then_check(tmp_path: Path, capsys) -> None:
     assert main(["check", str(path)]) == 0
     out = capsys.readouterr().out
     assert "it_supply_temp" in out and "coil:0" in out
+    leak = next(line for line in out.splitlines() if line.startswith("leak_reuse "))
+    assert leak.rstrip().endswith("reads true")  # a cut leak cable reads wet
 
 
 def test_cli_run_refuses_a_missing_password_variable(tmp_path: Path, capsys) -> None:
