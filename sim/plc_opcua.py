@@ -213,17 +213,18 @@ class PlcOpcua:
             return
         self._last[nid] = value
         if isinstance(last, tuple):  # `wrong_type` served another variant type here
-            await self._untyped(nid, ts)
+            await self._untyped(nid)
         dv = ua.DataValue(ua.Variant(_typed(value, vt), vt), SourceTimestamp=ts, ServerTimestamp=ts)
         await self.server.write_attribute_value(nid, dv)
 
-    async def _untyped(self, nid: ua.NodeId, ts: datetime) -> None:
+    async def _untyped(self, nid: ua.NodeId) -> None:
         """asyncua refuses a value of another variant type than the node holds, even from the
-        server itself; a value-less DataValue in between lifts that (for `wrong_type`)."""
+        server itself (BadTypeMismatch); it checks against the value held, so forget that one
+        first (asyncua 2.1 internals, pinned; for `wrong_type` and its clearing only)."""
         assert self.server is not None
-        code = _status(ua.StatusCodes.BadWaitingForInitialData)
-        dv = ua.DataValue(StatusCode=code, SourceTimestamp=ts, ServerTimestamp=ts)
-        await self.server.write_attribute_value(nid, dv)
+        node = self.server.iserver.aspace._nodes.get(nid)
+        if node is not None:
+            node.attributes[ua.AttributeIds.Value].value = None
 
     async def publish_plc(self, values: Mapping[str, Value], bad_status: int | None) -> None:
         """Show PLC view values (changed ones only), or every one with `bad_status` while a
@@ -272,7 +273,7 @@ class PlcOpcua:
             variant = ua.Variant(math.nan, ua.VariantType.Double)
         else:
             variant = ua.Variant(True, ua.VariantType.Boolean)
-        await self._untyped(nid, ts)
+        await self._untyped(nid)
         dv = ua.DataValue(variant, SourceTimestamp=ts, ServerTimestamp=ts)
         await self.server.write_attribute_value(nid, dv)
 
