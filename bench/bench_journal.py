@@ -1,11 +1,12 @@
 """The journal's fsync against the interlock writes: a leak trip with fast and with slow storage.
 
-For each storage speed, a controller over the in-memory PLC reaches NORMAL_REUSE, then a reuse
-leak trips IL-04. Measured on the tripping scan (wall time, the journal in a worker thread as
-in production): from the start of the scan to the isolation outputs acknowledged by the PLC,
-and the whole scan (which includes the persist, done after the outputs). Slow storage is an
-injected 200 ms sleep inside the commit, where SQLite fsyncs. The write latency must not grow
-with the fsync (ratio ≈ 1) and must stay within IL-04's response time.
+For each storage speed, a controller over the in-memory PLC reaches NORMAL_REUSE, the journal
+goes idle, then a reuse leak trips IL-04. Measured on the tripping scan (wall time, the journal
+in a worker thread as in production): from the start of the scan to the isolation outputs
+acknowledged by the PLC; to the trip on disk; and the whole scan, which waits for the persist
+at most half a period (a longer commit finishes in its worker thread while the next scans go
+on). Slow storage is an injected 200 ms sleep inside the commit, where SQLite fsyncs. The write
+latency must not grow with the fsync (ratio ≈ 1) and must stay within IL-04's response time.
 
 Run: `.venv/bin/python -m bench journal`.
 """
@@ -105,12 +106,14 @@ async def _trip(site: Site, folder: Path, fsync_s: float) -> tuple[float, float,
         if ctl.supervisor.mode is Mode.NORMAL_REUSE:
             break
     assert ctl.supervisor.mode is Mode.NORMAL_REUSE, ctl.supervisor.mode
+    while ctl.journal_busy:  # the trip starts with the store idle
+        await asyncio.sleep(0.005)
     plc.set("leak_reuse", True)
     t0 = time.perf_counter()
     await ctl.scan_once()
     done = time.perf_counter()
     assert plc.values["reuse_isolation_cmd"] is False and ctl.supervisor.mode is Mode.LEAK_TRIP
-    journal.close()
+    await ctl.close_journal()
     return transport.written_at - t0, persisted["at"] - t0, done - t0
 
 

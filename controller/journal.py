@@ -236,5 +236,6 @@ class JournalKeeper:
     def close(self) -> None:
         if self.store is not None:
             self.flush()
+        if self.store is not None:  # a failed last flush has already closed it
             self.store.close()
             self.store = None

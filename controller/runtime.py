@@ -13,12 +13,18 @@ Theory of operation.
   (`safe_values_corrected`); it is never written uncorrected.
 - Order inside a scan: outputs first, then the journal, then everybody else (log lines, the
   console, the BMS through `on_scan`). The journal's fsync can take a long time on slow storage;
-  it must never delay an interlock's outputs. Nobody is told of an event that is not on disk.
-  A kill -9 between the write and the persist loses the journal rows of that one scan: the PLC
-  already holds the trip's outputs, its watchdog then drives the plant to the safe values (which
-  isolate the reuse circuit as a leak trip does), and the restarted controller sees the leak
-  input again; only a latch whose cause vanished inside that window is lost, and no one was
-  told of it.
+  it must never delay an interlock's outputs. Nobody is told of an event before the journal has
+  had it (on disk, or in its bounded queue while the store is failing, which is a degraded
+  state). A kill -9 between the write and the persist loses the journal rows of that one scan:
+  the PLC already holds the trip's outputs, its watchdog then drives the plant to the safe
+  values (which isolate the reuse circuit as a leak trip does), and the restarted controller
+  sees the leak input again; only a latch whose cause vanished inside that window is lost, and
+  no one was told of it.
+- The persist runs in a worker thread. The scan waits for it at most `persist_wait_s` (half a
+  period), so even a store that hangs never holds back the next scan's outputs; a commit still
+  running then is left to finish, later events wait in memory (in order) and are told only
+  after it, and a commit running longer than the PLC's `watchdog_s` is a stalled journal: a
+  degraded state (reuse rejected, an alarm) until it returns.
 - Failure is a state, not an exit. An exception in the decision step gives a degraded scan: the
   guarded safe values are written, reuse is rejected (`Commands.degraded` on the next good step,
   so the mode machine re-enters reuse only after its own reject dwell), and a `step_failed`
@@ -158,6 +164,15 @@ class Controller:
         self._write_causes: dict[str, str] = {}  # last pass's unacknowledged outputs
         self._step_error: str | None = None  # why the decision step failed, while it does
         self._scan_error: str | None = None
+        # the journal: a commit that may still be running in its worker thread, the events it
+        # carries, when it started, and the events waiting for the next commit (in order)
+        self.persist_wait_s = site.scan.period_s / 2
+        self.stall_s = site.plc.watchdog_s
+        self._inflight: asyncio.Future[None] | None = None
+        self._inflight_events: list[Event] = []
+        self._inflight_since = 0.0
+        self._waiting: list[Event] = []
+        self._sent_latched: frozenset[str] | None = None
 
     # ---- commands from operators, engineers and the BMS (already authorised) ----
 
@@ -193,7 +208,7 @@ class Controller:
             await self.transport.close()
             if self.journal is not None:
                 with contextlib.suppress(Exception):
-                    await self.offload(self.journal.close)
+                    await asyncio.wait_for(self.close_journal(), timeout=2.0)
             self.log.info("controller_stopped", scans=self.status.scans)
 
     def safe_values(self) -> dict[str, Any]:
@@ -212,6 +227,8 @@ class Controller:
             faults.append(f"decision step failed: {self._step_error}")
         if self.journal is not None and self.journal.problem is not None:
             faults.append(self.journal.problem)
+        if self.journal_busy and self.clock() - self._inflight_since > self.stall_s:
+            faults.append(f"journal stalled: a commit has run longer than {self.stall_s:g} s")
         return tuple(faults)
 
     async def scan_once(self) -> Decision:
@@ -232,9 +249,8 @@ class Controller:
         if link_ok:
             notes += await self._write(decision, image, now)
         # outputs first, then the journal, then anyone else (the module's theory of operation)
-        if self.journal is not None:
-            await self.offload(partial(self.journal.record, decision.events, decision.latched))
-        for e in decision.events:
+        told = await self._persist(decision)
+        for e in told:
             if e.kind not in _LOGGED_BY_RUNTIME:
                 self.log.info(e.kind, source=e.source, **dict(e.detail))
         for kind, kw in notes:
@@ -252,6 +268,60 @@ class Controller:
             except Exception as e:  # a broken viewer never stops the scan
                 self.log.warning("on_scan_failed", error=f"{type(e).__name__}: {e}")
         return decision
+
+    @property
+    def journal_busy(self) -> bool:
+        """A commit is still running in the journal's worker thread."""
+        return self._inflight is not None and not self._inflight.done()
+
+    async def close_journal(self) -> None:
+        """Let a running commit finish, persist what waits, and close the journal."""
+        if self.journal is None:
+            return
+        if self._inflight is not None:
+            await asyncio.shield(self._inflight)
+            self._inflight = None
+        await self.offload(partial(self.journal.record, self._waiting, self._latched()))
+        self._waiting = []
+        await self.offload(self.journal.close)
+
+    def _latched(self) -> frozenset[str]:
+        d = self.status.decision
+        return d.latched if d is not None else self.supervisor.latched
+
+    async def _persist(self, decision: Decision) -> list[Event]:
+        """Hand this scan's events and latch set to the journal; return the events that may
+        now be told (those of every commit that has finished, in order)."""
+        if self.journal is None:
+            return list(decision.events)
+        self._waiting += decision.events
+        told: list[Event] = []
+        if self._inflight is not None:
+            if not self._inflight.done():
+                return told  # the store is still busy: these wait their turn, in memory
+            err = self._inflight.exception()  # the keeper never raises; an executor might
+            if isinstance(err, Exception):
+                self._note_scan_error("persist", err)
+            told, self._inflight = self._inflight_events, None
+        if (
+            not self._waiting
+            and decision.latched == self._sent_latched
+            and not self.journal.problem
+        ):
+            return told  # nothing new for the store (a retry after a failure always goes)
+        batch, self._waiting = self._waiting, []
+        self._sent_latched = decision.latched
+        fut = asyncio.ensure_future(
+            self.offload(partial(self.journal.record, batch, decision.latched))
+        )
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), timeout=self.persist_wait_s)
+        except TimeoutError:
+            # slow storage: let the commit finish on its own; the next scans go on
+            self._inflight, self._inflight_events = fut, batch
+            self._inflight_since = self.clock()
+            return told
+        return told + batch
 
     async def _read(self) -> tuple[ProcessImage, bool]:
         try:
@@ -332,8 +402,8 @@ class Controller:
     def _restore_latches(self, now: float) -> None:
         """A journal that opened only after start-up may hold trips latched before it: restart
         the decision core with them, exactly as a controller restart would."""
-        if self.journal is None:
-            return
+        if self.journal is None or self._inflight is not None:
+            return  # never while the worker thread may be inside the journal
         restored = self.journal.take_restored()
         if not restored:
             return

@@ -8,6 +8,7 @@ import asyncio
 import heapq
 import itertools
 import sqlite3
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -549,6 +550,47 @@ async def test_tripping_scan_writes_outputs_then_persists_then_logs(tmp_path: Pa
     persist = trace.index("persist")
     told = trace.index("log", lambda n, d: n == "trip_latched")
     assert isolate < persist < told, trace.items
+
+
+async def test_a_hung_journal_never_holds_back_the_outputs_and_is_a_degraded_state(
+    tmp_path: Path,
+) -> None:
+    """The commit hangs (stalled storage): the trip's outputs go out, the scans go on, nobody
+    is told of the trip until it is on disk, and past watchdog_s the journal is degraded."""
+    hold = {"on": False}
+    release = threading.Event()
+
+    def opener(path: Path) -> Journal:
+        return Journal(path, before_commit=lambda: hold["on"] and release.wait(30.0) and None)
+
+    clock = FakeClock()
+    journal = keeper(tmp_path / "heatloop.db", clock, opener=opener)
+    rig = Rig(clock=clock, journal=journal)
+    rig.ctl.offload = asyncio.to_thread  # a real worker thread, as in production
+    await rig.until_mode(Mode.NORMAL_REUSE)
+    hold["on"] = True
+    rig.plc.set("leak_reuse", True)
+    await rig.scans(1)
+    assert rig.plc.commanded()["reuse_isolation_cmd"] is False  # out, though the commit hangs
+    scans_to_stall = int(rig.ctl.stall_s / PERIOD_S) + 2
+    beats = rig.plc.values["heartbeat"]
+    await rig.scans(scans_to_stall)
+    assert rig.plc.values["heartbeat"] != beats  # still in charge of the PLC
+    assert not rig.events("trip_latched")  # not told before the journal has it
+    d = rig.ctl.status.decision
+    assert d is not None and any(r.startswith("journal stalled") for r in d.reject_reasons)
+
+    hold["on"] = False
+    release.set()
+    for _ in range(100):
+        await asyncio.sleep(0.01)  # the worker thread finishes the commit
+        await rig.scans(1)
+        if rig.events("trip_latched"):
+            break
+    assert rig.events("trip_latched")
+    await rig.scans(2)
+    assert rig.events("degraded_cleared")
+    assert "trip_latched" in [k for _, k, _, _ in journal.events(100)]
 
 
 async def test_every_supervisor_event_is_logged_in_the_scan_that_raised_it() -> None:
