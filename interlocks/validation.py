@@ -31,6 +31,7 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import NamedTuple
 
 from plc_io.image import USABLE, ProcessImage
@@ -105,6 +106,14 @@ class ValidationConfig:
     plausibility_settle_s: float = 120.0
     supervised: tuple[tuple[str, str], ...] = ()  # (input, its supervising input)
     plausibility: tuple[tuple[str, str, str], ...] = PLAUSIBILITY  # (subject, relation, ref)
+
+    @cached_property
+    def plausibility_groups(self) -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+        """The checks by subject, in table order: worked out once, used every scan."""
+        groups: dict[str, list[tuple[str, str]]] = {}
+        for subject, relation, reference in self.plausibility:
+            groups.setdefault(subject, []).append((relation, reference))
+        return tuple((s, tuple(g)) for s, g in groups.items())
 
 
 def validate(
@@ -229,25 +238,19 @@ def _cross_check(
     """
     band, settle = cfg.plausibility_band_k, cfg.plausibility_settle_s
     twins = cfg.redundant or {}
-    impl = dict(implausible)
-    rate = dict(rate_held)
-    checks = cfg.plausibility
-    i = 0
-    while i < len(checks):
-        subject = checks[i][0]
-        j = i
-        while j < len(checks) and checks[j][0] == subject:
-            j += 1
-        group = checks[i:j]  # this subject's checks (the table lists them together)
-        i = j
+    impl: dict[str, float] | None = None  # copied on first change: none in a quiet scan
+    rate: dict[str, float] | None = None
+    for subject, group in cfg.plausibility_groups:
         p = points.get(subject)
         if p is None:
             continue
         if armed and p.reason in ("", RATE):
             verdict = _verdict(p.value, group, points, band)
             if verdict is False:
+                impl = impl if impl is not None else dict(implausible)
                 impl[subject] = 0.0
-            elif verdict is True and subject in impl:
+            elif verdict is True and subject in (impl if impl is not None else implausible):
+                impl = impl if impl is not None else dict(implausible)
                 impl[subject] += dt
                 if impl[subject] >= settle:
                     del impl[subject]
@@ -255,6 +258,7 @@ def _cross_check(
             if h not in rate_values or h in jumped:
                 continue
             verdict = _verdict(rate_values[h], group, points, band)
+            rate = rate if rate is not None else dict(rate_held)
             if verdict is False:
                 rate[h] = 0.0
             elif verdict is True:
@@ -263,15 +267,19 @@ def _cross_check(
                     del rate[h]
                     if points[h].reason == RATE:
                         points[h] = Point(points[h].value, True, "")
-        p = points[subject]
-        if subject in impl and (p.valid or p.reason == RATE):
-            points[subject] = Point(p.value, False, IMPLAUSIBLE)
-    return rate, impl
+        if subject in (impl if impl is not None else implausible):
+            p = points[subject]
+            if p.valid or p.reason == RATE:
+                points[subject] = Point(p.value, False, IMPLAUSIBLE)
+    return (
+        rate if rate is not None else rate_held,
+        impl if impl is not None else implausible,
+    )
 
 
 def _verdict(
     value: Value | None,
-    group: tuple[tuple[str, str, str], ...],
+    group: tuple[tuple[str, str], ...],
     points: Mapping[str, Point],
     band: float,
 ) -> bool | None:
@@ -284,7 +292,7 @@ def _verdict(
         return None
     x = float(value)
     verdict: bool | None = None
-    for _, relation, reference in group:
+    for relation, reference in group:
         ref = points.get(reference)
         if ref is None or not ref.valid:
             continue
