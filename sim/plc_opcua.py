@@ -133,7 +133,7 @@ class PlcOpcua:
         self._plc_folder = await objects.add_folder(
             ua.NodeId("PLC", ns), ua.QualifiedName("PLC", ns)
         )
-        await self._add_plc_nodes()
+        await self._add_plc_nodes(self.host.outputs())
 
         sim = await objects.add_object(ua.NodeId("Sim", ns), ua.QualifiedName("Sim", ns))
         msg = [_arg("Message", ua.VariantType.String, "what was done, or why not")]
@@ -163,14 +163,15 @@ class PlcOpcua:
             self.port = server.bserver.port
         self.server = server
 
-    async def _add_plc_nodes(self) -> None:
-        """Create `Objects/PLC/<tag>` for every tag (at start, and again after `nodes_deleted`)."""
+    async def _add_plc_nodes(self, values: Mapping[str, Value]) -> None:
+        """Create `Objects/PLC/<tag>` for every tag, holding `values` (at start, and again after
+        `nodes_deleted`: then with the PLC's values now, so a node never comes back as a made-up
+        good 0.0)."""
         ns, plc = self.ns, self._plc_folder
-        outputs = self.host.outputs()
         for tag in self.tags:
             vt = ua.VariantType.Boolean if tag.is_bool else ua.VariantType.Double
             nid = ua.NodeId(f"PLC.{tag.name}", ns)
-            init: Value = outputs.get(tag.name, False if tag.is_bool else 0.0)
+            init: Value = values.get(tag.name, False if tag.is_bool else 0.0)
             var = await plc.add_variable(
                 nid, ua.QualifiedName(tag.name, ns), ua.Variant(_typed(init, vt), vt)
             )
@@ -234,7 +235,7 @@ class PlcOpcua:
         gone = self.host.faults.nodes_gone(self.host.now())
         if gone != self._deleted:
             self._deleted = gone
-            await (self._delete_plc_nodes() if gone else self._add_plc_nodes())
+            await (self._delete_plc_nodes() if gone else self._add_plc_nodes(values))
             log.info("sim_plc_nodes_" + ("deleted" if gone else "recreated"), nodes=len(self.tags))
         if gone:
             return
