@@ -60,7 +60,7 @@ def status_line(elapsed_s: float, st: Status) -> str:
         f"return {t('it_return_temp')} tank {t('tank_top_temp')}/{t('tank_bottom_temp')} °C "
         f"delivered {t('heat_meter_power')} kW valve {float(v['reuse_valve_cmd']):5.1f}% "
         f"fans {float(v['drycooler_fan_cmd']):5.1f}% link {st.health.state.value} "
-        f"interlocks {ils}"
+        f"interlocks {ils}" + (f" DEGRADED: {'; '.join(st.degraded)}" if st.degraded else "")
     )
 
 

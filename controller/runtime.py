@@ -115,6 +115,9 @@ class Status:
     blocked: int = 0
     degraded: tuple[str, ...] = ()  # runtime faults in force (journal, decision step)
     write_failed: Mapping[str, str] = field(default_factory=dict)  # last pass: tag -> reason
+    # the events that may be announced now (the journal has them); publish these, not
+    # `decision.events`, which may still wait for a slow commit
+    told: tuple[Event, ...] = ()
     last_scan_s: float = 0.0  # compute + I/O time of the last scan
     max_lag_s: float = 0.0  # worst event-loop lag seen
 
@@ -261,6 +264,7 @@ class Controller:
         st.blocked = self.supervisor.blocked_total
         st.degraded = cmds.degraded
         st.write_failed = dict(self._write_causes)
+        st.told = tuple(told)
         st.last_scan_s = self.clock() - t0
         if self.on_scan:
             try:

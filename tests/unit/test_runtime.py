@@ -577,6 +577,7 @@ async def test_a_hung_journal_never_holds_back_the_outputs_and_is_a_degraded_sta
     await rig.scans(scans_to_stall)
     assert rig.plc.values["heartbeat"] != beats  # still in charge of the PLC
     assert not rig.events("trip_latched")  # not told before the journal has it
+    assert all(e.kind != "trip_latched" for e in rig.ctl.status.told)  # nor published
     d = rig.ctl.status.decision
     assert d is not None and any(r.startswith("journal stalled") for r in d.reject_reasons)
 
