@@ -22,9 +22,10 @@ Theory of operation.
   no one was told of it.
 - The persist runs in a worker thread. The scan waits for it at most `persist_wait_s` (half a
   period), so even a store that hangs never holds back the next scan's outputs; a commit still
-  running then is left to finish, later events wait in memory (in order) and are told only
-  after it, and a commit running longer than the PLC's `watchdog_s` is a stalled journal: a
-  degraded state (reuse rejected, an alarm) until it returns.
+  running then is left to finish, later events wait in memory (in order, at most
+  `MAX_WAITING`) and are told only after it. A commit running longer than the PLC's
+  `watchdog_s` is a stalled journal: a degraded state (reuse rejected, an alarm), and the
+  events held in memory are told from then on, as when the store fails outright.
 - Failure is a state, not an exit. An exception in the decision step gives a degraded scan: the
   guarded safe values are written, reuse is rejected (`Commands.degraded` on the next good step,
   so the mode machine re-enters reuse only after its own reject dwell), and a `step_failed`
@@ -63,6 +64,7 @@ from plc_io.transport import CommsHealth, LinkState, Transport
 
 RESEND_EVERY_S = 10.0  # every output is re-sent this often, whatever the PLC reports
 HEARTBEAT = "heartbeat"
+MAX_WAITING = 1000  # events held in memory behind a commit that has not returned
 # the runtime logs these itself, with the PLC's reasons, once per cause (the supervisor's events
 # of the same kinds are journalled but not logged twice)
 _LOGGED_BY_RUNTIME = frozenset({"write_failed", "write_recovered"})
@@ -174,7 +176,9 @@ class Controller:
         self._inflight: asyncio.Future[None] | None = None
         self._inflight_events: list[Event] = []
         self._inflight_since = 0.0
+        self._inflight_told = 0  # how many of its events were told early (a stalled commit)
         self._waiting: list[Event] = []
+        self._waiting_told = 0
         self._sent_latched: frozenset[str] | None = None
 
     # ---- commands from operators, engineers and the BMS (already authorised) ----
@@ -295,25 +299,38 @@ class Controller:
 
     async def _persist(self, decision: Decision) -> list[Event]:
         """Hand this scan's events and latch set to the journal; return the events that may
-        now be told (those of every commit that has finished, in order)."""
+        now be told, in order: those of every commit that has finished, and, once a commit has
+        stalled, those held in memory (as when the store fails: an alarm nobody sees helps
+        no one; the journal is degraded and they are persisted when it returns)."""
         if self.journal is None:
             return list(decision.events)
         self._waiting += decision.events
+        if len(self._waiting) > MAX_WAITING:  # a store hung for hours: keep the newest
+            cut = len(self._waiting) - MAX_WAITING
+            del self._waiting[:cut]
+            self._waiting_told = max(0, self._waiting_told - cut)
         told: list[Event] = []
         if self._inflight is not None:
             if not self._inflight.done():
-                return told  # the store is still busy: these wait their turn, in memory
+                if self.clock() - self._inflight_since > self.stall_s:
+                    told += self._inflight_events[self._inflight_told :]
+                    told += self._waiting[self._waiting_told :]
+                    self._inflight_told = len(self._inflight_events)
+                    self._waiting_told = len(self._waiting)
+                return told  # the store is still busy: the rest waits its turn, in memory
             err = self._inflight.exception()  # the keeper never raises; an executor might
             if isinstance(err, Exception):
                 self._note_scan_error("persist", err)
-            told, self._inflight = self._inflight_events, None
+            told += self._inflight_events[self._inflight_told :]
+            self._inflight = None
         if (
             not self._waiting
             and decision.latched == self._sent_latched
             and not self.journal.problem
         ):
             return told  # nothing new for the store (a retry after a failure always goes)
-        batch, self._waiting = self._waiting, []
+        batch, already = self._waiting, self._waiting_told
+        self._waiting, self._waiting_told = [], 0
         self._sent_latched = decision.latched
         fut = asyncio.ensure_future(
             self.offload(partial(self.journal.record, batch, decision.latched))
@@ -322,10 +339,10 @@ class Controller:
             await asyncio.wait_for(asyncio.shield(fut), timeout=self.persist_wait_s)
         except TimeoutError:
             # slow storage: let the commit finish on its own; the next scans go on
-            self._inflight, self._inflight_events = fut, batch
+            self._inflight, self._inflight_events, self._inflight_told = fut, batch, already
             self._inflight_since = self.clock()
             return told
-        return told + batch
+        return told + batch[already:]
 
     async def _read(self) -> tuple[ProcessImage, bool]:
         try:
