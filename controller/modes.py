@@ -41,6 +41,7 @@ class Conditions:
 
     inputs_valid: bool  # enough is known to leave STARTUP
     leak_latched: bool  # a leak latch is set
+    leaks_dry: bool  # every leak input valid and dry (an unknown zone is never "dry")
     reset: bool  # a deliberate reset was asked for this scan
     maintenance: bool  # an engineer holds maintenance
     reject: bool  # a reuse fault, a reject request, or a cooling interlock holds
@@ -70,7 +71,13 @@ _ANY_BUT_TRIP = tuple(m for m in Mode if m is not Mode.LEAK_TRIP)
 
 TRANSITIONS: tuple[Transition, ...] = (
     Transition("leak", _ANY_BUT_TRIP, Mode.LEAK_TRIP, "always", "any leak zone wet (latches)"),
-    Transition("reset", (Mode.LEAK_TRIP,), Mode.DRY_COOLER_REJECT, "reset_ok", "dry + reset"),
+    Transition(
+        "reset",
+        (Mode.LEAK_TRIP,),
+        Mode.DRY_COOLER_REJECT,
+        "reset_ok",
+        "every leak input dry + reset",
+    ),
     Transition("inputs_valid", (Mode.STARTUP,), Mode.DRY_COOLER_REJECT, "always", "inputs valid"),
     Transition("reject", REUSE_MODES, Mode.DRY_COOLER_REJECT, "always", "reuse fault or request"),
     Transition(
@@ -128,7 +135,7 @@ _BY_EDGE: dict[tuple[Mode, Mode], Transition] = {
 
 def wanted(mode: Mode, c: Conditions) -> Mode:
     """The mode the conditions call for, by precedence, reachable in one transition."""
-    if c.leak_latched or (mode is Mode.LEAK_TRIP and not c.reset):
+    if c.leak_latched or (mode is Mode.LEAK_TRIP and not (c.reset and c.leaks_dry)):
         return Mode.LEAK_TRIP
     if mode is Mode.STARTUP:
         return Mode.DRY_COOLER_REJECT if c.inputs_valid else Mode.STARTUP
@@ -183,7 +190,8 @@ class ModeMachine:
         return True
 
     def reset_ok(self) -> bool:
-        return self.cond is not None and self.cond.reset and not self.cond.leak_latched
+        c = self.cond
+        return c is not None and c.reset and c.leaks_dry and not c.leak_latched
 
     def dwell_ok(self) -> bool:
         return self.now_s - self.since_s >= self.timing.min_dwell_s

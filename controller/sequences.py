@@ -72,15 +72,33 @@ def reuse_valve_pct(tank_bottom_c: float, cfg: SequenceConfig) -> float:
     return cfg.valve_min_pct + (100.0 - cfg.valve_min_pct) * frac
 
 
+HX_FIRST_MODES = (
+    Mode.NORMAL_REUSE,
+    Mode.BUFFER_FULL,
+    Mode.CUSTOMER_OFFLINE,
+    Mode.DRY_COOLER_REJECT,
+)
+
+
 def mode_outputs(
     mode: Mode,
     values: Mapping[str, float],
     fan_pct: float,
     cfg: SequenceConfig,
     tank_full: bool = False,
+    hx_first: bool = False,
+    customer_ok: bool = False,
 ) -> dict[str, Value]:
     """Requested outputs for a mode. `values` holds valid analogue inputs (NaN when invalid);
-    `tank_full` is the supervisor's full flag, with its hysteresis already applied."""
+    `tank_full` is the supervisor's full flag, with its hysteresis already applied.
+
+    `hx_first`: the dry cooler has failed and the reuse circuit is a safe sink (the supervisor
+    checked its leak, pressure and tank inputs and that the tank is colder than the return).
+    The HX is then the first sink in every mode that may run the reuse circuit, the reject mode
+    included: full flow through it and the secondary pump at full speed, not throttled by the
+    tank-full policy (IL-06 still stops charging at the tank's limit). `customer_ok`: the
+    customer is ready and its supply sensor valid and normal, so in the reject mode its path
+    opens as well (in the reuse modes it follows the mode as usual)."""
     out: dict[str, Value] = {
         "drycooler_fan_cmd": fan_pct,
         "primary_pump_a_cmd": True,
@@ -116,4 +134,8 @@ def mode_outputs(
         # secondary pump does not chatter on sensor noise at the threshold
         valve = max(reuse_valve_pct(tank_bottom, cfg), cfg.valve_min_pct)
         out |= charge | {"reuse_valve_cmd": valve}
+    if hx_first and mode in HX_FIRST_MODES:
+        out |= charge | {"reuse_valve_cmd": 100.0, "secondary_pump_speed_cmd": 100.0}
+        if mode is Mode.DRY_COOLER_REJECT and customer_ok:
+            out["customer_isolation_cmd"] = True
     return out

@@ -38,7 +38,19 @@ from plc_io.site import Site
 from plc_io.tags import Tag, Value
 
 LEAK_RULES = frozenset({"IL-04", "IL-05"})
-COOLING_RULES = frozenset({"IL-01", "IL-02", "IL-03", "IL-06", "IL-08"})
+LEAK_INPUTS = ("leak_primary", "leak_reuse")
+# Interlocks that reject reuse. IL-01/IL-02 do not: fail toward cooling means more cooling,
+# so the reuse mode keeps running (customer and tank are sinks) under the interlock's forced
+# fans and pumps, and the interlock itself decides which reuse outputs its protections allow.
+REJECT_RULES = frozenset({"IL-03", "IL-06", "IL-08"})
+# The dry cooler counts as failed when its fault input says so, or when its fans have been
+# commanded high for DC_FOLLOW_S with a real driving difference (return at least DC_DRIVE_K above
+# ambient) and its outlet has not come down by at least half of that difference (a healthy
+# cooler at full air flow takes most of it; natural draft alone takes about a tenth).
+DC_FANS_HIGH_PCT = 90.0
+DC_DRIVE_K = 5.0
+DC_APPROACH_FRAC = 0.5
+DC_FOLLOW_S = 300.0
 # Without these the reuse circuit runs blind: leave it to the dry cooler.
 REUSE_SENSORS = (
     "tank_top_temp",
@@ -185,6 +197,8 @@ class Supervisor:
         self.refused: frozenset[tuple[str, str, str]] = frozenset()  # as last reported
         self.pump_fail_since: dict[str, float] = {}  # feedback tag -> commanded, stopped since
         self.pump_failed: set[str] = set()  # feedback tags of pumps judged failed
+        self.dc_failed = False  # the dry cooler is no sink (fault input, or outlet not following)
+        self.dc_not_cooling_since: float | None = None
         self.blocked_total = 0
         self.was_hunting = False
         self.write_failed: frozenset[str] = frozenset()  # as last reported, for its events
@@ -228,6 +242,7 @@ class Supervisor:
             events.append(valve_event)
         events += self._runtime_events(cmds, now_s)
         events += self._watch_pumps(points, now_s, cmds.reset)
+        events += self._watch_drycooler(points, now_s)
         reasons = self._reject_reasons(points, verdict.active, cmds, now_s)
         tank = points["tank_bottom_temp"].num() if "tank_bottom_temp" in points else math.nan
         if tank > cfg.sequence.tank_full_c:
@@ -238,6 +253,7 @@ class Supervisor:
         cond = Conditions(
             inputs_valid=cmds.link_ok and points["it_supply_temp"].valid,
             leak_latched=bool(verdict.latched & LEAK_RULES),
+            leaks_dry=all(_dry(points, z) for z in LEAK_INPUTS),
             reset=cmds.reset,
             maintenance=cmds.maintenance,
             reject=bool(reasons),
@@ -284,7 +300,15 @@ class Supervisor:
             self.fan_pi = self.fan_pi.track(float(last_fan.value), error, now_s)
         fan_pct, self.fan_pi = self.fan_pi.update(error, now_s)
         self.fan_pi_out = fan_pct
-        seq = mode_outputs(self.machine.mode, values, fan_pct, cfg.sequence, self.tank_full)
+        seq = mode_outputs(
+            self.machine.mode,
+            values,
+            fan_pct,
+            cfg.sequence,
+            self.tank_full,
+            hx_first=self.dc_failed and _hx_sink_ok(points, cfg.thresholds),
+            customer_ok=cond.customer_ready and _customer_ok(points, cfg.thresholds),
+        )
         if "primary_pump_a_running" in self.pump_failed:
             seq["primary_pump_b_cmd"] = True  # duty to the standby
 
@@ -328,7 +352,7 @@ class Supervisor:
     def _reject_reasons(
         self, points: Mapping[str, Point], active: frozenset[str], cmds: Commands, now_s: float
     ) -> tuple[str, ...]:
-        r = [f"interlock {i}" for i in sorted(active & COOLING_RULES)]
+        r = [f"interlock {i}" for i in sorted(active & REJECT_RULES)]
         r += [
             f"{n} {points[n].reason}" for n in REUSE_SENSORS if n in points and not points[n].valid
         ]
@@ -421,6 +445,38 @@ class Supervisor:
             )
         return None
 
+    def _watch_drycooler(self, points: Mapping[str, Point], now_s: float) -> list[Event]:
+        """Is the dry cooler a sink? One event when it fails, one when it recovers."""
+        fault = points.get("drycooler_fault")
+        by_input = fault is not None and fault.valid and fault.value is True
+        fan = self.last.get("drycooler_fan_cmd")
+        ret, out, amb = (
+            points[n].num() if n in points else math.nan
+            for n in ("it_return_temp", "drycooler_out_temp", "ambient_temp")
+        )
+        drive = ret - amb  # NaN when any is unknown: no verdict from the temperatures
+        not_cooling = (
+            fan is not None
+            and float(fan.value) >= DC_FANS_HIGH_PCT
+            and drive >= DC_DRIVE_K
+            and out - amb > DC_APPROACH_FRAC * drive
+        )
+        if not not_cooling:
+            self.dc_not_cooling_since = None
+        elif self.dc_not_cooling_since is None:
+            self.dc_not_cooling_since = now_s
+        since = self.dc_not_cooling_since
+        inferred = since is not None and now_s - since >= DC_FOLLOW_S
+        failed = by_input or inferred
+        events: list[Event] = []
+        if failed and not self.dc_failed:
+            why = "drycooler_fault input" if by_input else "outlet not following the fans"
+            events.append(Event("drycooler_failed", now_s, "drycooler", {"why": why}))
+        elif self.dc_failed and not failed:
+            events.append(Event("drycooler_recovered", now_s, "drycooler"))
+        self.dc_failed = failed
+        return events
+
     def _watch_pumps(self, points: Mapping[str, Point], now_s: float, reset: bool) -> list[Event]:
         """Judge every pump with run feedback against what it was last told.
 
@@ -459,3 +515,32 @@ class Supervisor:
 def _shown(v: object) -> object:
     """A refused value as an event carries it: numbers as they are, anything else bounded."""
     return v if isinstance(v, bool | int | float) else repr(v)[:80]
+
+
+def _normal(points: Mapping[str, Point], name: str, limit: float) -> bool:
+    """Valid and not above its limit (NaN compares false: unknown is not normal)."""
+    return points[name].num() <= limit if name in points else False
+
+
+def _dry(points: Mapping[str, Point], name: str) -> bool:
+    p = points.get(name)
+    return p is not None and p.valid and p.value is False
+
+
+def _hx_sink_ok(points: Mapping[str, Point], th: Thresholds) -> bool:
+    """The reuse circuit may be the first sink: the tank is colder than the return (else the HX
+    would heat the primary), and the circuit's own leak, pressure and tank-top inputs are valid
+    and normal (issue 7.9: protections decide before cooling wishes)."""
+    tank = points["tank_bottom_temp"].num() if "tank_bottom_temp" in points else math.nan
+    ret = points["it_return_temp"].num() if "it_return_temp" in points else math.nan
+    return (
+        tank < ret
+        and _dry(points, "leak_reuse")
+        and _dry(points, "leak_primary")
+        and _normal(points, "secondary_pressure", th.secondary_pressure_high_bar)
+        and _normal(points, "tank_top_temp", th.tank_top_high_c)
+    )
+
+
+def _customer_ok(points: Mapping[str, Point], th: Thresholds) -> bool:
+    return _normal(points, "customer_supply_temp", th.customer_supply_high_c)

@@ -13,7 +13,8 @@ T = Timing(
     hunting_changes_per_h=6,
 )  # fmt: skip
 OK = Conditions(
-    inputs_valid=True, leak_latched=False, reset=False, maintenance=False, reject=False,
+    inputs_valid=True, leak_latched=False, leaks_dry=True, reset=False, maintenance=False,
+    reject=False,
     customer_ready=True, tank_full=False,
 )  # fmt: skip
 
@@ -105,6 +106,15 @@ def test_leak_trip_leaves_only_through_reset_with_latch_clear() -> None:
     assert m.advance(c(leak_latched=True, reset=True), 801) is None  # reset refused: still wet
     assert m.advance(c(maintenance=True), 802) is None  # maintenance is no way out either
     assert m.advance(c(reset=True), 803) == (Mode.LEAK_TRIP, Mode.DRY_COOLER_REJECT)
+
+
+def test_leak_trip_is_not_left_on_a_reset_while_a_leak_input_is_unknown() -> None:
+    """Latches clear, but one leak zone cannot be read: a reset does not leave LEAK_TRIP."""
+    m = in_reuse()
+    m.advance(c(leak_latched=True), 700)
+    assert m.advance(c(reset=True, leaks_dry=False), 800) is None
+    assert m.mode is Mode.LEAK_TRIP
+    assert m.advance(c(reset=True), 801) == (Mode.LEAK_TRIP, Mode.DRY_COOLER_REJECT)
 
 
 def test_maintenance_enter_and_release_to_reject() -> None:

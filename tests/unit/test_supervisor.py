@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from controller.arbitration import Level, Manual
 from controller.modes import Mode
-from controller.supervisor import Commands, Decision, Supervisor, SupervisorConfig
+from controller.supervisor import DC_FOLLOW_S, Commands, Decision, Supervisor, SupervisorConfig
+from plc_io.image import Quality, Sample
 from tests.unit.core_helpers import CFG, live, plant_like
 from tests.unit.core_helpers import SITE as CFG_SITE
 
@@ -280,3 +281,93 @@ def test_fans_leave_a_supply_sensor_fault_from_100_pct() -> None:
     assert "IL-02" not in d.active
     one_step = CFG.fan_kp * 0.04 * (1.0 + 1.0 / CFG.fan_ti_s)
     assert d.values()["drycooler_fan_cmd"] >= 100.0 - one_step
+
+
+# ---- 7.10: fail toward cooling keeps every sink; a dead dry cooler puts the HX first -------
+
+
+def test_supply_sensor_fault_keeps_the_reuse_mode_and_the_customer_as_sinks() -> None:
+    """IL-02 forces fans and pumps, but it is no reuse fault: the reuse mode keeps running and
+    the customer path stays open (before, the mode went to DRY_COOLER_REJECT and closed it)."""
+    sup, t = reusing()
+    for i in range(10):
+        d = sup.step(live(t + i, it_supply_temp=float("nan")), t + i)
+    assert "IL-02" in d.active and sup.mode is Mode.NORMAL_REUSE
+    assert not any("IL-02" in r for r in d.reject_reasons)
+    assert d.values()["customer_isolation_cmd"] is True
+    assert d.values()["drycooler_fan_cmd"] == 100.0
+
+
+def near_full(t: float, d: Decision | None, **changes: object) -> object:
+    """The tank bottom 2 K short of full: the tank-full policy throttles the valve."""
+    full = CFG.sequence.tank_full_c
+    return plant_like(
+        t,
+        d,
+        tank_bottom_temp=full - 2.0,
+        tank_mid_temp=full - 1.0,
+        tank_top_temp=full,
+        it_return_temp=full + 5.0 + 0.02 * (int(t) % 2),
+        **changes,  # type: ignore[arg-type]
+    )
+
+
+def test_dead_dry_cooler_input_puts_the_hx_first_unthrottled_with_one_event() -> None:
+    sup, t = reusing()
+    d = None
+    for i in range(5):
+        d = sup.step(near_full(t + i, d), t + i)  # type: ignore[arg-type]
+    assert d is not None
+    throttled = d.values()["reuse_valve_cmd"]
+    assert throttled < 100.0  # the tank-full policy at work
+    failed = []
+    for i in range(5, 15):
+        d = sup.step(near_full(t + i, d, drycooler_fault=True), t + i)  # type: ignore[arg-type]
+        failed += kinds(d, "drycooler_failed")
+    assert failed == [{"why": "drycooler_fault input"}]
+    v = d.values()
+    assert v["reuse_valve_cmd"] == 100.0 and v["secondary_pump_speed_cmd"] == 100.0
+    assert v["secondary_pump_cmd"] is True and v["reuse_isolation_cmd"] is True
+    assert v["customer_isolation_cmd"] is True
+    d = sup.step(near_full(t + 20, d), t + 20)  # type: ignore[arg-type]
+    assert [e.kind for e in d.events if e.kind.startswith("drycooler")] == ["drycooler_recovered"]
+
+
+def test_dead_dry_cooler_in_the_reject_mode_uses_the_hx_only_when_its_protections_allow() -> None:
+    """Reject requested, dry cooler dead: the HX (and the ready customer) become sinks even in
+    DRY_COOLER_REJECT; with the reuse leak input unknown they do not (protections first)."""
+    sup, t = reusing()
+    d = None
+    reject = Commands(request_reject=True)
+    for i in range(5):
+        d = sup.step(near_full(t + i, d, drycooler_fault=True), t + i, reject)  # type: ignore[arg-type]
+    assert sup.mode is Mode.DRY_COOLER_REJECT
+    v = d.values()
+    assert v["reuse_valve_cmd"] == 100.0 and v["secondary_pump_cmd"] is True
+    assert v["customer_isolation_cmd"] is True
+    unknown = Sample(None, Quality.COMMS_LOST, t)
+    d = sup.step(near_full(t + 5, d, drycooler_fault=True, leak_reuse=unknown), t + 5, reject)  # type: ignore[arg-type]
+    v = d.values()
+    assert v["reuse_valve_cmd"] == 0.0 and v["secondary_pump_cmd"] is False
+
+
+def test_a_dry_cooler_whose_outlet_does_not_follow_its_fans_is_failed() -> None:
+    """No fault input, but the fans run at 100 % and the outlet stays near the return: after
+    DC_FOLLOW_S the dry cooler is judged failed (one event), not before."""
+    sup, t = reusing()
+    fans = {"drycooler_fan_cmd": Manual(100.0, t + 3600.0, "eng")}
+    amb, ret = 20.0, 45.0
+    warm_out = amb + 0.9 * (ret - amb)  # natural draft takes about a tenth of the difference
+    d = None
+    seen: list[tuple[float, dict[str, object]]] = []
+    for i in range(int(DC_FOLLOW_S) + 5):
+        img = plant_like(t + i, d, ambient_temp=amb, drycooler_out_temp=warm_out)
+        d = sup.step(img, t + i, Commands(manual=fans))
+        seen += [(t + i, e) for e in kinds(d, "drycooler_failed")]
+    assert len(seen) == 1
+    at, detail = seen[0]
+    assert detail == {"why": "outlet not following the fans"}
+    assert DC_FOLLOW_S <= at - t <= DC_FOLLOW_S + 2.0
+    # a healthy outlet (well below the return) clears it
+    d = sup.step(plant_like(t + 400, d, ambient_temp=amb, drycooler_out_temp=25.0), t + 400)
+    assert kinds(d, "drycooler_recovered") == [{}]
