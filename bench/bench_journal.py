@@ -30,7 +30,7 @@ from plc_io.tags import Value
 from plc_io.transport import WriteResult
 
 SLOW_FSYNC_S = 0.2
-TRIPS = 7
+TRIPS = 15
 
 HEALTHY: dict[str, Value] = {
     "it_supply_temp": 35.0,
