@@ -108,6 +108,7 @@ async def _trip(site: Site, folder: Path, fsync_s: float) -> tuple[float, float,
     assert ctl.supervisor.mode is Mode.NORMAL_REUSE, ctl.supervisor.mode
     while ctl.journal_busy:  # the trip starts with the store idle
         await asyncio.sleep(0.005)
+    await asyncio.sleep(0.02)  # and from the same idle loop for both storage speeds
     plc.set("leak_reuse", True)
     t0 = time.perf_counter()
     await ctl.scan_once()
