@@ -141,6 +141,8 @@ class SupervisorConfig:
                 freeze_drycooler_out_c=il.freeze_drycooler_out_c,
                 fan_min_pct=c.fan_min_pct,
                 max_bypass_s=il.max_bypass_s,
+                primary_speed_pct=c.primary_pump_speed_pct,
+                secondary_speed_pct=c.secondary_pump_speed_pct,
             ),
             validation=ValidationConfig(
                 il.stale_s,

@@ -55,6 +55,9 @@ class Thresholds:
     freeze_drycooler_out_c: float
     fan_min_pct: float
     hx_sink_margin_k: float = 2.0  # tank this much colder than the return: the HX can cool
+    # the loop's design pump speeds ([control]): what IL-01/IL-02 hold the pumps at
+    primary_speed_pct: float = 80.0
+    secondary_speed_pct: float = 80.0
     max_bypass_s: float = 4 * 3600.0  # the site's longest bypass; a rule may allow less
 
 
@@ -198,16 +201,19 @@ CUSTOMER_SINK = Condition(
     _customer_sink,
 )
 
+# Primary flow is held at its design speed, not pushed to 100 %: the dry cooler is limited on
+# its air side, so more water through it leaves it warmer (measured on the plant model, hot day,
+# 420 kW: both pumps at 100 % peak 45.1 °C against 43.2 °C at design flow). The duty pump is
+# held on; a failed one is handed over by the supervisor's failover, a lost flow by IL-03.
 ALL_SINKS: tuple[Effect, ...] = (
     Effect("drycooler_fan_cmd", 100.0),
     Effect("primary_pump_a_cmd", True),
-    Effect("primary_pump_b_cmd", True),
-    Effect("primary_pump_speed_cmd", 100.0),
+    Effect("primary_pump_speed_cmd", "primary_speed_pct"),
     # a tank that is no sink would heat the primary: then the valve goes to bypass, whatever
     # the mode (MAINTENANCE included)
     Effect("reuse_valve_cmd", 100.0, HX_SINK, otherwise=0.0),
     Effect("secondary_pump_cmd", True, HX_SINK),
-    Effect("secondary_pump_speed_cmd", 100.0, HX_SINK),
+    Effect("secondary_pump_speed_cmd", "secondary_speed_pct", HX_SINK),
     Effect("reuse_isolation_cmd", True, HX_SINK),
     Effect("customer_isolation_cmd", True, CUSTOMER_SINK),
 )
@@ -286,9 +292,10 @@ RULES: tuple[Rule, ...] = (
         "IL-01",
         "servers overheat: supply to the racks too hot",
         "it_supply_temp above it_supply_high_c",
-        "dry cooler fans 100 %; both primary pumps at 100 %; every sink its own protections "
-        "allow kept in service: HX and tank charging while the reuse circuit is a safe sink "
-        "(else reuse valve to bypass), customer path open while its supply is known and not hot",
+        "dry cooler fans 100 %; duty primary pump held on at design speed; every sink its own "
+        "protections allow kept in service: HX and tank charging at full valve while the reuse "
+        "circuit is a safe sink (else reuse valve to bypass), customer path open while its "
+        "supply is known and not hot",
         _supply_high,
         ALL_SINKS,
         Condition(
