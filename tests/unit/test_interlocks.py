@@ -439,3 +439,25 @@ def test_an_impossible_bypass_is_refused_with_an_event(rid: str, expiry: float, 
     assert not v.bypassed
     (refusal,) = _refusals(v)
     assert refusal[0] == rid and why in refusal[1]
+
+
+def test_il01_holds_the_duty_pump_on_at_design_speed() -> None:
+    """More flow through an air-limited dry cooler leaves it warmer: IL-01/IL-02 hold the loop
+    at its design flow rather than pushing both pumps to 100 %."""
+    for cause in ({"it_supply_temp": 46.0}, {"it_supply_temp": Point(None, False, "nan")}):
+        v = run(pts(**cause), [0, 3])
+        assert v.forced["primary_pump_a_cmd"].value is True
+        assert v.forced["primary_pump_speed_cmd"].value == SITE.control.primary_pump_speed_pct
+        assert "primary_pump_b_cmd" not in v.forced
+
+
+def test_under_il01_a_failed_duty_pump_still_hands_over_to_the_standby() -> None:
+    sup = Supervisor(CFG)
+    t, d = 0.0, None
+    for k in range(40):
+        a_runs = k < 4  # pump A trips while the supply is hot
+        img = image(t, it_supply_temp=46.0 + 0.01 * (k % 2), primary_pump_a_running=a_runs)
+        d = sup.step(img, t)
+        t += 1.0
+    assert "IL-01" in d.active
+    assert d.outputs["primary_pump_b_cmd"].value is True
