@@ -55,6 +55,7 @@ PLAUSIBILITY: tuple[tuple[str, str, str], ...] = (
     ("it_return_temp", "above", "it_supply_temp"),
 )
 LOAD_TAG = "it_power"
+INT64_LIMIT = 1 << 63
 
 
 class Point(NamedTuple):
@@ -212,6 +213,8 @@ def _is_number(v: object) -> bool:
     """A real number that is no boolean (True is not 1.0 on an analogue tag)."""
     if isinstance(v, bool) or getattr(getattr(v, "dtype", None), "kind", "") == "b":
         return False
+    if isinstance(v, numbers.Integral):
+        return -INT64_LIMIT <= int(v) < INT64_LIMIT  # no register is wider; float() would overflow
     return isinstance(v, numbers.Real)
 
 

@@ -77,6 +77,7 @@ def run(
         ("leak_reuse", 1),  # an integer on a boolean tag
         ("leak_reuse", "False"),  # bool("False") is True
         ("customer_ready", 1.0),
+        ("it_supply_temp", 10**400),  # an integer no register holds (float() would overflow)
     ],
 )
 def test_a_value_of_the_wrong_kind_is_invalid_with_reason_type(tag: str, value: object) -> None:
