@@ -615,6 +615,10 @@ def one_byte_more(fc: int, reply: bytes) -> bytes:
     return bytes([2, reply[1] + 1]) + reply[2:] + b"\x00" if fc == 2 else reply
 
 
+def byte_count_one_register_short(fc: int, reply: bytes) -> bytes:
+    return bytes([4, reply[1] - 2]) + reply[2:] if fc == 4 else reply  # data as asked
+
+
 def exception_for_another_fc(fc: int, reply: bytes) -> bytes:
     return bytes([0x83, 2]) if fc == 4 else reply  # "illegal address", but for FC03
 
@@ -623,6 +627,7 @@ MODBUS_LIES = {
     "FC03 answer to FC04": (swap_fc(4, 3), "input"),
     "FC01 answer to FC02": (swap_fc(2, 1), "discrete"),
     "FC04 with one register more": (one_register_more, "input"),
+    "FC04 byte count one register short": (byte_count_one_register_short, "input"),
     "FC02 with one byte more": (one_byte_more, "discrete"),
     "FC04 exception under 0x83": (exception_for_another_fc, "input"),
 }
@@ -680,3 +685,18 @@ async def test_modbus_a_write_answer_that_does_not_match_is_no_acknowledgement(l
     assert all(r.failed[n].startswith("bad_reply") for n in lied), r.failed
     assert r.failed["heartbeat"].startswith("withheld:")
     assert set(r.written) == set(OUTPUTS) - lied - {"heartbeat"}
+
+
+async def test_modbus_a_byte_count_beyond_the_frame_is_never_good() -> None:
+    """8.6: pymodbus discards a reply whose byte count claims more data than the frame holds, so
+    the request goes unanswered: comms_lost after the timeout (never good), then a reconnect."""
+    from plc_io.modbus import ModbusTransport
+
+    def too_long(fc: int, reply: bytes) -> bytes:
+        return bytes([4, reply[1] + 2]) + reply[2:] if fc == 4 else reply
+
+    async with LyingPlc(too_long) as plc:
+        t = ModbusTransport(SITE, host="127.0.0.1", port=plc.port)
+        img = await t.read_inputs()
+        await t.close()
+    assert none_good(img), {n: img[n].quality for n in INPUTS}
