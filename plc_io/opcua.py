@@ -493,6 +493,8 @@ class OpcuaTransport:
                 if old is not None and old != got:
                     self._by_node.pop(old, None)
                 self._by_node[got] = name
+                if name in self._outputs:
+                    self._gone.discard(name)  # written by node id: nothing to recreate
 
     async def _subscribe(self, client: Client) -> None:
         params = ua.CreateSubscriptionParameters()
