@@ -34,6 +34,7 @@ import pytest
 import pytest_asyncio
 from asyncua import Client
 
+from controller.runtime import RESEND_EVERY_S
 from interlocks.rules import RULES_BY_ID
 from plc_io.site import Site, demo_site_text, load_site
 from tests.hil.conftest import ModbusProbe, free_port
@@ -566,3 +567,44 @@ async def test_a_journal_that_cannot_open_leaves_the_controller_in_charge_in_rej
         assert matches(await read_outputs(probe, tuple(ISOLATION)), ISOLATION)
         await asyncio.sleep(0.25)
     assert ctl.mode == "DRY_COOLER_REJECT" and ctl.proc.poll() is None
+
+
+async def test_refused_writes_withhold_the_heartbeat_and_are_reported_once_until_they_clear(
+    controllers: Callable[..., ControllerProc],
+    faults: SimFaults,
+    probe: ModbusProbe,
+    sim: SimServer,
+) -> None:
+    """The PLC refuses every coil write (a write-protected output card). The controller sends
+    no heartbeat with commands that did not arrive, so the PLC watchdog takes the plant to its
+    safe values; the controller keeps running, reports the failure once per cause (not every
+    scan), leaves reuse, and takes the PLC back when the writes are accepted again."""
+    safe = {t.name: t.safe for t in sim.site.outputs if t.name != "heartbeat"}
+    ctl = controllers()
+    await reach_reuse(ctl, probe)
+    await faults.inject("write_refused", "coil", 4.0)
+    # unchanged coils are re-sent at least every RESEND_EVERY_S, so the refusal shows by then
+    failed = await ctl.wait_event(
+        lambda e: e.get("event") == "write_failed", RESEND_EVERY_S + 5.0, "write_failed"
+    )
+    assert str(failed["failed"].get("heartbeat", "")).startswith("withheld:"), failed
+    await poll_until(
+        lambda: read_outputs(probe, ("plc_watchdog_tripped", *safe)),
+        lambda v: v["plc_watchdog_tripped"] is True and matches(v, safe),
+        WATCHDOG_S + STEP_S + 5.0,
+        "the PLC watchdog's safe state",
+    )
+    await ctl.wait_mode("DRY_COOLER_REJECT", 5.0)
+    await asyncio.sleep(10 * SCAN_S)  # ten more scans of refused writes
+    assert ctl.proc.poll() is None
+    # once per cause: a handful of lines (the set changes as the mode changes), not one a scan
+    assert len(ctl.of("write_failed")) <= 4, ctl.of("write_failed")
+
+    await faults.clear("write_refused", "")  # PLC comms faults clear without a target
+    await ctl.wait_event(lambda e: e.get("event") == "write_recovered", 10.0, "write_recovered")
+    await poll_until(
+        lambda: probe.read("plc_watchdog_tripped"),
+        lambda v: v is False,
+        HOLDOFF_S + WATCHDOG_S + 5.0,
+        "the controller back in charge",
+    )
