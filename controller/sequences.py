@@ -120,10 +120,12 @@ def mode_outputs(
     }
     tank_bottom = _num(values, "tank_bottom_temp")
     if mode is Mode.NORMAL_REUSE:
-        out |= charge | {
-            "reuse_valve_cmd": max(reuse_valve_pct(tank_bottom, cfg), cfg.valve_min_pct),
-            "customer_isolation_cmd": True,
-        }
+        # an unknown tank is no place to send heat: no least opening then (the supervisor
+        # rejects reuse on an invalid tank sensor anyway; this keeps the sequence honest alone)
+        valve = reuse_valve_pct(tank_bottom, cfg)
+        if not math.isnan(tank_bottom):
+            valve = max(valve, cfg.valve_min_pct)
+        out |= charge | {"reuse_valve_cmd": valve, "customer_isolation_cmd": True}
     elif mode is Mode.BUFFER_FULL:
         out |= charge | {
             "reuse_valve_cmd": cfg.buffer_full_valve_pct,

@@ -118,8 +118,10 @@ def test_sequences_by_mode() -> None:
         Mode.CUSTOMER_OFFLINE, {"tank_bottom_temp": 70.0}, 30.0, CFG.sequence, tank_full=True
     )
     assert full["reuse_valve_cmd"] == 0 and full["secondary_pump_cmd"] is False
-    unknown = mode_outputs(Mode.NORMAL_REUSE, {}, 30.0, CFG.sequence)
-    assert unknown["reuse_valve_cmd"] == CFG.sequence.valve_min_pct
+    # an unknown tank is no place to send heat (reuse_valve_pct's own rule), in every mode
+    for m in (Mode.NORMAL_REUSE, Mode.CUSTOMER_OFFLINE):
+        unknown = mode_outputs(m, {}, 30.0, CFG.sequence)
+        assert unknown["reuse_valve_cmd"] == 0.0, m
     for m in (Mode.STARTUP, Mode.LEAK_TRIP):
         assert mode_outputs(m, v, 30.0, CFG.sequence)["drycooler_fan_cmd"] == 100.0
 
