@@ -586,12 +586,11 @@ async def test_a_hung_journal_never_holds_back_the_outputs_and_is_a_degraded_sta
 
     hold["on"] = False
     release.set()
-    for _ in range(100):
+    for _ in range(500):  # generous: a loaded machine may make each commit slow
         await asyncio.sleep(0.01)  # the worker thread finishes the commit
         await rig.scans(1)
-        if not rig.ctl.journal_busy:
+        if rig.events("degraded_cleared") and not rig.ctl.journal_busy:
             break
-    await rig.scans(3)
     assert rig.events("degraded_cleared")
     assert len(rig.events("trip_latched")) == 1  # told once, never twice
     kinds = [k for _, k, _, _ in journal.events(100)]
