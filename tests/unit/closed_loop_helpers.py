@@ -19,12 +19,41 @@ from controller.modes import Mode
 from controller.study import ClosedLoop
 from interlocks.engine import Event
 from plc_io.site import Site, demo_site
-from sim import faults
+from sim import faults, fluids
 from sim.plant import COMMAND_TAGS, truth
 
 SITE = demo_site()
 LIMIT_C = SITE.interlocks.it_supply_high_c  # 45 °C, W45 class
 SETPOINT_C = SITE.control.it_supply_setpoint_c  # 35 °C
+# Oracles from the site's parameters, not from a run:
+# the supply sensor's noise (one standard deviation); the fan loop regulates on that reading, so
+# the true supply is held to within a few of them. Six is the band we call "at the setpoint".
+NOISE_K = SITE.plant.sensor_noise_temp_k
+HOLD_TOL_K = 6.0 * NOISE_K
+# two standard deviations: what one controller's peak may exceed another's by, on noise alone
+PEAK_TOL_K = 2.0 * NOISE_K
+
+
+def tank_kwh_per_k(site: Site = SITE) -> float:
+    """Heat capacity of the buffer tank (water at 40 °C), kWh per K."""
+    p = site.plant
+    return p.tank_volume_m3 * fluids.vol_heat_capacity_kj_m3k(p.secondary_fluid, 40.0) / 3600.0
+
+
+def max_liquid_kw(site: Site = SITE, it_kw: float | None = None) -> float:
+    """The most heat the servers can put into the liquid loop (base load plus ripple)."""
+    p = site.plant
+    base = p.it_power_kw if it_kw is None else it_kw
+    return base * (1.0 + p.it_ripple_pct / 100.0) * p.liquid_capture_fraction
+
+
+def rejecting(loop: ClosedLoop) -> ClosedLoop:
+    """The same loop as the trivial reference policy: reuse always rejected (a standing BMS
+    RequestReject), every watt to the dry cooler under the same fan loop."""
+    loop.commands = replace(loop.commands, request_reject=True)
+    return loop
+
+
 ISOLATED = {
     "reuse_valve_cmd": 0.0,
     "secondary_pump_cmd": False,

@@ -7,8 +7,10 @@ values. On top of that each scenario asserts the DESIGN §12 figures a user woul
 `it_supply_temp` (peak, time above the 45 °C limit, K·h), time from cause to safe state, modes
 reached and when, heat delivered and the reuse fraction, blocked commands, mode changes.
 
-Figures quoted in comments were measured on the demo site (day 180, seed 0, sensor noise on).
-Long spans use coarse scans (dt 5 s); reaction times are measured at dt 1 s.
+Every expected value comes from physics, the site's parameters, or a reference policy run side by
+side on the same plant (reuse always rejected: every watt to the dry cooler under the same fan
+loop), never from a number read off an earlier run. Long spans use coarse scans (dt 5-10 s);
+reaction times are judged at dt 1 s against the rules' required response times.
 """
 
 from __future__ import annotations
@@ -18,20 +20,28 @@ from dataclasses import replace
 
 import pytest
 
-from controller.arbitration import Level
+from controller.arbitration import Level, Output
 from controller.modes import REUSE_MODES, Mode
+from controller.sequences import reuse_valve_pct
 from controller.study import ClosedLoop
-from controller.supervisor import SupervisorConfig
+from controller.supervisor import Commands, Decision, Supervisor, SupervisorConfig
 from interlocks.rules import RULES_BY_ID
+from plc_io.image import ProcessImage
 from tests.unit.closed_loop_helpers import (
+    HOLD_TOL_K,
     ISOLATED,
     LIMIT_C,
+    NOISE_K,
+    PEAK_TOL_K,
     SETPOINT_C,
     SITE,
     Watch,
+    max_liquid_kw,
     plant_commands,
+    rejecting,
     settled,
     site_with,
+    tank_kwh_per_k,
 )
 
 CONTROL = SITE.control
@@ -55,25 +65,36 @@ def active(rule: str) -> Callable[[ClosedLoop], bool]:
 
 @pytest.mark.slow
 def test_normal_day_reuses_heat_without_hunting_or_overheating() -> None:
-    """A summer day from cold start: the servers stay at their setpoint, a quarter of the IT heat
-    reaches the pool, nothing is blocked and the modes do not hunt."""
-    loop = ClosedLoop(SITE, dt_s=5.0)
+    """A summer day from cold start: the servers are no warmer than with every watt sent to the
+    dry cooler (the always-reject reference, same day, same seed), the pool gets all the heat it
+    asks for while it is connected, nothing is blocked and the modes do not hunt."""
+    dt = 10.0
+    loop = ClosedLoop(SITE, dt_s=dt)
     w = Watch(loop)
-    w.run(24 * 3600.0)
+    asked_kwh = [0.0]
+
+    def demand(lp: ClosedLoop) -> None:
+        v = lp.decision.values()
+        if lp.mode in REUSE_MODES and v["customer_isolation_cmd"] is True:
+            asked_kwh[0] += w.truth("customer_demand_kw") * dt / 3600.0
+
+    w.run(24 * 3600.0, each=demand)
     r = loop.finish()
+    ref = rejecting(ClosedLoop(SITE, dt_s=dt)).run(24 * 3600.0)
 
     assert r.above_limit_s == 0.0 and r.kelvin_hours == 0.0
-    assert r.peak_supply_c < SETPOINT_C + 1.0  # measured 35.11 °C
-    # measured 25.7 % (1233 of 4800 kWh): summer pool demand is 60 kW occupied, 30 kW at night
-    assert r.reuse_fraction > 0.24
-    assert r.delivered_kwh > 1150.0
-    assert r.availability > 0.98  # measured 99.3 %: only the 600 s start-up reject dwell
+    assert r.peak_supply_c <= ref.peak_supply_c + PEAK_TOL_K  # reuse never costs cooling
+    # the pool is served in full while connected (the meter can never count more than it asks)
+    assert asked_kwh[0] * 0.99 <= r.delivered_kwh <= asked_kwh[0] * 1.01
+    assert ref.delivered_kwh == 0.0
+    # reuse from the end of the start-up reject dwell to the end of the day, never left
+    assert r.sim_s - r.reuse_s <= CONTROL.reject_dwell_s + 2 * dt
     assert r.blocked == 0
     assert [m for _, m in w.modes] == [Mode.DRY_COOLER_REJECT, Mode.NORMAL_REUSE]
     assert r.mode_changes == 2 and r.changes_per_h < CONTROL.hunting_changes_per_h
     assert not w.kinds("mode_hunting") and not r.trips and not r.interlock_s
     # the supply holds its setpoint through the night/day demand swing, not just on average
-    assert abs(supply(loop) - SETPOINT_C) < 0.3
+    assert abs(supply(loop) - SETPOINT_C) < HOLD_TOL_K
 
 
 # 2 ------------------------------------------------------------------------------------------
@@ -92,12 +113,27 @@ def test_customer_offline_isolates_customer_keeps_charging_and_returns_after_dwe
     assert w.output("customer_isolation_cmd") == (False, Level.SEQUENCE)
     assert w.output("secondary_pump_cmd") == (True, Level.SEQUENCE)
     assert w.output("reuse_isolation_cmd") == (True, Level.SEQUENCE)
-    assert w.output("reuse_valve_cmd")[0] > 50.0  # tank bottom ~37 °C: plenty of room
-    w.run(3600.0)
+    # the sequence's own rule at the tank bottom's true temperature, give or take the sensor noise
+    seq = SupervisorConfig.from_site(SITE).sequence
+    bottom = loop.state.tank_c[-1]
+    lo, hi = (reuse_valve_pct(bottom + d, seq) for d in (HOLD_TOL_K, -HOLD_TOL_K))
+    assert lo > seq.valve_min_pct  # room in the tank: charging
+    assert lo <= w.output("reuse_valve_cmd")[0] <= hi
+    hx_kwh = [0.0]
+    w.run(
+        3600.0,
+        each=lambda lp: hx_kwh.__setitem__(0, hx_kwh[0] + w.truth("hx_kw") * loop.dt_s / 3600),
+    )
     assert loop.mode is Mode.CUSTOMER_OFFLINE and len(w.modes) == 1
-    assert sum(loop.state.tank_c) / len(loop.state.tank_c) > tank0 / len(loop.state.tank_c) + 2.0
-    assert w.truth("heat_meter_energy_kwh") - meter0 < 0.5  # the meter stood still
-    assert loop.result.peak_supply_c < SETPOINT_C + 1.0  # measured 35.1 °C
+    # energy balance: the customer is isolated, so what the HX gave went into the tank, less
+    # the tank's standing losses (30 W/K: a fraction of a kW against tens through the HX)
+    n = len(loop.state.tank_c)
+    gained_kwh = tank_kwh_per_k() * (sum(loop.state.tank_c) - tank0) / n
+    assert hx_kwh[0] > 0.0
+    assert 0.95 * hx_kwh[0] <= gained_kwh <= hx_kwh[0]
+    assert w.truth("heat_meter_energy_kwh") == meter0  # isolated: the meter stood still
+    assert loop.result.above_limit_s == 0.0
+    assert abs(supply(loop) - SETPOINT_C) < HOLD_TOL_K
 
     t_back = w.clear("customer_offline")
     # back to reuse: NORMAL_REUSE, or BUFFER_FULL when the tank filled while the customer was away
@@ -106,12 +142,14 @@ def test_customer_offline_isolates_customer_keeps_charging_and_returns_after_dwe
         within_s=CONTROL.customer_ready_dwell_s + 60,
     )
     assert back_s is not None
-    assert CONTROL.customer_ready_dwell_s <= back_s <= CONTROL.customer_ready_dwell_s + 5.0
+    # the dwell, then the next scan: no sooner, no later
+    assert CONTROL.customer_ready_dwell_s <= back_s <= CONTROL.customer_ready_dwell_s + loop.dt_s
     assert len([m for t, m in w.modes if t >= t_back]) == 1  # nothing in between
     assert w.output("customer_isolation_cmd") == (True, Level.SEQUENCE)
     meter1 = w.truth("heat_meter_energy_kwh")
     w.run(600.0)
-    assert w.truth("heat_meter_energy_kwh") - meter1 > 5.0  # ~60 kW to the pool again
+    # the pool asks for heat again: the meter counts it (at least half its demand in 10 min)
+    assert w.truth("heat_meter_energy_kwh") - meter1 > 0.5 * w.truth("customer_demand_kw") / 6
     assert loop.result.above_limit_s == 0.0 and loop.result.blocked == 0
 
 
@@ -147,20 +185,29 @@ def test_tank_fills_with_small_demand_buffer_full_holds_without_chatter() -> Non
     loop = settled(SMALL_POOL_SITE, dt_s=5.0)
     w = Watch(loop)
     full_c = SMALL_POOL_SITE.control.tank_full_c
-    took = w.run_until(in_mode(Mode.BUFFER_FULL), within_s=4 * 3600.0)
-    assert took is not None  # measured 2.5 h after the warm-up
+    mean0 = sum(loop.state.tank_c) / len(loop.state.tank_c)
+    took = w.run_until(in_mode(Mode.BUFFER_FULL), within_s=6 * 3600.0)
+    assert took is not None
+    # energy: a stratified tank whose bottom reads full is full throughout; it cannot get
+    # there faster than all the servers' heat could bring it
+    need_kwh = tank_kwh_per_k(SMALL_POOL_SITE) * (full_c - HOLD_TOL_K - mean0)
+    assert took >= 3600.0 * need_kwh / max_liquid_kw(SMALL_POOL_SITE)
     assert w.output("reuse_valve_cmd") == (25.0, Level.SEQUENCE)
     assert w.output("customer_isolation_cmd") == (True, Level.SEQUENCE)
     assert w.output("secondary_pump_cmd") == (True, Level.SEQUENCE)
 
-    peak_top = [max(loop.state.tank_c)]
-    w.run(2 * 3600.0, each=lambda lp: peak_top.append(max(lp.state.tank_c)))
+    top_over_return = [max(loop.state.tank_c) - w.truth("it_return_temp_c")]
+    w.run(
+        2 * 3600.0,
+        each=lambda lp: top_over_return.append(max(lp.state.tank_c) - w.truth("it_return_temp_c")),
+    )
     assert [m for _, m in w.modes] == [Mode.BUFFER_FULL]  # entered once, held: no chatter
-    assert max(peak_top) < full_c + 2.0  # measured 43.1 °C after 2 h; IL-06 acts at 85 °C
-    assert "IL-06" not in loop.result.interlock_s
+    # physics: the tank is heated only by the primary, so never above the return
+    assert max(top_over_return) <= 0.0
+    assert "IL-06" not in loop.result.interlock_s and full_c < LIMIT_C < 85.0
     r = loop.result
-    assert r.peak_supply_c < SETPOINT_C + 1.0 and r.above_limit_s == 0.0 and r.blocked == 0
-    assert abs(supply(loop) - SETPOINT_C) < 0.5
+    assert r.above_limit_s == 0.0 and r.blocked == 0
+    assert abs(supply(loop) - SETPOINT_C) < HOLD_TOL_K
 
 
 def test_tank_fills_with_customer_away_charging_stops_near_full_cooling_held() -> None:
@@ -169,23 +216,29 @@ def test_tank_fills_with_customer_away_charging_stops_near_full_cooling_held() -
     the customer back after its dwell, reuse resumes with the customer served."""
     loop = settled(FULL_SITE, dt_s=5.0)
     w = Watch(loop)
-    stop_s = _fill_tank(w)
-    assert stop_s > 1800.0  # measured ~65 min of charging
     full_c = FULL_SITE.control.tank_full_c
-    assert loop.state.tank_c[-1] > full_c - 0.5  # stopped near full, not early
+    mean0 = sum(loop.state.tank_c) / len(loop.state.tank_c)
+    stop_s = _fill_tank(w)
+    # energy: no faster than all the servers' heat could bring the whole tank to full
+    need_kwh = tank_kwh_per_k(FULL_SITE) * (full_c - HOLD_TOL_K - mean0)
+    assert stop_s >= 3600.0 * need_kwh / max_liquid_kw(FULL_SITE)
+    assert loop.state.tank_c[-1] > full_c - HOLD_TOL_K  # stopped at full, not early
     assert loop.mode is Mode.CUSTOMER_OFFLINE
 
-    peak_top = [max(loop.state.tank_c)]
-    w.run(3600.0, each=lambda lp: peak_top.append(max(lp.state.tank_c)))
-    assert max(peak_top) < full_c + 2.0  # measured 42.6 °C; IL-06 acts at 85 °C
+    top_over_return = [max(loop.state.tank_c) - w.truth("it_return_temp_c")]
+    w.run(
+        3600.0,
+        each=lambda lp: top_over_return.append(max(lp.state.tank_c) - w.truth("it_return_temp_c")),
+    )
+    assert max(top_over_return) <= 0.0  # heated only by the primary: never above the return
     assert "IL-06" not in loop.result.interlock_s
-    assert loop.result.peak_supply_c < SETPOINT_C + 1.0 and loop.result.above_limit_s == 0.0
-    assert abs(supply(loop) - SETPOINT_C) < 0.5
+    assert loop.result.above_limit_s == 0.0
+    assert abs(supply(loop) - SETPOINT_C) < HOLD_TOL_K
 
     t_back = w.clear("customer_offline")
     back_s = w.run_until(lambda lp: lp.mode is not Mode.CUSTOMER_OFFLINE, within_s=600.0)
     assert back_s is not None and back_s >= CONTROL.customer_ready_dwell_s
-    # BUFFER_FULL when the tank bottom reads above the threshold (as measured), else NORMAL_REUSE
+    # BUFFER_FULL when the tank bottom reads above the threshold, else NORMAL_REUSE
     assert loop.mode in (Mode.BUFFER_FULL, Mode.NORMAL_REUSE)
     assert w.output("customer_isolation_cmd") == (True, Level.SEQUENCE)
     w.run(1800.0)
@@ -208,7 +261,15 @@ def test_tank_full_customer_offline_secondary_pump_does_not_chatter() -> None:
         last[0] = on
 
     w.run(3600.0, each=count)
-    assert starts[0] <= 2  # measured 64 starts in the hour (128 changes)
+    # Charging restarts only once the tank bottom has cooled by the hysteresis. With the customer
+    # away the tank loses heat only to the plant room (tank_loss_w_k): cooling it by the
+    # hysteresis takes far longer than this hour (and the noise is far smaller than it), so
+    # the pump, stopped at full, does not start again.
+    p = FULL_SITE.plant
+    loss_kw = p.tank_loss_w_k / 1000.0 * (FULL_SITE.control.tank_full_c - p.plant_room_temp_c)
+    cool_s = 3600.0 * tank_kwh_per_k(FULL_SITE) * CONTROL.tank_full_hysteresis_k / loss_kw
+    assert cool_s > 3600.0 and CONTROL.tank_full_hysteresis_k > 6 * NOISE_K
+    assert starts[0] == 0
 
 
 # 4 ------------------------------------------------------------------------------------------
@@ -225,7 +286,7 @@ def test_leak_trips_isolates_reuse_latches_until_reset(zone: str, rule: str) -> 
 
     t_leak = w.inject("leak", zone, 5.0)
     took = w.run_until(in_mode(Mode.LEAK_TRIP), within_s=5.0)
-    assert took is not None and took <= 1.0  # measured 0 s: the first scan that reads it wet
+    assert took is not None and took <= RULES_BY_ID[rule].response_s  # the rule's requirement
     assert [(e.source, e.at_s) for e in w.kinds("trip_latched")] == [(rule, t_leak + took)]
     for name, value in ISOLATED.items():
         v, level = w.output(name)
@@ -234,7 +295,8 @@ def test_leak_trips_isolates_reuse_latches_until_reset(zone: str, rule: str) -> 
     assert plant_commands(loop)["primary_pump_a_cmd"] is True
     w.run(60.0)  # the valve strokes shut in 60 s
     assert w.truth("primary_pump_a_running") == 1.0
-    assert w.truth("primary_flow_m3h") >= 0.95 * flow0  # primary pumps never stopped
+    # primary pumps never stopped: the flow, set by the pumps alone, is what it was
+    assert w.truth("primary_flow_m3h") == pytest.approx(flow0, rel=1e-9)
     assert w.truth("reuse_valve_pos_pct") == 0.0 and w.truth("secondary_flow_m3h") == 0.0
     w.run(540.0)
 
@@ -257,8 +319,8 @@ def test_leak_trips_isolates_reuse_latches_until_reset(zone: str, rule: str) -> 
     w.tick()
     assert loop.mode is Mode.DRY_COOLER_REJECT  # the reset alone never resumes reuse
     r = loop.result
-    assert r.above_limit_s == 0.0 and r.peak_supply_c < SETPOINT_C + 1.0  # measured 33.98 °C
-    assert r.blocked == 0
+    assert r.above_limit_s == 0.0 and r.blocked == 0
+    assert r.peak_supply_c < LIMIT_C  # the trip's full fans only ever cooled more
 
 
 def test_after_leak_reset_reuse_waits_for_reentry_and_reject_dwell() -> None:
@@ -274,7 +336,7 @@ def test_after_leak_reset_reuse_waits_for_reentry_and_reject_dwell() -> None:
     w.reset()
     back_s = w.run_until(lambda lp: lp.mode in REUSE_MODES, within_s=1800.0)
     assert back_s is not None  # it does come back
-    back_at = t_reset + back_s  # measured: t_leak + 180 s
+    back_at = t_reset + back_s
     assert back_at - t_reset >= CONTROL.reject_dwell_s
     assert back_at - t_leak >= CONTROL.reuse_reentry_min_s
 
@@ -299,21 +361,24 @@ def test_primary_pump_failure_hands_duty_to_standby_without_losing_flow() -> Non
 
     t_fail = w.inject("pump_fail", "primary_pump_a")
     took = w.run_until(b_commanded, within_s=30.0)
-    # measured 0 s: the guard starts B in the scan that reads A stopped; IL-03 (5 s) and the
-    # failover (pump_fail_s, 10 s) are the later lines of defence
+    # the guard starts B in the scan that reads A stopped; IL-03 and the failover (pump_fail_s)
+    # are the later lines of defence, so B is commanded within IL-03's delay at the latest
     assert took is not None and took <= RULES_BY_ID["IL-03"].delay_s
     w.run(PUMP_FAIL_S + 2.0, each=lambda lp: flows.append(w.truth("primary_flow_m3h")))
     assert w.output("primary_pump_b_cmd") == (True, Level.SEQUENCE)  # duty handed over
     blocked = loop.result.blocked
-    assert blocked <= PUMP_FAIL_S + 2  # the guard held B only until the failover took over
+    # the guard held B once a scan, only until the failover took over after pump_fail_s
+    assert blocked <= PUMP_FAIL_S / loop.dt_s + 2
     w.run(1800.0, each=lambda lp: flows.append(w.truth("primary_flow_m3h")))
-    assert min(flows) >= 0.95 * flow0  # measured: no dip at all
+    # never low enough for IL-03; and one pump at the same speed gives the same flow as before
+    assert min(flows) >= SITE.interlocks.primary_flow_low_m3h
+    assert w.truth("primary_flow_m3h") == pytest.approx(flow0, rel=1e-9)
     assert w.truth("primary_pump_b_running") == 1.0
     assert loop.result.blocked == blocked
     assert "IL-03" not in loop.result.interlock_s  # flow was never low
     assert [m for t, m in w.modes if t >= t_fail] == []  # still NORMAL_REUSE
     assert loop.result.above_limit_s == 0.0
-    assert abs(supply(loop) - SETPOINT_C) < 0.5
+    assert abs(supply(loop) - SETPOINT_C) < HOLD_TOL_K
 
 
 # 6 ------------------------------------------------------------------------------------------
@@ -339,8 +404,8 @@ def test_reuse_valve_stuck_open_is_detected_and_the_hx_taken_out() -> None:
     assert w.truth("reuse_valve_pos_pct") == stuck_at  # still stuck open
     assert w.truth("secondary_flow_m3h") == 0.0 and abs(w.truth("hx_kw")) < 1.0
     r = loop.result
-    assert r.above_limit_s == 0.0 and r.peak_supply_c < SETPOINT_C + 1.0
-    assert abs(supply(loop) - SETPOINT_C) < 0.5
+    assert r.above_limit_s == 0.0 and r.peak_supply_c < LIMIT_C
+    assert abs(supply(loop) - SETPOINT_C) < HOLD_TOL_K
 
 
 def test_reuse_valve_stuck_closed_from_start_is_detected_and_reuse_rejected() -> None:
@@ -360,9 +425,13 @@ def test_reuse_valve_stuck_closed_from_start_is_detected_and_reuse_rejected() ->
     assert any(m is Mode.DRY_COOLER_REJECT and t >= first for t, m in w.modes)
     assert w.truth("reuse_valve_pos_pct") == 0.0 and abs(w.truth("hx_kw")) < 1.0
     r = loop.finish()
-    assert r.above_limit_s == 0.0 and r.peak_supply_c < SETPOINT_C + 1.0
-    assert abs(supply(loop) - SETPOINT_C) < 0.5
-    assert r.availability < 0.5  # re-tries after each anti-hunting interval, no more
+    assert r.above_limit_s == 0.0 and r.peak_supply_c < LIMIT_C
+    assert abs(supply(loop) - SETPOINT_C) < HOLD_TOL_K
+    # reuse is tried again at most every valve_retry_s, and each try lasts until the valve is
+    # judged (valve_follow_s, plus a scan either side): that is all the availability there is
+    cfg = loop.sup.cfg
+    tries = 1 + r.sim_s // cfg.valve_retry_s
+    assert r.reuse_s <= tries * (cfg.valve_follow_s + 2 * loop.dt_s)
     assert len(w.modes) / 3.0 < SITE.control.hunting_changes_per_h
 
 
@@ -371,133 +440,174 @@ def test_reuse_valve_stuck_closed_from_start_is_detected_and_reuse_rejected() ->
 
 @pytest.mark.parametrize("fault", ["sensor_fail", "sensor_stuck"])
 def test_supply_sensor_fault_fails_toward_cooling(fault: str) -> None:
-    """`it_supply_temp` fails (NaN) or freezes: IL-02 acts within its delay (after the frozen
-    window for a stuck sensor), fans 100 %, both primary pumps at full speed, reuse rejected;
-    the true supply stays within limits throughout."""
+    """`it_supply_temp` fails (NaN) or freezes: IL-02 acts within its delay (after the tag's
+    frozen window for a stuck sensor), fans 100 %, the duty pump at its design speed; reuse goes
+    on (the customer and the tank stay sinks); the true supply only ever falls."""
     loop = settled(dt_s=1.0)
     w = Watch(loop)
-    response_s = RULES_BY_ID["IL-02"].response_s  # required cause-to-effect time, 1 s
-    window = SITE.interlocks.frozen_s if fault == "sensor_stuck" else 0.0
+    response_s = RULES_BY_ID["IL-02"].response_s  # required cause-to-effect time
+    tag = SITE.tag("it_supply_temp")
+    frozen_s = tag.frozen_s if tag.frozen_s is not None else SITE.interlocks.frozen_s
+    window = frozen_s if fault == "sensor_stuck" else 0.0
+    at_fault = supply(loop)
+    peak_after = [at_fault]
 
     w.inject(fault, "it_supply_temp")
     took = w.run_until(active("IL-02"), within_s=window + 60.0)
     assert took is not None
-    # measured: 1 s for NaN; 602 s for frozen (judged frozen one scan after the 600 s window,
-    # the check being strict, then the 1 s delay). A frozen reading cannot be told from a steady
-    # one before the window is over.
+    # A frozen reading cannot be told from a steady one before the window is over; it is judged
+    # frozen one scan after it (the check is strict), then the rule's response time applies.
     slack = loop.dt_s if fault == "sensor_stuck" else 0.0
     assert window <= took <= window + response_s + slack
-    assert loop.mode is Mode.DRY_COOLER_REJECT
+    assert loop.mode in REUSE_MODES
     for name, value in [
         ("drycooler_fan_cmd", 100.0),
         ("primary_pump_a_cmd", True),
-        ("primary_pump_b_cmd", True),
-        ("primary_pump_speed_cmd", 100.0),
+        ("primary_pump_speed_cmd", CONTROL.primary_pump_speed_pct),
     ]:
         assert w.output(name) == (value, Level.INTERLOCK)
-    w.run(1200.0)
-    assert "IL-02" in loop.decision.active
-    r = loop.result
-    assert r.above_limit_s == 0.0
-    assert r.peak_supply_c < SETPOINT_C + 1.0  # measured 34.0 (fail) / 34.6 °C (stuck window)
+    assert w.output("customer_isolation_cmd") == (True, Level.INTERLOCK)  # the pool, a sink
+    w.run(1200.0, each=lambda lp: peak_after.append(supply(lp)))
+    assert "IL-02" in loop.decision.active and loop.mode in REUSE_MODES
+    assert loop.result.above_limit_s == 0.0
+    # a steady plant under full fans: the supply never rises above where the fault found it
+    assert max(peak_after) <= at_fault + HOLD_TOL_K
     assert supply(loop) < SETPOINT_C  # overcooled on full fans, never hotter
 
 
 # 8 ------------------------------------------------------------------------------------------
 
 
-def _hot_day_fan_failure() -> tuple[Watch, float]:
+class _HxKeptOut(Supervisor):
+    """The reference for the fan failure: the same supervisor with the HX path held shut, so
+    the tank and the customer take nothing (what cooling would be without reuse as a sink)."""
+
+    def step(self, image: ProcessImage, now_s: float, cmds: Commands | None = None) -> Decision:
+        d = super().step(image, now_s, cmds or Commands())
+        shut = {
+            "reuse_valve_cmd": 0.0,
+            "secondary_pump_cmd": False,
+            "reuse_isolation_cmd": False,
+            "customer_isolation_cmd": False,
+        }
+        outs = dict(d.outputs) | {k: Output(v, Level.GUARD, "reference") for k, v in shut.items()}
+        return replace(d, outputs=outs)
+
+
+def _hot_day_fan_failure(reference: bool = False) -> tuple[Watch, float]:
     loop = settled(dt_s=5.0)
     w = Watch(loop)
     w.inject("ambient_override", "", 35.0)
     w.run(3600.0)
     assert loop.mode is Mode.NORMAL_REUSE and not loop.result.interlock_s
-    assert loop.result.peak_supply_c < 38.0  # measured 36.9 °C on full fans: hot but coping
+    if reference:
+        loop.sup.__class__ = _HxKeptOut  # same state, HX path shut from here on
     t_fail = w.inject("drycooler_fan_fail")
     return w, t_fail
 
 
 @pytest.mark.slow
 def test_dry_cooler_fan_failure_on_hot_day_puts_every_sink_in_service() -> None:
-    """35 °C outside and the dry-cooler fans fail (natural draft only): the supply crosses the
-    limit, IL-01 acts within its delay, fans 100 %, both primary pumps at 100 %, HX in service
-    toward the tank. The plant cannot reject 180 kW this way: the minutes above the limit are
-    reported as measured."""
+    """35 °C outside and the dry-cooler fans fail (natural draft only): the fault input is
+    alarmed at once, the HX goes first; when the supply crosses the limit IL-01 acts within its
+    delay with fans 100 %, the duty pump, the HX toward the tank and the customer path open,
+    and the reuse mode keeps running (every sink in service)."""
     w, t_fail = _hot_day_fan_failure()
     loop = w.loop
+    w.tick()
+    assert [e.at_s for e in w.kinds("drycooler_failed", t_fail)] == [t_fail]  # its first scan
     cross = w.run_until(lambda lp: supply(lp) > LIMIT_C, within_s=2 * 3600.0)
-    assert cross is not None  # measured ~14 min after the fans stopped
+    assert cross is not None
     took = w.run_until(active("IL-01"), within_s=60.0)
     assert took is not None
-    assert took <= RULES_BY_ID["IL-01"].delay_s + 2 * loop.dt_s  # the sensor is noisy by 0.05 K
-    assert loop.mode is Mode.DRY_COOLER_REJECT
+    # the rule's delay, plus a scan or two for the noisy reading (0.05 K) to stay above
+    assert took <= RULES_BY_ID["IL-01"].delay_s + 2 * loop.dt_s
+    assert loop.mode in REUSE_MODES
     forced = {
         "drycooler_fan_cmd": 100.0,
         "primary_pump_a_cmd": True,
-        "primary_pump_b_cmd": True,
-        "primary_pump_speed_cmd": 100.0,
-        # tank bottom ~43 °C, return ~55 °C: the HX is a sink
         "reuse_valve_cmd": 100.0,
         "secondary_pump_cmd": True,
         "reuse_isolation_cmd": True,
+        "customer_isolation_cmd": True,
     }
+    tank_bottom, ret = loop.state.tank_c[-1], w.truth("it_return_temp_c")
+    assert tank_bottom < ret  # the tank is a sink, so the HX is in service
     for name, value in forced.items():
         assert w.output(name) == (value, Level.INTERLOCK), name
-    w.run(t_fail + 4 * 3600.0 - w.now)
-    assert "IL-01" in loop.decision.active and loop.result.blocked == 0
-    r = loop.result
-    # Honest figures (4 h after the fan failure): measured 219.6 min above 45 °C, 187.6 K·h,
-    # peak 112.5 °C; see the xfail test below for why the tank does not help.
-    print(
-        f"fan failure on a 35 °C day: {r.above_limit_s / 60:.1f} min above {LIMIT_C:g} °C, "
-        f"{r.kelvin_hours:.1f} K·h, peak {r.peak_supply_c:.1f} °C"
-    )
-    assert r.above_limit_s > 0.0
+    assert loop.result.blocked == 0
 
 
 @pytest.mark.slow
-def test_dry_cooler_fan_failure_on_hot_day_tank_absorbs_heat() -> None:
-    """Under IL-01 the tank really takes heat: the secondary pump runs at a real speed, the HX
-    carries heat, and the peak stays below the bound measured with the HX flowing."""
-    w, t_fail = _hot_day_fan_failure()
-    loop = w.loop
-    assert w.run_until(active("IL-01"), within_s=2 * 3600.0) is not None
-    w.run(600.0)
-    assert w.output("secondary_pump_cmd")[0] is True
-    assert w.output("secondary_pump_speed_cmd")[0] > 0.0
-    assert w.truth("hx_kw") > 20.0
-    w.run(t_fail + 4 * 3600.0 - w.now)
-    # with secondary_pump_speed_cmd forced to 100 % under IL-01: peak 74.2 °C, 57 K·h
-    assert loop.result.peak_supply_c < 76.0
+def test_dry_cooler_fan_failure_on_hot_day_reuse_as_a_sink_cools_no_worse() -> None:
+    """Side by side over four hours after the fan failure: with the HX (tank and customer) in
+    service the servers are no worse off than with the HX path held shut; the HX really takes
+    heat."""
+    hx_kw: list[float] = []
+    runs = []
+    for reference in (False, True):
+        w, _ = _hot_day_fan_failure(reference)
+        peak = [supply(w.loop)]
+        above = [0.0]
+
+        def track(
+            lp: ClosedLoop,
+            peak: list[float] = peak,
+            above: list[float] = above,
+            ref: bool = reference,
+            w: Watch = w,
+        ) -> None:
+            peak[0] = max(peak[0], supply(lp))
+            above[0] += lp.dt_s if supply(lp) > LIMIT_C else 0.0
+            if not ref:
+                hx_kw.append(w.truth("hx_kw"))
+
+        w.run(4 * 3600.0, each=track)
+        runs.append((peak[0], above[0]))
+    (peak, above), (ref_peak, ref_above) = runs
+    assert max(hx_kw) > 0.0
+    assert above <= ref_above
+    assert peak <= ref_peak + PEAK_TOL_K
 
 
 # 9 ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    ("load_kw", "peak_c"),
-    [(300.0, 35.18), (500.0, 35.41)],  # measured peaks
-)
-def test_it_load_step_supply_recovers_to_setpoint(load_kw: float, peak_c: float) -> None:
-    """The IT load steps from 200 kW: the fans pick it up, the supply never leaves the setpoint
-    by more than a few tenths and is back within 0.3 K in 15 min; reuse carries on."""
-    loop = settled(dt_s=2.0)
+def _load_step(load_kw: float, reference: bool) -> tuple[float, float, float, Watch]:
+    """From a settled loop (reuse, or the always-reject reference settled the same way), step
+    the IT load; return the peak supply after the step, the last time it was off the setpoint
+    band, the step time, and the watch."""
+    loop = rejecting(ClosedLoop(SITE, dt_s=2.0)) if reference else settled(dt_s=2.0)
     w = Watch(loop)
-    fan0 = w.output("drycooler_fan_cmd")[0]
+    if reference:
+        w.run(3600.0)
     t_step = w.inject("it_load_step", "", load_kw)
-    last_off = [t_step]
+    peak, last_off = [supply(loop)], [t_step]
 
     def track(lp: ClosedLoop) -> None:
-        if supply(lp) > SETPOINT_C + 0.3:
+        peak[0] = max(peak[0], supply(lp))
+        if abs(supply(lp) - SETPOINT_C) > HOLD_TOL_K:
             last_off[0] = w.now
 
     w.run(3600.0, each=track)
+    return peak[0], last_off[0], t_step, w
+
+
+@pytest.mark.parametrize("load_kw", [300.0, 500.0])
+def test_it_load_step_supply_recovers_to_setpoint(load_kw: float) -> None:
+    """The IT load steps from 200 kW: side by side with the always-reject reference, reuse lets
+    the supply peak no higher and brings it back to the setpoint band about as soon; reuse
+    carries on."""
+    peak, last_off, t_step, w = _load_step(load_kw, reference=False)
+    ref_peak, ref_off, ref_step, _ = _load_step(load_kw, reference=True)
+    loop = w.loop
     r = loop.result
     assert r.above_limit_s == 0.0
-    assert r.peak_supply_c < peak_c + 0.1
-    assert last_off[0] - t_step <= 15 * 60.0  # measured 0 (300 kW) / 8.9 min (500 kW)
-    assert abs(supply(loop) - SETPOINT_C) < 0.3
-    assert w.output("drycooler_fan_cmd")[0] > fan0 + 5.0
+    assert peak <= ref_peak + PEAK_TOL_K
+    # back in the band no later than the reference, give or take the fan loop's integral time:
+    # under reuse the HX carried part of the old load, so the fans start from a lower integral
+    assert last_off - t_step <= ref_off - ref_step + loop.sup.cfg.fan_ti_s
+    assert abs(supply(loop) - SETPOINT_C) < HOLD_TOL_K
     # a bigger load fills the tank sooner: BUFFER_FULL is a reuse mode too
     assert loop.mode in (Mode.NORMAL_REUSE, Mode.BUFFER_FULL) and r.blocked == 0
     assert all(m in (Mode.NORMAL_REUSE, Mode.BUFFER_FULL) for _, m in w.modes)
@@ -544,6 +654,6 @@ def test_plc_link_loss_watchdog_safe_state_then_reject_then_reuse_after_dwell(
         "reject_dwell_s": t_back + CONTROL.reject_dwell_s,
         "reuse_reentry_min_s": t_loss + CONTROL.reuse_reentry_min_s,
     }[binding]
-    assert back_at <= due + 2.0  # measured: at `due` + 1 s
+    assert back_at <= due + loop.dt_s  # the first scan at or after it
     r = loop.result
-    assert r.above_limit_s == 0.0 and r.peak_supply_c < SETPOINT_C + 1.0 and not r.trips
+    assert r.above_limit_s == 0.0 and r.peak_supply_c < LIMIT_C and not r.trips

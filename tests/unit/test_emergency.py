@@ -139,19 +139,10 @@ def test_supply_sensor_fault_on_a_hot_day_keeps_the_customer_and_tank_as_sinks(
     assert abs(emergency.delivered_kwh - healthy.delivered_kwh) <= 0.01 * healthy.delivered_kwh
 
 
-# Known open: IL-01/IL-02 force BOTH primary pumps to 100 %. On this plant more primary flow
-# makes the dry cooler's outlet (the servers' supply) warmer: its NTU falls as the flow rises
-# (e-NTU: supply - ambient ~ (1 - eps) / eps * Q / cp grows with cp here). Measured with the
-# scenarios below: peak 45.06 °C and 2.0 min above 45 °C, against 43.13 °C and 0 min under
-# normal control; with the duty pump alone at its normal speed instead, 43.23 °C and 0 min.
-# The interlock's pump effect is the interlock table's to change (and DESIGN §6's "standby
-# primary pump started"); this test turns green, and strict xfail then fails, when it does.
-PUMPS_AT_FULL_FLOW = (
-    "IL-01/IL-02 run both primary pumps at 100 %: on this plant that warms the supply"
-)
-
-
-@pytest.mark.xfail(strict=True, reason=PUMPS_AT_FULL_FLOW)
+# IL-01/IL-02 hold the duty pump at its design speed: on this plant more primary flow makes the
+# air-limited dry cooler's outlet (the servers' supply) warmer (e-NTU: supply - ambient grows
+# as (1 - eps) / (eps * cp) with the flow), so "both pumps at 100 %" cooled worse than normal
+# control (45.06 °C, 2 min above the limit against 43.13 °C, 0 min) until the table changed.
 @pytest.mark.parametrize("fault", ["failed", "stuck"])
 def test_supply_sensor_fault_on_a_hot_day_cools_no_worse_than_normal_control(
     fault: str, healthy: Figures
