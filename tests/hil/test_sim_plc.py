@@ -43,6 +43,7 @@ pytestmark = [pytest.mark.hil, pytest.mark.asyncio(loop_scope="session")]
 
 NS = "urn:heatloop:plc"
 STEP_S = 0.1  # demo site's plant step at speed 1
+LATE_S = 1.0  # scheduling slack on a loaded machine: a bound, not a measurement
 
 
 def resolution(tag: Tag, value: float) -> float:
@@ -302,10 +303,12 @@ async def test_watchdog_trips_after_watchdog_s_and_not_before(plc: SimPlc) -> No
 
         # the safe values as a Modbus client sees them, within watchdog_s + one plant step
         while await probe.read("drycooler_fan_cmd") != safe["drycooler_fan_cmd"]:
-            assert time.monotonic() - last_beat < WATCHDOG_S + STEP_S + 0.05, "trip too late"
+            assert time.monotonic() - last_beat < WATCHDOG_S + STEP_S + LATE_S, "trip too late"
             await asyncio.sleep(0.005)
         seen_s = time.monotonic() - last_beat
-        assert WATCHDOG_S - 0.05 <= seen_s <= WATCHDOG_S + STEP_S + 0.05, seen_s
+        # never early (the watchdog counts from the last beat it received, which is after
+        # `last_beat`); late only by scheduling, bounded generously so a loaded machine passes
+        assert WATCHDOG_S - 0.05 <= seen_s <= WATCHDOG_S + STEP_S + LATE_S, seen_s
 
         assert plc.watchdog_tripped
         assert plc.watchdog_trips == trips + 1
