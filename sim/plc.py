@@ -221,9 +221,10 @@ class SimPlc:
 
     def clear(self, name: str, target: str = "") -> None:
         if name in PLC_FAULT_NAMES:
-            if target:
-                raise FaultError(name, "target", target, "'' (PLC faults take no target)")
-            self.faults.clear(name)
+            try:
+                self.faults.clear(name, target)
+            except PlcFaultValueError as e:
+                raise FaultError(name, e.field, e.value, e.expected) from e
             self._opcua_dirty = True
             self._wake()
         elif name in plant_faults.FAULT_NAMES:

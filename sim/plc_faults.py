@@ -128,7 +128,17 @@ class CommsFaults:
         else:
             raise PlcFaultValueError("name", _bounded(name), f"one of {list(PLC_FAULT_NAMES)}")
 
-    def clear(self, name: str) -> None:
+    def clear(self, name: str, target: str = "") -> None:
+        """Clear a fault; for the targeted ones (`write_refused`, `wrong_type`) a target clears
+        only that target, "" clears them all."""
+        if target and name in ("write_refused", "wrong_type"):
+            targets = self.write_refused if name == "write_refused" else self.wrong_types
+            if target not in targets:
+                raise PlcFaultValueError("target", _bounded(target), f"one of {sorted(targets)}")
+            del targets[target]
+            return
+        if target:
+            raise PlcFaultValueError("target", _bounded(target), "'' (PLC faults take no target)")
         if name == "comms_drop":
             self.drop_until_s = None
         elif name == "comms_slow":
