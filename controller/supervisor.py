@@ -38,7 +38,8 @@ from plc_io.site import Site
 from plc_io.tags import Tag, Value
 
 LEAK_RULES = frozenset({"IL-04", "IL-05"})
-LEAK_INPUTS = ("leak_primary", "leak_reuse")
+NONE: frozenset[str] = frozenset()
+NO_MANUAL: Mapping[str, Manual] = {}
 # Interlocks that reject reuse. IL-01/IL-02 do not: fail toward cooling means more cooling,
 # so the reuse mode keeps running (customer and tank are sinks) under the interlock's forced
 # fans and pumps, and the interlock itself decides which reuse outputs its protections allow.
@@ -242,7 +243,8 @@ class Supervisor:
         valve_event = self._watch_valve(points, now_s)
         if valve_event:
             events.append(valve_event)
-        events += self._runtime_events(cmds, now_s)
+        if cmds.write_failed or cmds.degraded or self.write_failed or self.degraded:
+            events += self._runtime_events(cmds, now_s)
         events += self._watch_pumps(points, now_s, cmds.reset)
         events += self._watch_drycooler(points, now_s)
         reasons = self._reject_reasons(points, verdict.active, cmds, now_s)
@@ -255,7 +257,7 @@ class Supervisor:
         cond = Conditions(
             inputs_valid=cmds.link_ok and points["it_supply_temp"].valid,
             leak_latched=bool(verdict.latched & LEAK_RULES),
-            leaks_dry=all(_dry(points, z) for z in LEAK_INPUTS),
+            leaks_dry=_dry(points, "leak_primary") and _dry(points, "leak_reuse"),
             reset=cmds.reset,
             maintenance=cmds.maintenance,
             reject=bool(reasons),
@@ -280,7 +282,11 @@ class Supervisor:
 
         values = {n: points[n].num() if n in points else math.nan for n in ANALOGUE_USED}
         # requests are checked against their tags before anything uses them
-        manual, refusals = check_manual(cmds.manual, self.out_tags, now_s, cfg.max_force_s)
+        manual, refusals = (
+            check_manual(cmds.manual, self.out_tags, now_s, cfg.max_force_s)
+            if cmds.manual
+            else (NO_MANUAL, [])
+        )
         setpoint = cfg.sequence.supply_setpoint_c
         if cmds.supply_setpoint_c is not None:
             # never let a requested setpoint sit within 5 K of the IL-01 limit
@@ -292,7 +298,8 @@ class Supervisor:
                 )
             else:
                 setpoint = float(cmds.supply_setpoint_c)
-        events += self._refusal_events(refusals, now_s)
+        if refusals or self.refused:
+            events += self._refusal_events(refusals, now_s)
         error = values["it_supply_temp"] - setpoint
         # bumpless in every mode: whenever the fans were given anything but the loop's own
         # output (a trip's or start-up's 100 %, an interlock, a manual value, the guard), the
@@ -327,7 +334,7 @@ class Supervisor:
             min_pump_speed_pct=min(cfg.sequence.primary_speed_pct, 30.0),
         )
         self.blocked_total += len(blocked)
-        blocked_names = frozenset(b.partition("=")[0] for b in blocked)
+        blocked_names = frozenset(b.partition("=")[0] for b in blocked) if blocked else NONE
         if blocked_names != self.blocked_names:  # once per distinct cause, not every scan
             if blocked:
                 events.append(Event("command_blocked", now_s, "guard", {"blocked": blocked}))
@@ -452,32 +459,27 @@ class Supervisor:
         fault = points.get("drycooler_fault")
         by_input = fault is not None and fault.valid and fault.value is True
         fan = self.last.get("drycooler_fan_cmd")
-        ret, out, amb = (
-            points[n].num() if n in points else math.nan
-            for n in ("it_return_temp", "drycooler_out_temp", "ambient_temp")
-        )
-        drive = ret - amb  # NaN when any is unknown: no verdict from the temperatures
-        not_cooling = (
-            fan is not None
-            and float(fan.value) >= DC_FANS_HIGH_PCT
-            and drive >= DC_DRIVE_K
-            and out - amb > DC_APPROACH_FRAC * drive
-        )
+        not_cooling = False
+        if fan is not None and float(fan.value) >= DC_FANS_HIGH_PCT:
+            ret, out, amb = (
+                points[n].num() if n in points else math.nan
+                for n in ("it_return_temp", "drycooler_out_temp", "ambient_temp")
+            )
+            drive = ret - amb  # NaN when any is unknown: no verdict from the temperatures
+            not_cooling = drive >= DC_DRIVE_K and out - amb > DC_APPROACH_FRAC * drive
         if not not_cooling:
             self.dc_not_cooling_since = None
         elif self.dc_not_cooling_since is None:
             self.dc_not_cooling_since = now_s
         since = self.dc_not_cooling_since
-        inferred = since is not None and now_s - since >= DC_FOLLOW_S
-        failed = by_input or inferred
-        events: list[Event] = []
-        if failed and not self.dc_failed:
-            why = "drycooler_fault input" if by_input else "outlet not following the fans"
-            events.append(Event("drycooler_failed", now_s, "drycooler", {"why": why}))
-        elif self.dc_failed and not failed:
-            events.append(Event("drycooler_recovered", now_s, "drycooler"))
+        failed = by_input or (since is not None and now_s - since >= DC_FOLLOW_S)
+        if failed == self.dc_failed:
+            return []
         self.dc_failed = failed
-        return events
+        if failed:
+            why = "drycooler_fault input" if by_input else "outlet not following the fans"
+            return [Event("drycooler_failed", now_s, "drycooler", {"why": why})]
+        return [Event("drycooler_recovered", now_s, "drycooler")]
 
     def _watch_pumps(self, points: Mapping[str, Point], now_s: float, reset: bool) -> list[Event]:
         """Judge every pump with run feedback against what it was last told.
