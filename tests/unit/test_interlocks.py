@@ -461,3 +461,25 @@ def test_under_il01_a_failed_duty_pump_still_hands_over_to_the_standby() -> None
         t += 1.0
     assert "IL-01" in d.active
     assert d.outputs["primary_pump_b_cmd"].value is True
+
+
+def test_under_il02_every_safe_sink_is_held_in_service_at_the_interlock_level() -> None:
+    """Supply sensor lost, tank colder than the return, customer supply normal: the PLC is
+    told to charge the tank through the HX and keep the customer open, whatever the mode."""
+    sup = Supervisor(CFG)
+    t, d = 0.0, None
+    for k in range(6):
+        d = sup.step(image(t, it_supply_temp=math.nan, it_return_temp=45.0 + 0.01 * (k % 2)), t)
+        t += 0.5
+    assert "IL-02" in d.active
+    want = {
+        "drycooler_fan_cmd": 100.0,
+        "reuse_valve_cmd": 100.0,
+        "secondary_pump_cmd": True,
+        "secondary_pump_speed_cmd": SITE.control.secondary_pump_speed_pct,
+        "reuse_isolation_cmd": True,
+        "customer_isolation_cmd": True,
+    }
+    for name, value in want.items():
+        assert d.outputs[name].value == value, name
+        assert d.outputs[name].level is Level.INTERLOCK, name
