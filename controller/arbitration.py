@@ -154,6 +154,33 @@ PUMPS = (
 )
 
 
+# The guard never lets the primary pumps run slower than this (or their design speed, if lower).
+PUMP_SPEED_FLOOR_PCT = 30.0
+
+
+def min_pump_speed_pct(design_speed_pct: float) -> float:
+    """The primary pump speed below which the guard overrides a command."""
+    return min(design_speed_pct, PUMP_SPEED_FLOOR_PCT)
+
+
+def guarded_safe_outputs(
+    safe: Mapping[str, Value], *, min_fan_pct: float, design_speed_pct: float
+) -> tuple[dict[str, Output], list[str]]:
+    """The safe values after the guard every scan passes through, and what it corrected.
+
+    Pump feedback counts as unknown: this is what start-up, shutdown, a broken step and a PLC
+    watchdog trip write, exactly when nothing is known.
+    """
+    out = arbitrate(safe, 0.0)
+    blocked = guard(
+        out,
+        {},
+        min_fan_pct=min_fan_pct,
+        min_pump_speed_pct=min_pump_speed_pct(design_speed_pct),
+    )
+    return out, blocked
+
+
 def guard(
     out: dict[str, Output],
     running: Mapping[str, bool | None],

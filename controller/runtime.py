@@ -54,7 +54,8 @@ from typing import Any, TypeVar
 
 import structlog
 
-from controller.arbitration import Manual, Output, arbitrate, guard
+from controller import arbitration
+from controller.arbitration import Manual, Output
 from controller.journal import JournalKeeper
 from controller.supervisor import Commands, Decision, Supervisor, SupervisorConfig
 from interlocks.engine import Event
@@ -90,19 +91,12 @@ def make_transport(site: Site, **kw: Any) -> Transport:
 
 
 def guarded_safe_outputs(cfg: SupervisorConfig) -> tuple[dict[str, Output], list[str]]:
-    """The site's safe values after the guard every scan passes through, and what it corrected.
-
-    Pump feedback is unknown here (start-up, shutdown, a broken step), as the guard assumes a
-    commanded pump may run.
-    """
-    out = arbitrate(cfg.safe, 0.0)
-    blocked = guard(
-        out,
-        {},
+    """The site's safe values after the guard every scan passes through, and what it corrected."""
+    return arbitration.guarded_safe_outputs(
+        cfg.safe,
         min_fan_pct=cfg.sequence.fan_min_pct,
-        min_pump_speed_pct=min(cfg.sequence.primary_speed_pct, 30.0),  # as the supervisor's
+        design_speed_pct=cfg.sequence.primary_speed_pct,
     )
-    return out, blocked
 
 
 @dataclass

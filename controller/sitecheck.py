@@ -15,13 +15,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from controller.arbitration import PUMPS, Level, Output, guard
+from controller.arbitration import PUMP_SPEED_FLOOR_PCT, guarded_safe_outputs, min_pump_speed_pct
 from plc_io.site import Problem, Site, SiteError, load_site
 from plc_io.tags import Value
-
-# The supervisor guards the primary pump speed at min(control speed, this): see
-# controller.supervisor. The safe speed must satisfy the same floor.
-GUARD_PUMP_SPEED_FLOOR_PCT = 30.0
 
 # DESIGN §7: the safe state. (output, required value, why)
 _CONTRACT: tuple[tuple[str, Value, str], ...] = (
@@ -43,30 +39,23 @@ def _shown(v: Value) -> str:
 RULES = (
     "the arbitration guard, run over the safe values with every pump's run feedback unknown, "
     "overrides none of them (a primary pump runs; a heat sink remains; the primary pump speed "
-    f"is at least min(`control.primary_pump_speed_pct`, {GUARD_PUMP_SPEED_FLOOR_PCT:g}) %)",
+    f"is at least min(`control.primary_pump_speed_pct`, {PUMP_SPEED_FLOOR_PCT:g}) %)",
     "DESIGN §7: "
     + ", ".join(f"`{name}` = {_shown(want)}" for name, want, _ in _CONTRACT)
     + "; the rule broken is named in the refusal",
 )
 
 
-def min_pump_speed_pct(site: Site) -> float:
-    """The primary pump speed below which the guard overrides a command."""
-    return min(site.control.primary_pump_speed_pct, GUARD_PUMP_SPEED_FLOOR_PCT)
-
-
 def check_site(site: Site) -> list[Problem]:
     """Every reason the site's safe values would not keep the servers cooled (empty: fine)."""
     safe = site.safe_outputs()
-    floor = min_pump_speed_pct(site)
+    floor = min_pump_speed_pct(site.control.primary_pump_speed_pct)
     # First the guard, as a scan would run it over the safe values with no pump feedback known
     # (a watchdog trip is exactly when nothing is known): its refusal names the rule broken.
-    out = {n: Output(v, Level.SAFE, "safe value") for n, v in safe.items()}
-    blocked = guard(
-        out,
-        {fb: None for _, fb in PUMPS},
+    out, blocked = guarded_safe_outputs(
+        safe,
         min_fan_pct=site.control.fan_min_pct,
-        min_pump_speed_pct=floor,
+        design_speed_pct=site.control.primary_pump_speed_pct,
     )
     probs: list[Problem] = []
     for item in blocked:

@@ -20,6 +20,7 @@ from controller.arbitration import (
     check_manual,
     check_setpoint,
     guard,
+    min_pump_speed_pct,
 )
 from controller.modes import Conditions, Mode, ModeMachine, Timing
 from controller.sequences import PI, SequenceConfig, mode_outputs
@@ -331,7 +332,7 @@ class Supervisor:
             outputs,
             running,  # type: ignore[arg-type]
             min_fan_pct=cfg.sequence.fan_min_pct,
-            min_pump_speed_pct=min(cfg.sequence.primary_speed_pct, 30.0),
+            min_pump_speed_pct=min_pump_speed_pct(cfg.sequence.primary_speed_pct),
         )
         self.blocked_total += len(blocked)
         blocked_names = frozenset(b.partition("=")[0] for b in blocked) if blocked else NONE
