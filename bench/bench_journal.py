@@ -28,41 +28,10 @@ from plc_io.memory import MemoryPlc, MemoryTransport
 from plc_io.site import Site, demo_site
 from plc_io.tags import Value
 from plc_io.transport import WriteResult
+from tests.unit.core_helpers import HEALTHY  # the same healthy plant the core tests start from
 
 SLOW_FSYNC_S = 0.2
 TRIPS = 15
-
-HEALTHY: dict[str, Value] = {
-    "it_supply_temp": 35.0,
-    "it_return_temp": 45.0,
-    "primary_flow": 18.0,
-    "primary_pressure": 2.5,
-    "hx_primary_out_temp": 40.0,
-    "hx_secondary_in_temp": 38.0,
-    "hx_secondary_out_temp": 43.0,
-    "secondary_flow": 15.0,
-    "secondary_pressure": 2.0,
-    "tank_top_temp": 45.0,
-    "tank_mid_temp": 42.0,
-    "tank_bottom_temp": 38.0,
-    "customer_supply_temp": 44.0,
-    "customer_return_temp": 30.0,
-    "customer_flow": 10.0,
-    "drycooler_out_temp": 35.0,
-    "ambient_temp": 15.0,
-    "it_power": 200.0,
-    "heat_meter_power": 120.0,
-    "heat_meter_energy": 1000.0,
-    "reuse_valve_pos": 50.0,
-    "leak_primary": False,
-    "leak_reuse": False,
-    "customer_ready": True,
-    "primary_pump_a_running": True,
-    "primary_pump_b_running": False,
-    "secondary_pump_running": True,
-    "drycooler_fault": False,
-    "plc_watchdog_tripped": False,
-}
 
 
 class Stamped(MemoryTransport):
