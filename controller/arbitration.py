@@ -51,13 +51,30 @@ class Refusal:
     why: str
 
 
+def _finite(x: int | float) -> bool:
+    """Finite as a float; an integer too large for one (10**400) is not, and never raises."""
+    try:
+        return math.isfinite(x)
+    except OverflowError:
+        return False
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A requested value as bounded text, for refusals and their events; never raises (an
+    integer of more than 4300 digits has no repr)."""
+    try:
+        return repr(value)[:limit]
+    except Exception:
+        return f"<{type(value).__name__} that cannot be shown>"
+
+
 def value_problem(tag: Tag, value: object) -> str:
     """Why `value` cannot be written to `tag` ("" when it can): type first, then range."""
     if tag.is_bool:
         return "" if isinstance(value, bool) else f"true or false for boolean output {tag.name}"
     if isinstance(value, bool) or not isinstance(value, int | float):
         return f"a number for analogue output {tag.name}"
-    if not math.isfinite(value):
+    if not _finite(value):
         return f"a finite number for {tag.name}"
     if not tag.lo <= value <= tag.hi:
         return f"a value within {tag.name}'s range [{tag.lo:g}, {tag.hi:g}] {tag.unit}"
@@ -95,10 +112,10 @@ def check_manual(
             if not why and (
                 isinstance(exp, bool)
                 or not isinstance(exp, int | float)
-                or math.isnan(exp)
-                or exp - now_s > max_force_s
+                or exp != exp  # NaN (math.isnan would overflow on a huge integer)
+                or exp > now_s + max_force_s  # exact for any integer: never an overflow
             ):
-                why = f"an expiry at most max_force_s = {max_force_s:g} s ahead, got {exp!r}"
+                why = f"an expiry at most max_force_s = {max_force_s:g} s ahead, got {shown(exp)}"
         if why:
             refused.append(Refusal(str(name), value, f"expected {why}"))
         else:
@@ -108,7 +125,7 @@ def check_manual(
 
 def check_setpoint(value: object, lo: float, hi: float, name: str = "supply_setpoint_c") -> str:
     """Why a requested setpoint is refused ("" when it is usable)."""
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value):
         return f"a finite number for {name}"
     if not lo <= value <= hi:
         return f"a {name} within [{lo:g}, {hi:g}]"
@@ -145,7 +162,7 @@ def arbitrate(
 
 def _sane(v: Value) -> bool:
     """A request that is not a finite number (NaN, inf) falls through to the level below."""
-    return isinstance(v, bool) or math.isfinite(v)
+    return isinstance(v, bool) or _finite(v)
 
 
 PUMPS = (

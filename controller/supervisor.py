@@ -21,6 +21,7 @@ from controller.arbitration import (
     check_setpoint,
     guard,
     min_pump_speed_pct,
+    shown,
 )
 from controller.modes import Conditions, Mode, ModeMachine, Timing
 from controller.sequences import PI, SequenceConfig, mode_outputs
@@ -398,7 +399,7 @@ class Supervisor:
 
     def _refusal_events(self, refusals: list[Refusal], now_s: float) -> list[Event]:
         """`command_refused` once per distinct refused request (a standing one is not repeated)."""
-        keys = frozenset((r.tag, repr(r.value), r.why) for r in refusals)
+        keys = frozenset((r.tag, shown(r.value), r.why) for r in refusals)
         new = keys - self.refused
         self.refused = keys
         return [
@@ -409,7 +410,7 @@ class Supervisor:
                 {"tag": r.tag, "value": _shown(r.value), "why": r.why},
             )
             for r in refusals
-            if (r.tag, repr(r.value), r.why) in new
+            if (r.tag, shown(r.value), r.why) in new
         ]
 
     def _runtime_events(self, cmds: Commands, now_s: float) -> list[Event]:
@@ -519,7 +520,9 @@ class Supervisor:
 
 def _shown(v: object) -> object:
     """A refused value as an event carries it: numbers as they are, anything else bounded."""
-    return v if isinstance(v, bool | int | float) else repr(v)[:80]
+    if isinstance(v, bool | float) or (isinstance(v, int) and -(2**63) <= v < 2**63):
+        return v
+    return shown(v)
 
 
 def _normal(points: Mapping[str, Point], name: str, limit: float) -> bool:

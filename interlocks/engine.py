@@ -23,7 +23,6 @@ value that keeps more cooling wins: on this plant the larger number or `True` fo
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -91,11 +90,15 @@ def _bypass_refusal(rule: Rule | None, expiry: float, now_s: float, th: Threshol
         return "unknown rule"
     if not rule.bypassable:
         return "not bypassable"
-    if not isinstance(expiry, int | float) or isinstance(expiry, bool) or math.isnan(expiry):
+    if not isinstance(expiry, int | float) or isinstance(expiry, bool) or expiry != expiry:
         return f"expiry {expiry!r} is not a time"
     limit = min(rule.max_bypass_s, th.max_bypass_s)
-    if not expiry - now_s <= limit:  # inf and far futures both
-        return f"expiry {expiry - now_s:g} s from now, longer than max_bypass_s {limit:g} s"
+    if not expiry <= now_s + limit:  # inf and far futures both; exact for any integer
+        try:
+            ahead = f"{expiry - now_s:g}"
+        except OverflowError:  # an integer beyond any float
+            ahead = "more than 1e308"
+        return f"expiry {ahead} s from now, longer than max_bypass_s {limit:g} s"
     return ""
 
 

@@ -43,6 +43,7 @@ MAX_BYPASS_S = CFG.thresholds.max_bypass_s
 expiries = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.floats(min_value=900.0, max_value=30_000.0),
+    st.sampled_from([10**400, -(10**400)]),  # integers no float can hold
 )
 bypass_maps = st.dictionaries(
     st.one_of(st.sampled_from(RULE_IDS), st.text(max_size=6)), expiries, max_size=4

@@ -7,6 +7,7 @@ asserts the whole decision a user would see: reject reasons, events, outputs and
 from __future__ import annotations
 
 from controller.arbitration import Level, Manual
+from controller.journal import event_row
 from controller.modes import Mode
 from controller.supervisor import DC_FOLLOW_S, Commands, Decision, Supervisor, SupervisorConfig
 from plc_io.image import Quality, Sample
@@ -116,6 +117,33 @@ def test_a_bad_setpoint_is_refused_and_the_site_setpoint_kept() -> None:
         d = sup.step(live(t, it_supply_temp=37.0), t, Commands(supply_setpoint_c=sp))
         assert [r["tag"] for r in kinds(d, "command_refused")] == ["supply_setpoint_c"], sp
         assert d.values()["drycooler_fan_cmd"] == d_ref.values()["drycooler_fan_cmd"]
+
+
+def test_integers_too_large_for_a_float_are_refused_never_raised() -> None:
+    """A request channel may carry any integer (JSON has no limit). 10**400 as a manual value, a
+    manual expiry, a setpoint or a bypass expiry is refused with its event; it never raises
+    out of the step (which would hold the controller in its degraded scan), and its event can be
+    journalled."""
+    cases = []
+    for huge in (10**400, -(10**400), 10**5000):  # 10**5000: too long even for repr()
+        cases += [
+            Commands(manual={"reuse_valve_cmd": Manual(huge, 60.0, "eng")}),  # type: ignore[arg-type]
+            Commands(supply_setpoint_c=huge),  # type: ignore[arg-type]
+        ]
+    for huge in (10**400, 10**5000):  # an expiry that far back is merely expired
+        cases += [
+            Commands(manual={"reuse_valve_cmd": Manual(50.0, huge, "eng")}),  # type: ignore[arg-type]
+            Commands(bypasses={"IL-06": huge}),  # type: ignore[dict-item]
+        ]
+    for cmds in cases:
+        sup, t = reusing()
+        d = sup.step(live(t), t, cmds)
+        refused = kinds(d, "command_refused") + kinds(d, "bypass_refused")
+        assert len(refused) == 1, cmds
+        for e in d.events:
+            event_row(e, 0.0)  # the journal can hold it
+        assert d.outputs["reuse_valve_cmd"].level is Level.SEQUENCE, cmds
+        assert not d.bypassed, cmds
 
 
 # ---- 8.9: transitions are events, not every scan -------------------------------------------

@@ -28,6 +28,8 @@ QUICK = replace(
     timing=replace(CFG.timing, min_dwell_s=0, reject_dwell_s=2, customer_ready_dwell_s=0),
 )
 
+# integers no float can hold: a JSON request channel carries them
+HUGE_INTS = (10**400, -(10**400), 10**5000)
 tag_names = st.one_of(
     st.sampled_from([*OUTPUTS, "heartbeat", "no_such_tag", "", "REUSE_VALVE_CMD"]),
     st.text(max_size=12),
@@ -36,6 +38,7 @@ anything = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([math.nan, math.inf, -math.inf, 1e308, -1e308, 250.0, -1.0, 0.0, 100.0]),
     st.integers(min_value=-(10**30), max_value=10**30),
+    st.sampled_from(HUGE_INTS),
     st.booleans(),
     st.text(max_size=8),
     st.none(),
@@ -43,7 +46,7 @@ anything = st.one_of(
 expiries = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.integers(min_value=-(10**20), max_value=10**20),
-    st.sampled_from([math.nan, math.inf, -math.inf]),
+    st.sampled_from([math.nan, math.inf, -math.inf, *HUGE_INTS]),
 )
 manuals = st.dictionaries(
     tag_names,
@@ -58,6 +61,7 @@ setpoints = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True),
     st.sampled_from([math.nan, math.inf, -math.inf, -40.0, 0.0, 1e12, 35.0, 39.9, 40.1]),
     st.integers(min_value=-(10**30), max_value=10**30),
+    st.sampled_from(HUGE_INTS),
     st.text(max_size=4),
 )
 
