@@ -30,9 +30,10 @@ Theory of operation.
   guarded safe values are written, reuse is rejected (`Commands.degraded` on the next good step,
   so the mode machine re-enters reuse only after its own reject dwell), and a `step_failed`
   event is raised once per cause (`step_recovered` when a step succeeds again). A journal that
-  cannot persist (`JournalKeeper.problem`) is a degraded state too: reuse stays rejected, so a
-  latched trip that may be unpersisted keeps the plant in reject until it is on disk. Outputs the
-  PLC did not acknowledge go to the next step as `Commands.write_failed` (reject reuse, alarm).
+  cannot persist (`JournalKeeper.problem`, or a hand-off to its worker that raises) is a
+  degraded state too: reuse stays rejected, so a latched trip that may be unpersisted keeps the
+  plant in reject until it is on disk. Outputs the PLC did not acknowledge go to the next step
+  as `Commands.write_failed` (reject reuse, alarm).
 - The heartbeat. One counter, in the transport: it writes `heartbeat` last and only when every
   other output of the pass was acknowledged. The runtime never sends a beat of its own, so a
   scan that cannot write safely (link down, writes refused, the scan itself broken) sends none
@@ -174,6 +175,7 @@ class Controller:
         self._waiting: list[Event] = []
         self._waiting_told = 0
         self._sent_latched: frozenset[str] | None = None
+        self._persist_error: str | None = None  # handing the journal its work failed
 
     # ---- commands from operators, engineers and the BMS (already authorised) ----
 
@@ -228,6 +230,8 @@ class Controller:
             faults.append(f"decision step failed: {self._step_error}")
         if self.journal is not None and self.journal.problem is not None:
             faults.append(self.journal.problem)
+        if self._persist_error is not None:
+            faults.append(self._persist_error)
         if self.journal_busy and self.clock() - self._inflight_since > self.stall_s:
             faults.append(f"journal stalled: a commit has run longer than {self.stall_s:g} s")
         return tuple(faults)
@@ -313,10 +317,12 @@ class Controller:
                     self._waiting_told = len(self._waiting)
                 return told  # the store is still busy: the rest waits its turn, in memory
             err = self._inflight.exception()  # the keeper never raises; an executor might
-            if isinstance(err, Exception):
-                self._note_scan_error("persist", err)
-            told += self._inflight_events[self._inflight_told :]
+            events, already = self._inflight_events, self._inflight_told
             self._inflight = None
+            if isinstance(err, Exception):
+                return told + self._hand_off_failed(err, events, already)
+            self._persist_error = None
+            told += events[already:]
         if (
             not self._waiting
             and decision.latched == self._sent_latched
@@ -326,17 +332,31 @@ class Controller:
         batch, already = self._waiting, self._waiting_told
         self._waiting, self._waiting_told = [], 0
         self._sent_latched = decision.latched
-        fut = asyncio.ensure_future(
-            self.offload(partial(self.journal.record, batch, decision.latched))
-        )
         try:
+            fut = asyncio.ensure_future(
+                self.offload(partial(self.journal.record, batch, decision.latched))
+            )
             await asyncio.wait_for(asyncio.shield(fut), timeout=self.persist_wait_s)
         except TimeoutError:
             # slow storage: let the commit finish on its own; the next scans go on
             self._inflight, self._inflight_events, self._inflight_told = fut, batch, already
             self._inflight_since = self.clock()
             return told
+        except Exception as e:  # the keeper never raises; handing it the work did
+            return told + self._hand_off_failed(e, batch, already)
+        self._persist_error = None
         return told + batch[already:]
+
+    def _hand_off_failed(self, e: Exception, batch: list[Event], already: int) -> list[Event]:
+        """The journal never got this batch: a degraded journal, as when its store fails. The
+        batch waits in front of later events for the next try (the latch set goes again too),
+        and is told now: an alarm nobody sees helps no one."""
+        self._note_scan_error("persist", e)
+        self._persist_error = f"journal cannot persist: {type(e).__name__}: {e}"
+        self._waiting[:0] = batch
+        self._waiting_told += len(batch)
+        self._sent_latched = None
+        return batch[already:]
 
     async def _read(self) -> tuple[ProcessImage, bool]:
         try:

@@ -597,6 +597,42 @@ async def test_a_hung_journal_never_holds_back_the_outputs_and_is_a_degraded_sta
     assert kinds.count("trip_latched") == 1 and "degraded" in kinds  # and all on disk
 
 
+async def test_a_journal_hand_off_that_raises_is_a_degraded_state_and_is_retried(
+    tmp_path: Path,
+) -> None:
+    """The hand-off to the journal's worker itself raises (no thread can be started): the scan
+    still completes and is published, the journal is degraded (reuse rejected) and the trip's
+    events and latch are kept and persisted once the hand-off works again."""
+    clock = FakeClock()
+    journal = keeper(tmp_path / "heatloop.db", clock)
+    rig = Rig(clock=clock, journal=journal)
+    await rig.until_mode(Mode.NORMAL_REUSE)
+    broken = {"on": True}
+
+    async def offload(fn: Any) -> Any:
+        if broken["on"]:
+            raise RuntimeError("can't start new thread")
+        return fn()
+
+    rig.ctl.offload = offload
+    scans = rig.ctl.status.scans
+    rig.plc.set("leak_reuse", True)
+    await rig.scans(5)
+    assert rig.plc.commanded()["reuse_isolation_cmd"] is False
+    assert rig.ctl.status.scans == scans + 5  # every scan completed and was published
+    d = rig.ctl.status.decision
+    assert d is not None and any("can't start new thread" in r for r in d.reject_reasons)
+    assert len(rig.events("trip_latched")) == 1  # told once, as for a store that fails
+
+    broken["on"] = False
+    await rig.scans(2)
+    assert journal.latched() == frozenset({"IL-04"})
+    kinds = [k for _, k, _, _ in journal.events(200)]
+    assert kinds.count("trip_latched") == 1 and "degraded" in kinds
+    d = rig.ctl.status.decision
+    assert d is not None and not any("can't start" in r for r in d.reject_reasons)
+
+
 async def test_every_supervisor_event_is_logged_in_the_scan_that_raised_it() -> None:
     rig = Rig()
     seen: set[str] = set()
