@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from controller.arbitration import PUMP_SPEED_FLOOR_PCT, guarded_safe_outputs, min_pump_speed_pct
+from controller.arbitration import PUMP_SPEED_FLOOR_PCT, guarded_safe_outputs
 from plc_io.site import Problem, Site, SiteError, load_site
 from plc_io.tags import Value
 
@@ -49,7 +49,6 @@ RULES = (
 def check_site(site: Site) -> list[Problem]:
     """Every reason the site's safe values would not keep the servers cooled (empty: fine)."""
     safe = site.safe_outputs()
-    floor = min_pump_speed_pct(site.control.primary_pump_speed_pct)
     # First the guard, as a scan would run it over the safe values with no pump feedback known
     # (a watchdog trip is exactly when nothing is known): its refusal names the rule broken.
     out, blocked = guarded_safe_outputs(
@@ -81,15 +80,6 @@ def check_site(site: Site) -> list[Problem]:
             probs.append(
                 Problem(f"tags.{name}.safe", have, f"{_shown(want)} (DESIGN §7 safe state: {why})")
             )
-    spd = safe.get("primary_pump_speed_cmd")
-    if spd is not None and not isinstance(spd, bool) and float(spd) < floor:
-        probs.append(
-            Problem(
-                "tags.primary_pump_speed_cmd.safe",
-                spd,
-                f"≥ {floor:g} % (the guard's minimum primary pump speed)",
-            )
-        )
     return _dedupe(probs)
 
 
