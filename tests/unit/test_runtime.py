@@ -16,7 +16,7 @@ from typing import Any
 from controller.journal import Journal, JournalKeeper
 from controller.modes import Mode
 from controller.runtime import Controller, guarded_safe_outputs, inline
-from controller.supervisor import Commands, SupervisorConfig
+from controller.supervisor import SupervisorConfig
 from plc_io.memory import MemoryPlc, MemoryTransport
 from plc_io.site import Site
 from plc_io.tags import Value
@@ -650,9 +650,3 @@ async def test_every_supervisor_event_is_logged_in_the_scan_that_raised_it() -> 
         assert [k for k in logged if k in want] == want
         seen |= set(want)
     assert "mode_changed" in seen
-
-
-def test_commands_carry_runtime_faults() -> None:
-    """The two runtime inputs of the step exist with the shared names."""
-    c = Commands(write_failed=frozenset({"heartbeat"}), degraded=("journal cannot persist",))
-    assert c.write_failed and c.degraded
