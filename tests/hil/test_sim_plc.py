@@ -552,7 +552,8 @@ async def test_sim_serve_runs_until_sigterm_and_exits_0(tmp_path: Path) -> None:
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
-        "sim.serve",
+        "controller.cli",  # the one entry point of `heatloop sim serve`
+        "sim",
         "serve",
         "--site",
         str(site_file),
