@@ -17,10 +17,9 @@ import io
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
-import structlog
 from pymodbus.client import AsyncModbusTcpClient
 from pymodbus.exceptions import ModbusException
 
@@ -95,21 +94,6 @@ async def garbage_plc() -> AsyncIterator[int]:
     port = server.sockets[0].getsockname()[1]
     async with server:
         yield port
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    levels = {n: logging.getLogger(n).level for n in ("pymodbus", "asyncua", "transitions")}
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        for n, lv in levels.items():
-            logging.getLogger(n).setLevel(lv)
-        structlog.reset_defaults()
 
 
 @pytest.mark.usefixtures("restore_logging")

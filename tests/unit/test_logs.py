@@ -7,7 +7,6 @@ import io
 import json
 import logging
 import threading
-from collections.abc import Iterator
 
 import pytest
 import structlog
@@ -21,21 +20,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.t
-
-
-@pytest.fixture
-def restore_logging() -> Iterator[None]:
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    levels = {n: logging.getLogger(n).level for n in ("pymodbus", "asyncua", "transitions")}
-    try:
-        yield
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
-        for n, lv in levels.items():
-            logging.getLogger(n).setLevel(lv)
-        structlog.reset_defaults()
 
 
 def lines(stream: io.StringIO) -> list[dict[str, object]]:
