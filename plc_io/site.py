@@ -509,6 +509,9 @@ CROSS_RULES = (
     f"`plc.watchdog_s` ≤ {WATCHDOG_MAX_SCANS} × `scan.period_s` + {WATCHDOG_MAX_TIMEOUTS} × "
     "`plc.timeout_s` (the watchdog acts within a few missed scans)",
     "`plc.stale_after_s` > `scan.period_s` and `interlocks.stale_s` > `scan.period_s`",
+    "with an OPC UA subscription, `interlocks.stale_s` > `plc.stale_after_s` / 2 + "
+    "`scan.period_s` (an unchanged value is proven fresh only by the Read every "
+    "`plc.stale_after_s` / 2)",
     "`plc.opcua.publish_interval_ms` / 1000 < `plc.stale_after_s`",
     "`control.tank_full_c` < `interlocks.tank_top_high_c` (the tank is full before it is too hot)",
     "`control.tank_full_c` < `interlocks.customer_supply_high_c` (a full tank must not close "
@@ -626,6 +629,15 @@ def cross_checks(sections: dict[str, Any], by_name: dict[str, Tag]) -> list[Prob
             "interlocks.stale_s",
             il.stale_s,
             f"longer than scan.period_s ({_num(scan.period_s)})",
+        )
+    if il and scan and plc and plc.transport == "opcua" and plc.opcua.subscribe:
+        refresh = plc.stale_after_s / 2 + scan.period_s
+        need(
+            il.stale_s > refresh,
+            "interlocks.stale_s",
+            il.stale_s,
+            f"longer than plc.stale_after_s ({_num(plc.stale_after_s)}) / 2 + scan.period_s "
+            f"({_num(scan.period_s)}) = {_num(refresh)} with an OPC UA subscription",
         )
     fan = by_name.get("drycooler_fan_cmd")
     if ctl and fan is not None:

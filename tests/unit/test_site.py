@@ -363,6 +363,22 @@ def test_contradicting_settings_name_both_fields(edits: list[tuple[str, str]], l
     assert line in problems(text)
 
 
+def test_interlock_staleness_outlasts_the_opcua_subscription_refresh() -> None:
+    """With an OPC UA subscription an unchanged value is proven fresh only by the Read every
+    plc.stale_after_s / 2: validation must not call it stale in between (a leak input that
+    never changes would flicker unknown, a steady supply reading would raise IL-02)."""
+    opcua = demo_site_text().replace('transport = "modbus"', 'transport = "opcua"', 1)
+    assert (
+        "interlocks.stale_s: 1.0: expected longer than plc.stale_after_s (2) / 2 + "
+        "scan.period_s (0.25) = 1.25 with an OPC UA subscription"
+        in problems(_set(opcua, "stale_s", "1.0"))
+    )
+    loads_site(_set(opcua, "stale_s", "1.5"))
+    polled = opcua + "\n[plc.opcua]\nsubscribe = false\n"  # read every scan
+    loads_site(_set(polled, "stale_s", "1.0"))
+    loads_site(_set(demo_site_text(), "stale_s", "1.0"))  # Modbus polls every scan
+
+
 def test_fan_minimum_below_full_speed_and_thresholds_inside_their_tags_range() -> None:
     text = demo_site_text().replace("[control]", "[control]\nfan_min_pct = 100.0", 1)
     assert (
