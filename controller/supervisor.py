@@ -26,7 +26,13 @@ from controller.arbitration import (
 from controller.modes import Conditions, Mode, ModeMachine, Timing
 from controller.sequences import PI, SequenceConfig, mode_outputs
 from interlocks.engine import Event, InterlockState, evaluate
-from interlocks.rules import Thresholds
+from interlocks.rules import (
+    Thresholds,
+    customer_sink,
+    leaks_dry,
+    reuse_circuit_safe,
+    tank_is_sink,
+)
 from interlocks.validation import (
     EMPTY_MEMORY,
     Point,
@@ -259,7 +265,7 @@ class Supervisor:
         cond = Conditions(
             inputs_valid=cmds.link_ok and points["it_supply_temp"].valid,
             leak_latched=bool(verdict.latched & LEAK_RULES),
-            leaks_dry=_dry(points, "leak_primary") and _dry(points, "leak_reuse"),
+            leaks_dry=leaks_dry(points),
             reset=cmds.reset,
             maintenance=cmds.maintenance,
             reject=bool(reasons),
@@ -317,8 +323,10 @@ class Supervisor:
             fan_pct,
             cfg.sequence,
             self.tank_full,
-            hx_first=self.dc_failed and _hx_sink_ok(points, cfg.thresholds),
-            customer_ok=cond.customer_ready and _customer_ok(points, cfg.thresholds),
+            hx_first=self.dc_failed
+            and tank_is_sink(points, 0.0)
+            and reuse_circuit_safe(points, cfg.thresholds),
+            customer_ok=cond.customer_ready and customer_sink(points, cfg.thresholds),
         )
         if "primary_pump_a_running" in self.pump_failed:
             seq["primary_pump_b_cmd"] = True  # duty to the standby
@@ -523,32 +531,3 @@ def _shown(v: object) -> object:
     if isinstance(v, bool | float) or (isinstance(v, int) and -(2**63) <= v < 2**63):
         return v
     return shown(v)
-
-
-def _normal(points: Mapping[str, Point], name: str, limit: float) -> bool:
-    """Valid and not above its limit (NaN compares false: unknown is not normal)."""
-    return points[name].num() <= limit if name in points else False
-
-
-def _dry(points: Mapping[str, Point], name: str) -> bool:
-    p = points.get(name)
-    return p is not None and p.valid and p.value is False
-
-
-def _hx_sink_ok(points: Mapping[str, Point], th: Thresholds) -> bool:
-    """The reuse circuit may be the first sink: the tank is colder than the return (else the HX
-    would heat the primary), and the circuit's own leak, pressure and tank-top inputs are valid
-    and normal (issue 7.9: protections decide before cooling wishes)."""
-    tank = points["tank_bottom_temp"].num() if "tank_bottom_temp" in points else math.nan
-    ret = points["it_return_temp"].num() if "it_return_temp" in points else math.nan
-    return (
-        tank < ret
-        and _dry(points, "leak_reuse")
-        and _dry(points, "leak_primary")
-        and _normal(points, "secondary_pressure", th.secondary_pressure_high_bar)
-        and _normal(points, "tank_top_temp", th.tank_top_high_c)
-    )
-
-
-def _customer_ok(points: Mapping[str, Point], th: Thresholds) -> bool:
-    return _normal(points, "customer_supply_temp", th.customer_supply_high_c)

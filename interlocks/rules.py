@@ -169,36 +169,56 @@ def _true(p: Points, name: str) -> bool:
     return pt is not None and pt.valid and pt.value is True
 
 
-def _hx_sink(p: Points, th: Thresholds) -> bool:
-    """The reuse circuit may take heat as an emergency sink: it is a sink (the tank colder than
-    the return; by any margin when the dry cooler has failed, since the HX is then the only
-    sink left) and its own protection inputs are valid and normal."""
-    margin = 0.0 if _true(p, "drycooler_fault") else th.hx_sink_margin_k
-    tank = p["tank_bottom_temp"].num() if "tank_bottom_temp" in p else float("nan")
-    ret = p["it_return_temp"].num() if "it_return_temp" in p else float("nan")
+def leaks_dry(p: Points) -> bool:
+    """Every leak zone is known to be dry (valid and false): the only state that lets a leak
+    trip be left, or the reuse and customer circuits be used as emergency sinks."""
+    return _dry(p, "leak_reuse") and _dry(p, "leak_primary")
+
+
+def reuse_circuit_safe(p: Points, th: Thresholds) -> bool:
+    """The reuse circuit's own protection inputs are valid and normal: both leak zones dry (IL-04
+    and IL-05 isolate this circuit), secondary pressure and tank top not above their limits."""
     return (
-        tank < ret - margin  # NaN compares false: an unknown tank is no sink
-        and _dry(p, "leak_reuse")
+        leaks_dry(p)
         and _normal(p, "secondary_pressure", th.secondary_pressure_high_bar)
         and _normal(p, "tank_top_temp", th.tank_top_high_c)
     )
 
 
-def _customer_sink(p: Points, th: Thresholds) -> bool:
-    return _normal(p, "customer_supply_temp", th.customer_supply_high_c)
+def tank_is_sink(p: Points, margin_k: float) -> bool:
+    """The tank bottom is colder than the return by `margin_k` (NaN compares false: an unknown
+    tank is no sink, and a tank hotter than the return would heat the primary)."""
+    tank = p["tank_bottom_temp"].num() if "tank_bottom_temp" in p else float("nan")
+    ret = p["it_return_temp"].num() if "it_return_temp" in p else float("nan")
+    return tank < ret - margin_k
+
+
+def _hx_sink(p: Points, th: Thresholds) -> bool:
+    """The reuse circuit may take heat as an emergency sink: it is a sink (by any margin when the
+    dry cooler has failed, since the HX is then the only sink left) and it is safe to use."""
+    margin = 0.0 if _true(p, "drycooler_fault") else th.hx_sink_margin_k
+    return tank_is_sink(p, margin) and reuse_circuit_safe(p, th)
+
+
+def customer_sink(p: Points, th: Thresholds) -> bool:
+    """The customer path may stay open as a sink: its supply is known and not too hot, and no
+    leak zone is wet or unknown (IL-04 and IL-05 isolate the customer too)."""
+    return _normal(p, "customer_supply_temp", th.customer_supply_high_c) and leaks_dry(p)
 
 
 HX_SINK = Condition(
     "hx_sink",
     "the reuse circuit is a sink and safe to use: tank_bottom_temp below it_return_temp by "
-    "hx_sink_margin_k (by any margin while drycooler_fault is valid and true), leak_reuse valid "
-    "and dry, secondary_pressure and tank_top_temp valid and not above their limits",
+    "hx_sink_margin_k (by any margin while drycooler_fault is valid and true), leak_reuse and "
+    "leak_primary valid and dry, secondary_pressure and tank_top_temp valid and not above their "
+    "limits",
     _hx_sink,
 )
 CUSTOMER_SINK = Condition(
     "customer_sink",
-    "customer_supply_temp valid and not above customer_supply_high_c",
-    _customer_sink,
+    "customer_supply_temp valid and not above customer_supply_high_c, leak_reuse and "
+    "leak_primary valid and dry",
+    customer_sink,
 )
 
 # Primary flow is held at its design speed, not pushed to 100 %: the dry cooler is limited on

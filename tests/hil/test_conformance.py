@@ -396,7 +396,7 @@ async def scan_until(t: Any, values: dict[str, Any], done: Any, within_s: float)
 async def test_a_refused_coil_block_withholds_the_heartbeat_and_the_watchdog_trips(
     rig: Rig,
 ) -> None:
-    """7.1: coil writes refused during a reuse leak: the valve command lands, the pump and
+    """Coil writes refused during a reuse leak: the valve command lands, the pump and
     isolation commands do not, so the heartbeat is withheld and the PLC watchdog takes the
     plant to its safe values (secondary pump off, isolation closed)."""
     site = conformance_site(watchdog_s=1.0, watchdog_holdoff_s=0.3)
@@ -451,7 +451,7 @@ async def test_a_refused_coil_block_withholds_the_heartbeat_and_the_watchdog_tri
 
 
 async def test_a_value_of_the_wrong_kind_is_bad_reply_never_coerced() -> None:
-    """7.4: bool(nan) is True and float(True) is 1.0; neither may reach the decision core."""
+    """Bool(nan) is True and float(True) is 1.0; neither may reach the decision core."""
     from plc_io.memory import MemoryPlc, MemoryTransport
 
     plc = MemoryPlc(SITE)
@@ -489,7 +489,7 @@ async def test_a_value_of_the_wrong_kind_is_bad_reply_never_coerced() -> None:
 
 @OPCUA_ONLY
 async def test_opcua_a_variant_of_the_wrong_type_is_bad_reply(rig: Rig, tx: Any) -> None:
-    """8.7: a Boolean served for a float tag is not 0.0 °C, a Double NaN for a boolean tag is
+    """A Boolean served for a float tag is not 0.0 °C, a Double NaN for a boolean tag is
     not True, a String is not a number: bad_reply, by subscription and by read."""
     await until(tx, lambda i: all_q(i, Quality.GOOD), 3.0)
     kinds = {"it_supply_temp": 1.0, "leak_reuse": 1.0, "ambient_temp": 2.0, "customer_ready": 2.0}
@@ -517,7 +517,7 @@ async def test_opcua_a_variant_of_the_wrong_type_is_bad_reply(rig: Rig, tx: Any)
 @pytest.mark.filterwarnings("ignore:coroutine 'MonitoredItemService.datachange_callback'")
 @OPCUA_ONLY
 async def test_opcua_deleted_nodes_go_bad_and_come_back_fresh(rig: Rig, tx: Any) -> None:
-    """8.8: a PLC program download deletes the PLC's nodes. The asyncua server never tells the
+    """A PLC program download deletes the PLC's nodes. The asyncua server never tells the
     subscriber; the points must go bad (never stay good on the last value) and be good with
     fresh values, by notification again, once the nodes are back."""
     await until(tx, lambda i: all_q(i, Quality.GOOD), 3.0)
@@ -635,7 +635,7 @@ MODBUS_LIES = {
 
 @pytest.mark.parametrize("lie", list(MODBUS_LIES))
 async def test_modbus_a_reply_that_does_not_match_the_request_is_bad_reply(lie: str) -> None:
-    """8.6: pymodbus matches replies by transaction id and decodes them by their own function
+    """Pymodbus matches replies by transaction id and decodes them by their own function
     code: an FC03 answer to an FC04 read would be used as input registers."""
     from plc_io.modbus import ModbusTransport
 
@@ -671,7 +671,7 @@ MODBUS_WRITE_LIES = {
 
 @pytest.mark.parametrize("lie", list(MODBUS_WRITE_LIES))
 async def test_modbus_a_write_answer_that_does_not_match_is_no_acknowledgement(lie: str) -> None:
-    """8.6 and 7.1: an answer to a write under another function code or echoing another span
+    """An answer to a write under another function code or echoing another span
     did not acknowledge the write: those outputs fail and the heartbeat is withheld."""
     from plc_io.modbus import ModbusTransport
 
@@ -688,7 +688,7 @@ async def test_modbus_a_write_answer_that_does_not_match_is_no_acknowledgement(l
 
 
 async def test_modbus_a_byte_count_beyond_the_frame_is_never_good() -> None:
-    """8.6: pymodbus discards a reply whose byte count claims more data than the frame holds, so
+    """Pymodbus discards a reply whose byte count claims more data than the frame holds, so
     the request goes unanswered: comms_lost after the timeout (never good), then a reconnect."""
     from plc_io.modbus import ModbusTransport
 

@@ -21,7 +21,7 @@ HUGE = "x" * 1_000_000
 
 
 async def test_a_1_mb_method_argument_is_logged_and_answered_bounded() -> None:
-    """8.10: a caller's 1 MB fault name (or target) used to come back and be logged whole."""
+    """A caller's 1 MB fault name (or target) used to come back and be logged whole."""
     plc: SimPlc = make_plc()
     async with plc:
         client = Client(f"opc.tcp://127.0.0.1:{plc.opcua_port}/", timeout=5)

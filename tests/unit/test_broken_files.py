@@ -191,7 +191,7 @@ def test_check_into_a_closed_pipe_exits_quietly(tmp_path: Path) -> None:
     assert proc.returncode == 0
 
 
-# ---- 8.1: safe values that would leave the servers without cooling ----
+# ---- safe values that would leave the servers without cooling ----
 
 
 def test_demo_safe_values_pass_the_guard_and_the_contract() -> None:

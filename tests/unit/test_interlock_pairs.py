@@ -1,6 +1,6 @@
 """Every pair of rules that force a shared output, generated from the rule table.
 
-The conflict rule (DESIGN §6, issue 7.9): a rule that protects a circuit (`Rule.protects`) wins
+The conflict rule (DESIGN §6, docs/safety.md): a rule that protects a circuit (`Rule.protects`) wins
 on the outputs of that circuit over any cooling wish, and between two protective rules the more
 isolating value wins; elsewhere the value that keeps more cooling wins. The oracle below states
 that rule on its own, independently of the engine's code, and each pair is checked twice: with

@@ -61,7 +61,7 @@ def test_hx_joins_as_a_sink_only_when_the_tank_is_colder() -> None:
     v = run(pts(it_supply_temp=46.0, tank_bottom_temp=30.0, it_return_temp=50.0), [0, 3])
     assert v.forced["reuse_valve_cmd"].value == 100.0
     assert v.forced["secondary_pump_cmd"].value is True
-    # a tank hotter than the return would heat the primary: the valve goes to bypass (7.9)
+    # a tank hotter than the return would heat the primary: the valve goes to bypass
     v = run(pts(it_supply_temp=46.0, tank_bottom_temp=60.0, it_return_temp=50.0), [0, 3])
     assert v.forced["reuse_valve_cmd"] == (0.0, ("IL-01",))
     assert "secondary_pump_cmd" not in v.forced
@@ -188,7 +188,7 @@ def test_redundant_pair_must_name_analogue_inputs() -> None:
     ]
 
 
-# ---- 7.5: a clock that steps backwards never suspends a delay --------------------------------
+# ---- a clock that steps backwards never suspends a delay --------------------------------
 
 
 def test_clock_stepping_back_an_hour_mid_delay_does_not_suspend_il01() -> None:
@@ -221,7 +221,7 @@ def test_clock_stepping_back_through_the_supervisor_still_cools() -> None:
     assert "IL-01" in d.active and d.outputs["drycooler_fan_cmd"].value == 100.0
 
 
-# ---- 7.7: a latch is never cleared on an unknown sensor ------------------------------------
+# ---- a latch is never cleared on an unknown sensor ------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -262,7 +262,7 @@ def test_supervisor_keeps_leak_trip_when_reset_arrives_with_the_leak_input_lost(
     assert d.outputs["reuse_isolation_cmd"].value is False
 
 
-# ---- 7.8: every rule's reset condition is data, evaluated by the engine, in the matrix -------
+# ---- every rule's reset condition is data, evaluated by the engine, in the matrix -------
 
 
 def test_every_rule_declares_its_reset_condition_and_the_matrix_shows_it() -> None:
@@ -296,7 +296,7 @@ def test_the_engine_evaluates_a_rules_reset_condition() -> None:
     assert "IL-T" not in v.active
 
 
-# ---- 7.9 / 7.10: the reuse circuit as an emergency sink, the customer kept in service -------
+# ---- the reuse circuit as an emergency sink, the customer kept in service -------
 
 HOT_SINK = {"it_supply_temp": 46.0, "tank_bottom_temp": 30.0, "it_return_temp": 50.0}
 
@@ -309,6 +309,7 @@ HOT_SINK = {"it_supply_temp": 46.0, "tank_bottom_temp": 30.0, "it_return_temp": 
         ("secondary pressure unknown", {"secondary_pressure": Point(None, False, "quality")}),
         ("tank top unknown", {"tank_top_temp": Point(None, False, "stale")}),
         ("reuse leak input unknown", {"leak_reuse": Point(None, False, "quality")}),
+        ("primary leak input unknown", {"leak_primary": Point(None, False, "stale")}),
     ],
 )
 def test_il01_uses_the_reuse_circuit_only_when_its_protections_are_valid_and_normal(
@@ -327,6 +328,9 @@ def test_il01_keeps_the_customer_path_open_unless_its_supply_is_hot_or_unknown()
     assert v.forced["customer_isolation_cmd"] == (True, ("IL-01",))
     v = run(pts(it_supply_temp=46.0, customer_supply_temp=Point(None, False, "quality")), [0, 3])
     assert "customer_isolation_cmd" not in v.forced
+    for leak in ("leak_reuse", "leak_primary"):  # IL-04/05 protect this valve: unknown is no go
+        v = run(pts(it_supply_temp=46.0, **{leak: Point(None, False, "quality")}), [0, 3])
+        assert "customer_isolation_cmd" not in v.forced, leak
     hot_customer = TH.customer_supply_high_c + 1.0
     v = run(pts(it_supply_temp=46.0, customer_supply_temp=hot_customer), [0, 1, 3])
     assert "IL-07" in v.active and v.forced["customer_isolation_cmd"] == (False, ("IL-07",))
@@ -366,7 +370,7 @@ def test_il01_sends_the_valve_to_bypass_in_maintenance_when_the_tank_is_no_sink(
     assert d.outputs["reuse_valve_cmd"] == (0.0, Level.INTERLOCK, "IL-01")
 
 
-# ---- 7.15: every declared field is used; bypass limits enforced -------------------------------
+# ---- every declared field is used; bypass limits enforced -------------------------------
 
 
 def test_every_rules_delay_fits_its_required_response_time() -> None:

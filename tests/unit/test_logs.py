@@ -1,5 +1,5 @@
 """Log lines stay bounded, third-party floods are rate-limited, and a stalled stream never
-blocks the caller (issue: 10 s of PLC garbage made a 9 MB line and 22.6 MB of log)."""
+blocks the caller (10 s of PLC garbage once made a 9 MB line and 22.6 MB of log)."""
 
 from __future__ import annotations
 

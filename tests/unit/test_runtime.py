@@ -176,7 +176,7 @@ def keeper(path: Path, clock: FakeClock, **kw: Any) -> JournalKeeper:
     return JournalKeeper(path, clock=clock, **kw)
 
 
-# ---- 7.18: the loop on a fake clock ----
+# ---- the loop on a fake clock ----
 
 
 async def test_service_writes_guarded_safe_values_first_and_last_and_beats_every_scan() -> None:
@@ -283,7 +283,7 @@ async def test_outputs_resent_while_the_plc_watchdog_holds_its_safe_state() -> N
     assert {k for w in plc.write_log[n:] for k in w} == {t.name for t in SITE.outputs}
 
 
-# ---- 8.1: safe values pass through the guard ----
+# ---- safe values pass through the guard ----
 
 
 def unsafe_site() -> Site:
@@ -319,7 +319,7 @@ def plc_cools(out: Mapping[str, Value], cfg: SupervisorConfig) -> bool:
     return pump and float(out["drycooler_fan_cmd"]) >= cfg.sequence.fan_min_pct
 
 
-# ---- 7.1 / 8.9: unacknowledged writes are an input to the next step, logged once per cause ----
+# ---- unacknowledged writes are an input to the next step, logged once per cause ----
 
 
 async def test_refused_writes_reject_reuse_next_scan_and_are_logged_once_per_cause() -> None:
@@ -344,7 +344,7 @@ async def test_refused_writes_reject_reuse_next_scan_and_are_logged_once_per_cau
     assert not rig.ctl.status.write_failed
 
 
-# ---- 7.11: an exception in the step or the journal degrades, never ends the scan ----
+# ---- an exception in the step or the journal degrades, never ends the scan ----
 
 
 async def test_a_step_that_raises_writes_guarded_safe_values_and_the_loop_goes_on() -> None:
@@ -529,7 +529,7 @@ async def test_leak_trip_survives_a_restart_through_the_journal(tmp_path: Path) 
     journal.close()
 
 
-# ---- 7.12: outputs first, then the journal, then everyone else ----
+# ---- outputs first, then the journal, then everyone else ----
 
 
 async def test_tripping_scan_writes_outputs_then_persists_then_logs(tmp_path: Path) -> None:

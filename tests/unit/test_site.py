@@ -177,7 +177,7 @@ def test_supervised_by_must_name_another_boolean_input() -> None:
     assert loads_site(ok).tag("leak_reuse").supervised_by == "drycooler_fault"
 
 
-# ---- 8.2: every number finite and physically bounded ----
+# ---- every number finite and physically bounded ----
 
 
 @pytest.mark.parametrize(
@@ -236,7 +236,7 @@ def test_every_number_key_in_the_site_file_has_an_upper_bound() -> None:
     assert unbounded == []
 
 
-# ---- 8.4: strict types, bool ranges, NodeIds, byte-order marks ----
+# ---- strict types, bool ranges, NodeIds, byte-order marks ----
 
 
 def test_a_boolean_is_not_a_port() -> None:
@@ -307,7 +307,7 @@ def test_byte_order_mark_is_named(tmp_path: Path, capsys) -> None:
     assert "byte-order mark" in problems("\ufeff" + demo_site_text())[0]
 
 
-# ---- 8.3: settings that contradict each other, one line naming both ----
+# ---- settings that contradict each other, one line naming both ----
 
 
 def _set(text: str, key: str, value: str) -> str:
@@ -403,7 +403,7 @@ def test_watchdog_of_the_hil_tests_stays_valid() -> None:
         assert loads_site(_set(demo_site_text(), "watchdog_s", wd)).plc.watchdog_s == float(wd)
 
 
-# ---- 7.2: the heartbeat must be writable exactly ----
+# ---- the heartbeat must be writable exactly ----
 
 
 def _heartbeat(range_: str, modbus: str) -> str:
@@ -454,7 +454,7 @@ def test_heartbeat_float32_up_to_2_pow_24_is_fine() -> None:
     assert loads_site(text).tag("heartbeat").hi == 2**24
 
 
-# ---- 7.6: a cut wire on a leak or fault input never reads healthy ----
+# ---- a cut wire on a leak or fault input never reads healthy ----
 
 
 @pytest.mark.parametrize("tag", ["leak_primary", "leak_reuse", "drycooler_fault"])

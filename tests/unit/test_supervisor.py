@@ -67,7 +67,7 @@ def test_degraded_runtime_rejects_reuse_with_its_text_and_one_event_each_way() -
     assert "journal cannot persist" not in d.reject_reasons
 
 
-# ---- 7.13: requests are checked against their tags before arbitration ----------------------
+# ---- requests are checked against their tags before arbitration ----------------------
 
 
 def test_manual_of_wrong_type_or_range_is_refused_once_and_never_written() -> None:
@@ -146,7 +146,7 @@ def test_integers_too_large_for_a_float_are_refused_never_raised() -> None:
         assert not d.bypassed, cmds
 
 
-# ---- 8.9: transitions are events, not every scan -------------------------------------------
+# ---- transitions are events, not every scan -------------------------------------------
 
 
 def test_a_point_turning_invalid_gives_one_event_each_way() -> None:
@@ -188,7 +188,7 @@ def test_command_blocked_once_per_distinct_set_of_blocked_commands() -> None:
     assert sup.blocked_total == 5 * 2 + 5 * 3  # the count still sees every scan
 
 
-# ---- 7.14: pumps, their failures, and the fan loop -----------------------------------------
+# ---- pumps, their failures, and the fan loop -----------------------------------------
 
 
 def test_pump_and_valve_times_come_from_the_site_file() -> None:
@@ -311,7 +311,7 @@ def test_fans_leave_a_supply_sensor_fault_from_100_pct() -> None:
     assert d.values()["drycooler_fan_cmd"] >= 100.0 - one_step
 
 
-# ---- 7.10: fail toward cooling keeps every sink; a dead dry cooler puts the HX first -------
+# ---- fail toward cooling keeps every sink; a dead dry cooler puts the HX first -------
 
 
 def test_supply_sensor_fault_keeps_the_reuse_mode_and_the_customer_as_sinks() -> None:

@@ -63,7 +63,7 @@ def run(
     return out
 
 
-# ---- 7.4: a value of the wrong kind is never good ---------------------------------------
+# ---- a value of the wrong kind is never good ---------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -108,7 +108,7 @@ def test_a_nan_on_a_leak_input_is_never_wet_nor_dry() -> None:
     assert any("leak_reuse" in r for r in d.reject_reasons)  # ... but it rejects reuse
 
 
-# ---- 7.5: time stamps ----------------------------------------------------------------------
+# ---- time stamps ----------------------------------------------------------------------
 
 
 def test_a_sample_from_the_future_is_not_fresh() -> None:
@@ -133,7 +133,7 @@ def test_a_future_supply_sample_fails_toward_cooling() -> None:
     assert d.invalid["it_supply_temp"] == FUTURE and "IL-02" in d.active
 
 
-# ---- 7.3: per-tag frozen windows -------------------------------------------------------------
+# ---- per-tag frozen windows -------------------------------------------------------------
 
 
 def test_each_tag_has_its_own_frozen_window() -> None:
@@ -160,7 +160,7 @@ def test_a_tag_without_its_own_window_uses_the_site_default() -> None:
     assert spec["it_supply_temp"][5] == site.interlocks.frozen_s
 
 
-# ---- 7.3: plausibility ---------------------------------------------------------------------
+# ---- plausibility ---------------------------------------------------------------------
 
 
 def test_supply_at_or_above_the_return_under_load_is_implausible() -> None:
@@ -344,7 +344,7 @@ def test_stuck_at_20_supply_on_a_warming_plant_reaches_il02_within_its_response_
     assert peak < site.interlocks.it_supply_high_c
 
 
-# ---- 7.6: supervised inputs ----------------------------------------------------------------
+# ---- supervised inputs ----------------------------------------------------------------
 
 SUPERVISED_TAG = """
 [tags.leak_reuse_fault]
