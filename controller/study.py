@@ -92,7 +92,7 @@ class ClosedLoop:
         self.dt_s = dt_s
         self.scenario = scenario
         t0 = site.sim.start_day * DAY_S
-        self.state: PlantState = initial(site.plant, seed, t0)
+        self.state: PlantState = initial(site.plant, seed, t0, site.tags)
         self.t0 = t0
         self.sup = Supervisor(SupervisorConfig.from_site(site), 0.0)
         self.outputs = dict(site.safe_outputs())

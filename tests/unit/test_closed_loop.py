@@ -657,3 +657,19 @@ def test_plc_link_loss_watchdog_safe_state_then_reject_then_reuse_after_dwell(
     assert back_at <= due + loop.dt_s  # the first scan at or after it
     r = loop.result
     assert r.above_limit_s == 0.0 and r.peak_supply_c < LIMIT_C and not r.trips
+
+
+def test_a_study_wires_the_plant_from_its_own_site_file() -> None:
+    """A site whose leak cable is supervised by a zone fault input must get that input from the
+    simulated plant; without it the zone would read faulted and trip a healthy plant."""
+    from sim import faults
+    from tests.unit.test_plant_faults import ZONE_FAULT, supervised_site
+
+    loop = ClosedLoop(supervised_site(), dt_s=1.0)
+    loop.run(120.0)
+    assert loop.decision is not None and loop.decision.mode is not Mode.LEAK_TRIP
+    assert ZONE_FAULT not in loop.decision.invalid and "leak_reuse" not in loop.decision.invalid
+    # and a cut cable trips the zone fault input, which latches the trip like a wet zone
+    loop.state = faults.inject(loop.state, "sensor_fail", "leak_reuse")
+    loop.run(5.0)
+    assert loop.decision.mode is Mode.LEAK_TRIP and "IL-04" in loop.decision.latched
