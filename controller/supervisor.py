@@ -423,25 +423,26 @@ class Supervisor:
 
     def _runtime_events(self, cmds: Commands, now_s: float) -> list[Event]:
         """One event when unacknowledged writes or runtime faults start, change or clear."""
-        events: list[Event] = []
-        failed = frozenset(cmds.write_failed)
-        if failed != self.write_failed:
-            if failed:
-                events.append(Event("write_failed", now_s, "plc", {"outputs": sorted(failed)}))
-            else:
-                events.append(
-                    Event("write_recovered", now_s, "plc", {"was": sorted(self.write_failed)})
-                )
-            self.write_failed = failed
-        degraded = tuple(cmds.degraded)
-        if degraded != self.degraded:
-            if degraded:
-                events.append(Event("degraded", now_s, "runtime", {"faults": list(degraded)}))
-            else:
-                events.append(
-                    Event("degraded_cleared", now_s, "runtime", {"was": list(self.degraded)})
-                )
-            self.degraded = degraded
+        failed, degraded = sorted(cmds.write_failed), list(cmds.degraded)
+        events = [
+            *_change(
+                now_s,
+                "plc",
+                ("write_failed", "write_recovered"),
+                "outputs",
+                failed,
+                sorted(self.write_failed),
+            ),
+            *_change(
+                now_s,
+                "runtime",
+                ("degraded", "degraded_cleared"),
+                "faults",
+                degraded,
+                list(self.degraded),
+            ),
+        ]
+        self.write_failed, self.degraded = frozenset(failed), tuple(degraded)
         return events
 
     def _watch_valve(self, points: Mapping[str, Point], now_s: float) -> Event | None:
@@ -531,3 +532,14 @@ def _shown(v: object) -> object:
     if isinstance(v, bool | float) or (isinstance(v, int) and -(2**63) <= v < 2**63):
         return v
     return shown(v)
+
+
+def _change(
+    now_s: float, source: str, kinds: tuple[str, str], key: str, new: list[str], old: list[str]
+) -> list[Event]:
+    """The first kind when a standing fault starts or changes, the second when it is gone."""
+    if new == old:
+        return []
+    if new:
+        return [Event(kinds[0], now_s, source, {key: new})]
+    return [Event(kinds[1], now_s, source, {"was": old})]
