@@ -12,9 +12,9 @@ import tomllib
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError
 
 from plc_io.plant_config import PlantConfig
 from plc_io.tags import (
@@ -90,6 +90,37 @@ class StateConfig(BaseModel):
     dir: str = Field("state", min_length=1, max_length=4096)
 
 
+class RecorderConfig(BaseModel):
+    """The flight recorder: a bounded ring of every scan in the state directory."""
+
+    model_config = _FROZEN
+    enabled: bool = True
+    hours: float = Field(24.0, ge=1, le=720)  # how far back the ring reaches
+    snapshot_every_s: float = Field(300.0, ge=10, le=3600)  # supervisor snapshots for replay
+
+
+# A POSIX portable user name (IEEE Std 1003.1 §3.437: letters, digits, '.', '_', '-', not
+# starting with '-'); 32 characters is the useradd limit. Roles map OS users from SO_PEERCRED.
+USER_NAME = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,31}$")
+ROLE_NAMES = ("viewer", "operator", "engineer")
+# A role list is a short list of people, not a directory dump.
+MAX_ROLE_USERS = 1000
+
+UserList = Annotated[tuple[str, ...], Strict(False), Field(max_length=MAX_ROLE_USERS)]
+
+
+class RolesConfig(BaseModel):
+    """Who may do what on the local command channel: OS user names per role (default: nobody)."""
+
+    model_config = _FROZEN
+    viewer: UserList = ()
+    operator: UserList = ()
+    engineer: UserList = ()
+
+    def by_user(self) -> dict[str, str]:
+        return {u: role for role in ROLE_NAMES for u in getattr(self, role)}
+
+
 class ScanConfig(BaseModel):
     model_config = _FROZEN
     period_s: float = Field(0.25, gt=0, le=10)
@@ -151,6 +182,8 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "control": ControlConfig,
     "interlocks": InterlockConfig,
     "plant": PlantConfig,
+    "recorder": RecorderConfig,
+    "roles": RolesConfig,
 }
 _REQUIREDSECTIONS = ("site", "plc", "tags")
 
@@ -197,6 +230,9 @@ class Site(BaseModel):
     control: ControlConfig
     interlocks: InterlockConfig
     plant: PlantConfig
+    recorder: RecorderConfig = RecorderConfig()
+    # OS user name -> role ("viewer" | "operator" | "engineer"), from [roles]
+    roles: dict[str, str] = Field(default_factory=dict)
     tags: tuple[Tag, ...]
     folder: Path = Path(".")
 
@@ -381,6 +417,39 @@ def _check_tag(tag: Tag) -> list[Problem]:
             )
     if tag.frozen_s is not None and (tag.is_bool or tag.is_output):
         probs.append(Problem(f"{p}.frozen_s", tag.frozen_s, "only on an analogue input"))
+    if tag.forceable and tag.is_output:
+        probs.append(
+            Problem(
+                f"{p}.forceable",
+                tag.forceable,
+                "only on an input (an engineer may force any output but the heartbeat)",
+            )
+        )
+    return probs
+
+
+def _check_roles(roles: RolesConfig) -> list[Problem]:
+    """Each user a valid name, in one role only (a second role would be ambiguous)."""
+    probs: list[Problem] = []
+    first: dict[str, str] = {}
+    for role in ROLE_NAMES:
+        for i, user in enumerate(getattr(roles, role)):
+            path = f"roles.{role}.{i}"
+            if not USER_NAME.match(user):
+                probs.append(
+                    Problem(
+                        path,
+                        user,
+                        "a POSIX user name (letters, digits, '.', '_', '-'; not starting with "
+                        "'-'; at most 32 characters)",
+                    )
+                )
+            elif user in first:
+                where = first[user]
+                also = f"in roles.{where}" if where != role else "earlier in the same list"
+                probs.append(Problem(path, user, f"a user in one role only (also {also})"))
+            else:
+                first[user] = role
     return probs
 
 
@@ -700,7 +769,15 @@ def parse_site(data: dict[str, Any], source: str = "<site>", folder: Path | None
         try:
             sections[name] = TypeAdapter(model).validate_python(data.get(name, {}))
         except ValidationError as e:
-            probs += _pydantic_problems(name, e)
+            found = _pydantic_problems(name, e)
+            if name == "roles":  # an unknown key there is an unknown role, say which exist
+                found = [
+                    Problem(p.path, p.value, f"a role name: {', '.join(ROLE_NAMES)}")
+                    if p.expected.startswith("no such key")
+                    else p
+                    for p in found
+                ]
+            probs += found
 
     raw_tags = data.get("tags", {})
     tags: list[Tag] = []
@@ -755,9 +832,12 @@ def parse_site(data: dict[str, Any], source: str = "<site>", folder: Path | None
     sim = sections.get("sim")
     if plc and sim and plc.host in ("127.0.0.1", "localhost") and plc.port == sim.opcua_port:
         probs.append(Problem("sim.opcua_port", sim.opcua_port, "a port other than plc.port"))
+    roles = sections.pop("roles", None)
+    if roles is not None:
+        probs += _check_roles(roles)
     if probs:
         raise SiteError(source, probs)
-    return Site(**sections, tags=tuple(tags), folder=folder or Path("."))
+    return Site(**sections, roles=roles.by_user(), tags=tuple(tags), folder=folder or Path("."))
 
 
 # Site files are small; anything bigger is not a site file (and is not read into memory whole).

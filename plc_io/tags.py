@@ -147,6 +147,9 @@ class Tag(BaseModel):
     supervised_by: str | None = None
     # analogue inputs only: this tag's frozen-sensor window, overriding [interlocks].frozen_s
     frozen_s: float | None = Field(None, gt=0, le=86400)
+    # inputs only: an engineer may force this input (with expiry); outputs but the heartbeat
+    # are always forceable
+    forceable: bool = False
 
     @property
     def lo(self) -> float:

@@ -52,6 +52,13 @@ SITES = {
     "site_freeze_inverted.toml": "interlocks.freeze_ambient_c: 10.0: expected below "
     "interlocks.freeze_drycooler_out_c (5)",
     "site_huge_string.toml": "site.name: 'xxxx",
+    "site_role_twice.toml": "roles.engineer.0: 'alice': expected a user in one role only "
+    "(also in roles.operator)",
+    "site_role_unknown.toml": "roles.admin: ['root']: expected a role name: viewer, operator, "
+    "engineer",
+    "site_role_bad_user.toml": "roles.viewer.0: '-rf /': expected a POSIX user name",
+    "site_forceable_output.toml": "tags.reuse_valve_cmd.forceable: True: expected only on an input",
+    "site_recorder_hours_0.toml": "recorder.hours: 0.0: expected a number ≥ 1",
 }
 SCENARIOS = {
     "scenario_bom.toml": "a byte-order mark at the start; save as UTF-8 without BOM",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -497,3 +498,102 @@ def test_supervised_leak_input_needs_a_fail_safe_fault_contact() -> None:
         p.startswith("tags.leak_reuse.supervised_by: 'leak_reuse_zone_fault': expected a fault")
         for p in probs
     ), probs
+
+
+# ---- [roles], forceable inputs and [recorder] ----
+
+
+def _roles(body: str) -> str:
+    """The demo site with its [roles] lists replaced by `body` (taken literally)."""
+    empty = "viewer = []\noperator = []\nengineer = []\n"
+    assert empty in demo_site_text()
+    return demo_site_text().replace(empty, body + "\n", 1)
+
+
+def test_demo_site_lists_nobody_and_its_forceable_inputs() -> None:
+    site = demo_site()
+    assert site.roles == {}
+    assert {t.name for t in site.tags if t.forceable} == {
+        "leak_primary",
+        "leak_reuse",
+        "tank_top_temp",
+        "secondary_pressure",
+        "customer_supply_temp",
+        "customer_ready",
+        "primary_flow",
+    }
+    assert (site.recorder.enabled, site.recorder.hours, site.recorder.snapshot_every_s) == (
+        True,
+        24.0,
+        300.0,
+    )
+
+
+def test_roles_map_each_user_to_one_role() -> None:
+    site = loads_site(
+        _roles('viewer = ["bms-view", "guest"]\noperator = ["ops"]\nengineer = ["alice"]')
+    )
+    assert site.roles == {
+        "bms-view": "viewer",
+        "guest": "viewer",
+        "ops": "operator",
+        "alice": "engineer",
+    }
+
+
+def test_a_user_in_two_roles_is_refused_naming_both() -> None:
+    probs = problems(_roles('viewer = ["bob"]\noperator = []\nengineer = ["alice", "bob"]'))
+    assert probs == [
+        "roles.engineer.1: 'bob': expected a user in one role only (also in roles.viewer)"
+    ]
+    probs = problems(_roles('viewer = []\noperator = ["ops", "ops"]\nengineer = []'))
+    assert probs == [
+        "roles.operator.1: 'ops': expected a user in one role only (also earlier in the same list)"
+    ]
+
+
+@pytest.mark.parametrize("user", ["", "-rf", "al ice", "root;id", "x" * 33, "ünï", "a/b", "a\nb"])
+def test_a_user_name_that_is_not_posix_is_refused(user: str) -> None:
+    probs = problems(_roles(f"viewer = [{json.dumps(user)}]\noperator = []\nengineer = []"))
+    assert len(probs) == 1 and probs[0].startswith("roles.viewer.0: "), probs
+    assert "expected a POSIX user name" in probs[0]
+
+
+def test_role_lists_are_strict() -> None:
+    assert problems(_roles("viewer = [1]\noperator = []\nengineer = []"))[0].startswith(
+        "roles.viewer.0: 1: expected a string"
+    )
+    assert problems(_roles('viewer = "alice"\noperator = []\nengineer = []'))[0].startswith(
+        "roles.viewer: 'alice': expected"
+    )
+    assert problems(_roles('viewer = []\noperator = []\nengineer = []\nroot = ["x"]')) == [
+        "roles.root: ['x']: expected a role name: viewer, operator, engineer"
+    ]
+
+
+def test_forceable_only_on_inputs() -> None:
+    probs = problems(edit(r"^(description = \"Reuse valve command.*)$", r"\1\nforceable = true"))
+    assert probs == [
+        "tags.reuse_valve_cmd.forceable: True: expected only on an input (an engineer may "
+        "force any output but the heartbeat)"
+    ]
+    probs = problems(edit(r"^(description = \"Buffer tank, middle\")$", r"\1\nforceable = 1"))
+    assert probs == [
+        "tags.tank_mid_temp.forceable: 1: expected true or false (not a number, not a string)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "fragment"),
+    [
+        ("hours", "0.5", "recorder.hours: 0.5: expected a number ≥ 1"),
+        ("hours", "721", "recorder.hours: 721: expected a number ≤ 720"),
+        ("hours", "nan", "recorder.hours: nan: expected a finite number"),
+        ("snapshot_every_s", "9", "recorder.snapshot_every_s: 9: expected a number ≥ 10"),
+        ("snapshot_every_s", "3601", "recorder.snapshot_every_s: 3601: expected a number ≤ 3600"),
+        ("enabled", '"yes"', "recorder.enabled: 'yes': expected true or false"),
+    ],
+)
+def test_recorder_bounds(key: str, value: str, fragment: str) -> None:
+    probs = problems(edit(rf"^{key} = .*$", f"{key} = {value}"))
+    assert len(probs) == 1 and probs[0].startswith(fragment), probs
