@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -183,3 +184,39 @@ async def plc(shared_sim_plc: SimPlc) -> AsyncIterator[SimPlc]:
     """The session's PLC, with every fault cleared after the test."""
     yield shared_sim_plc
     shared_sim_plc.clear_all()
+
+
+# ---- real processes: `heatloop sim serve` for a module, `heatloop run` per test (procs.py) ----
+
+
+@pytest.fixture(scope="module")
+def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """`heatloop sim serve` for the whole module (each test leaves no fault behind)."""
+    from tests.hil import procs
+
+    yield from procs.sim_server(tmp_path_factory)
+
+
+@pytest.fixture
+def controllers(sim: Any, tmp_path: Path) -> Iterator[Any]:
+    """Start `heatloop run` processes (on a state dir of the test's, or the one given)."""
+    from tests.hil import procs
+
+    yield from procs.controller_starter(sim, tmp_path)
+
+
+@pytest_asyncio.fixture
+async def faults(sim: Any) -> AsyncIterator[Any]:
+    """An OPC UA client on the sim's fault interface; every fault is cleared afterwards."""
+    from tests.hil import procs
+
+    async for f in procs.sim_faults(sim):
+        yield f
+
+
+@pytest_asyncio.fixture
+async def probe(sim: Any) -> AsyncIterator[Any]:
+    from tests.hil import procs
+
+    async for p in procs.modbus_probe(sim):
+        yield p
