@@ -1,68 +1,368 @@
-"""The journal: an embedded SQLite database (WAL) in the state directory.
+"""The state store: an embedded SQLite database (WAL) in the state directory.
 
-It holds latched trips and the event journal. A latched trip read back at start-up is restored
-into the supervisor before its first step.
+It holds latched trips, the event journal, the controller's whole durable state (operator
+state, alarm states, supervisor memory: JSON values by key) and the audit of every command.
+What it holds at start-up is restored before the first scan.
 
 Two layers. `Journal` is the store: it raises on every failure (a full disk, a failing fsync, a
 read-only or corrupt file, a path that is a directory). `JournalKeeper` is what the scan uses:
-it never raises. When the store cannot be opened or written it keeps the unpersisted events in
-a bounded queue, keeps the newest latch set, reports a `problem` (the runtime turns it into a
-degraded state that rejects reuse and raises an alarm) and retries with back-off, so a broken
-journal never crash-loops the service. A journal that could not be read at start-up has
-unknown latches: when it opens later, the latches it holds are handed back (`take_restored`)
-and are never deleted before the supervisor has them.
+it never raises after start-up. When the store cannot be opened or written it keeps the
+unpersisted events and commands in bounded queues, keeps the newest latch set and the newest
+state per key, reports a `problem` (the runtime turns it into a degraded state that rejects
+reuse and raises an alarm) and retries with back-off, so a broken journal never crash-loops the
+service. A journal that could not be read at start-up has unknown latches: when it opens later,
+the latches it holds are handed back (`take_restored`) and are never deleted before the
+supervisor has them.
+
+Theory of the start-up gate (`open_checked`, the keeper's default opener):
+- The schema is versioned in `PRAGMA user_version`; `MIGRATIONS` is the ordered list of steps,
+  each applied in one transaction together with its version bump, so a crash mid-migration
+  leaves the previous version intact. The first schema (tables `latches` and `events`) was
+  written with user_version 0; such a file is version 1.
+- A file that is not a database, fails `PRAGMA quick_check`, is newer than this software, or
+  whose tables do not match its version is `StateCorrupt`: start-up stops with one line. It is
+  never silently replaced by an empty store, because an empty store forgets latched trips.
+  Stopping is safe: with no controller the PLC's watchdog drives every output to its safe
+  value (DESIGN §7). `reset_state` (an engineer's `--reset-state --reason`) moves the old file
+  aside, never deleting it, and journals why.
+- A missing file is a first start. It is built under a temporary name and linked into place
+  only when complete, so an existing `heatloop.db` always had a schema: an empty or headless
+  one is damage, not an interrupted first start.
+- Errors that are not damage (permissions, a directory in the way, I/O errors) propagate as
+  they are; the keeper turns them into a degraded journal.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
+import os
 import sqlite3
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from interlocks.engine import Event
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS latches (rule_id TEXT PRIMARY KEY, wall_time REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS events (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    wall_time REAL NOT NULL,
-    kind TEXT NOT NULL,
-    source TEXT NOT NULL,
-    detail TEXT NOT NULL
-);
-"""
+if TYPE_CHECKING:  # the operator layer is duck-typed here: only its attributes are read
+    from controller.authority import Answer, Request
+
+SCHEMA_VERSION = 2
+RESET_HINT = "start a new one with: heatloop run --site SITE --reset-state --reason TEXT"
+MAX_REASON = 500  # characters, as for every operator reason
+_TEXT_LIMIT = 600  # a journalled text field is cut here (refused requests may carry anything)
+_MAGIC = b"SQLite format 3\x00"
+
+# Each step: the statements that take the store from version i to i + 1 (index i). Append only:
+# a released step is never edited, since old files on site were built by it.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (  # 0 -> 1: latched trips and the event journal (the first schema)
+        "CREATE TABLE IF NOT EXISTS latches (rule_id TEXT PRIMARY KEY, wall_time REAL NOT NULL)",
+        """CREATE TABLE IF NOT EXISTS events (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            wall_time REAL NOT NULL,
+            kind TEXT NOT NULL,
+            source TEXT NOT NULL,
+            detail TEXT NOT NULL
+        )""",
+    ),
+    (  # 1 -> 2: the whole durable state by key, the command audit, indexes for the readers
+        """CREATE TABLE IF NOT EXISTS state (
+            key TEXT PRIMARY KEY,
+            value TEXT NOT NULL,
+            wall_time REAL NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS commands (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            wall_time REAL,
+            request_id TEXT,
+            principal TEXT,
+            role TEXT,
+            via TEXT,
+            cmd TEXT,
+            target TEXT,
+            old TEXT,
+            new TEXT,
+            reason TEXT,
+            accepted INTEGER,
+            why TEXT
+        )""",
+        "CREATE INDEX IF NOT EXISTS events_wall_time ON events (wall_time)",
+        "CREATE INDEX IF NOT EXISTS events_kind ON events (kind)",
+        "CREATE INDEX IF NOT EXISTS commands_wall_time ON commands (wall_time)",
+    ),
+)
+assert len(MIGRATIONS) == SCHEMA_VERSION
 
 Row = tuple[float, str, str, str]  # wall time, kind, source, detail as JSON
+# wall time, request id, principal, role, via, cmd, target, old JSON, new JSON, reason,
+# accepted (0/1), why
+CommandRow = tuple[float, str, str, str, str, str, str, str, str, str, int, str]
+COMMAND_COLUMNS = (
+    "wall_time",
+    "request_id",
+    "principal",
+    "role",
+    "via",
+    "cmd",
+    "target",
+    "old",
+    "new",
+    "reason",
+    "accepted",
+    "why",
+)
+MAX_READ = 100_000  # rows one reader may ask for
+
+
+class StateCorrupt(Exception):
+    """The state store is damaged or foreign; start-up stops. `str()` is one line: the path,
+    what is wrong, and how to start anew (the old file is kept)."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = path
+        self.what = " ".join(what.split())[:_TEXT_LIMIT]  # one line, bounded
+        super().__init__(f"state store {path}: {self.what}; {RESET_HINT} (the old file is kept)")
 
 
 def event_row(e: Event, wall_time: float) -> Row:
     return (wall_time, e.kind, e.source, json.dumps(dict(e.detail), default=str))
 
 
+def _cut(text: str, limit: int = _TEXT_LIMIT) -> str:
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _json(x: object) -> str:
+    """JSON text of an audit value; never raises (a value that is not JSON is shown as text)."""
+    try:
+        text = json.dumps(x, default=str, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):
+        text = json.dumps(repr(x)[:_TEXT_LIMIT])
+    return _cut(text)
+
+
+def _text(x: object) -> str:
+    return _cut(x if isinstance(x, str) else repr(x))
+
+
+def _target(cmd: str, args: object) -> str:
+    """What a command acts on, for the audit's `target` column."""
+    if not isinstance(args, Mapping):
+        return ""
+    for key in ("tag", "rule", "alarm", "name"):
+        if key in args:
+            return _text(args[key])
+    if args.get("all") is True:
+        return "*"
+    for key in ("rules", "alarms"):
+        if key in args:
+            v = args[key]
+            if isinstance(v, list | tuple) and all(isinstance(s, str) for s in v):
+                return _cut(",".join(v)) if v else "*"  # an empty list means every one
+            return _text(v)
+    return ""
+
+
+def command_row(req: Request, ans: Answer, wall: float) -> CommandRow:
+    """The audit record of one answered request: who, when, what, old and new, why.
+
+    Never raises: a refused request may carry any value, so every field is shown bounded."""
+    cmd = _text(req.cmd)
+    return (
+        float(wall),
+        _text(req.id),
+        _text(req.principal),
+        _text(req.role),
+        _text(req.via),
+        cmd,
+        _target(cmd, req.args),
+        _json(ans.old),
+        _json(ans.new),
+        _text(req.reason),
+        int(bool(ans.accepted)),
+        _text(ans.why),
+    )
+
+
+def encode_state(key: str, value: object) -> str:
+    """JSON text of one state value; TypeError/ValueError naming the key if it is not JSON.
+
+    NaN and infinities are kept (`allow_nan`): the supervisor's memory holds them."""
+    if not isinstance(key, str) or not key:
+        raise TypeError(f"state key {key!r}: expected a non-empty string")
+    try:
+        return json.dumps(value, allow_nan=True)
+    except (TypeError, ValueError, RecursionError) as e:
+        raise type(e)(f"state[{key!r}]: expected a JSON value ({e})") from None
+
+
+def _is_damage(e: BaseException) -> bool:
+    """SQLite says the file is damaged or not a database (not: locked, I/O, permissions)."""
+    if not isinstance(e, sqlite3.DatabaseError):
+        return False
+    code = getattr(e, "sqlite_errorcode", None)
+    if code is None:
+        return False
+    return code & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+def _shape(db: sqlite3.Connection, tables: Iterable[str]) -> dict[str, list[tuple[Any, ...]]]:
+    return {t: [tuple(r) for r in db.execute(f"PRAGMA table_info({t})")] for t in tables}
+
+
+def _tables(db: sqlite3.Connection) -> set[str]:
+    rows = db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    return {r[0] for r in rows if not r[0].startswith("sqlite_")}
+
+
+def _expected_shape(version: int) -> dict[str, list[tuple[Any, ...]]]:
+    """The tables (and their columns) a store of `version` has, built by the migrations."""
+    db = sqlite3.connect(":memory:")
+    try:
+        for step in MIGRATIONS[:version]:
+            for sql in step:
+                db.execute(sql)
+        return _shape(db, _tables(db))
+    finally:
+        db.close()
+
+
+def _on_disk_version(db: sqlite3.Connection) -> int:
+    """The schema version: user_version, except that the first schema left it at 0."""
+    v = int(db.execute("PRAGMA user_version").fetchone()[0])
+    if v == 0 and {"latches", "events"} <= _tables(db):
+        return 1
+    return v
+
+
+def _fsync_dir(d: Path) -> None:
+    """Make a rename in `d` durable (a power loss must not undo it)."""
+    with contextlib.suppress(OSError):  # some filesystems cannot fsync a directory
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _side(path: Path, suffix: str) -> Path:
+    return path.with_name(path.name + suffix)
+
+
 class Journal:
     """The SQLite store. Every method raises on failure (sqlite3.Error, OSError).
 
-    `before_commit` runs inside each write transaction just before COMMIT (where SQLite
-    fsyncs): tests and the benchmark use it to make storage slow or failing.
+    Opening migrates the schema to `SCHEMA_VERSION`. `Journal(path)` does not judge the file
+    (a damaged one raises sqlite3.DatabaseError as SQLite does); `open_checked` is the
+    start-up gate that does. `before_commit` runs inside each write transaction just before
+    COMMIT (where SQLite fsyncs): tests and the benchmark use it to make storage slow or
+    failing.
     """
 
-    def __init__(self, path: Path, *, before_commit: Callable[[], None] | None = None) -> None:
+    before_commit: Callable[[], None] | None = None
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        before_commit: Callable[[], None] | None = None,
+        checked: bool = False,
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self.path = path
         self.before_commit = before_commit
+        if checked:
+            _check_header(path)
         # the keeper may call from a worker thread (one call at a time, never concurrently)
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         try:
+            if checked:
+                self._check()
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")
-            self.db.executescript(_SCHEMA)
+            self._migrate(checked)
+        except sqlite3.DatabaseError as e:
+            self.db.close()
+            if checked and _is_damage(e):
+                raise StateCorrupt(path, f"damaged ({e})") from None
+            raise
         except BaseException:
             self.db.close()
             raise
+
+    # ---- schema ----
+
+    def _check(self) -> None:
+        """Integrity and version, before anything is written to the file."""
+        bad = [r[0] for r in self.db.execute("PRAGMA quick_check(5)")]
+        if bad != ["ok"]:
+            raise StateCorrupt(self.path, f"fails the integrity check: {'; '.join(bad)}")
+        v = _on_disk_version(self.db)
+        if v > SCHEMA_VERSION:
+            raise StateCorrupt(
+                self.path,
+                f"schema version {v} is newer than this software's ({SCHEMA_VERSION}) "
+                "(run the heatloop that wrote it)",
+            )
+        self._check_tables(v)
+
+    def _check_tables(self, version: int) -> None:
+        want = _expected_shape(version)
+        extra = sorted(_tables(self.db) - set(want))
+        if extra:  # each version's tables are known exactly: these belong to something else
+            raise StateCorrupt(
+                self.path,
+                f"holds tables {', '.join(extra)} that a heatloop store of schema version "
+                f"{version} does not have",
+            )
+        have = _shape(self.db, want)
+        for table, cols in want.items():
+            if not have[table]:
+                raise StateCorrupt(
+                    self.path, f"table {table!r} is missing (schema version {version})"
+                )
+            if have[table] != cols:
+                got = ", ".join(f"{c[1]} {c[2]}".strip() for c in have[table])
+                exp = ", ".join(f"{c[1]} {c[2]}".strip() for c in cols)
+                raise StateCorrupt(
+                    self.path, f"table {table!r} has columns ({got}), expected ({exp})"
+                )
+
+    def _migrate(self, checked: bool) -> None:
+        """Apply the missing steps, each with its version bump in one transaction."""
+        while True:
+            v = _on_disk_version(self.db)
+            if v > SCHEMA_VERSION:
+                raise StateCorrupt(
+                    self.path,
+                    f"schema version {v} is newer than this software's ({SCHEMA_VERSION})",
+                )
+            if v == SCHEMA_VERSION:
+                break
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                if _on_disk_version(self.db) == v:  # nobody migrated it meanwhile
+                    for sql in MIGRATIONS[v]:
+                        self.db.execute(sql)
+                    self.db.execute(f"PRAGMA user_version = {v + 1}")
+                self.db.execute("COMMIT")
+            except BaseException:
+                if self.db.in_transaction:
+                    self.db.execute("ROLLBACK")
+                raise
+        if checked:
+            self._check_tables(SCHEMA_VERSION)
+
+    @property
+    def version(self) -> int:
+        return _on_disk_version(self.db)
+
+    # ---- writing ----
 
     def latched(self) -> frozenset[str]:
         return frozenset(r[0] for r in self.db.execute("SELECT rule_id FROM latches"))
@@ -72,10 +372,30 @@ class Journal:
         now = time.time()
         self.write([event_row(e, now) for e in events], latched)
 
-    def write(self, rows: list[Row], latched: frozenset[str]) -> None:
-        """Insert `rows` and make the latch table equal `latched` in one transaction."""
+    def write(
+        self,
+        rows: list[Row],
+        latched: frozenset[str],
+        state: Mapping[str, object] | None = None,
+        commands: Sequence[CommandRow] = (),
+    ) -> None:
+        """Insert `rows`, make the latch table equal `latched`, upsert `state` (JSON values by
+        key) and insert the command rows, in one transaction. A state value that is not JSON
+        raises TypeError/ValueError naming its key before anything is written."""
+        now = time.time()
+        encoded = {k: (encode_state(k, v), now) for k, v in (state or {}).items()}
+        self.write_encoded(rows, latched, encoded, commands)
+
+    def write_encoded(
+        self,
+        rows: Sequence[Row],
+        latched: frozenset[str],
+        state: Mapping[str, tuple[str, float]],
+        commands: Sequence[CommandRow] = (),
+    ) -> None:
+        """`write` with the state already JSON text: key -> (text, wall time it was taken)."""
         have = self.latched()
-        if not rows and have == latched:
+        if not rows and have == latched and not state and not commands:
             return
         now = time.time()
         self.db.execute("BEGIN IMMEDIATE")
@@ -87,6 +407,16 @@ class Journal:
                 self.db.execute("INSERT INTO latches VALUES (?, ?)", (rid, now))
             for rid in have - latched:
                 self.db.execute("DELETE FROM latches WHERE rule_id = ?", (rid,))
+            self.db.executemany(
+                "INSERT INTO state (key, value, wall_time) VALUES (?, ?, ?) ON CONFLICT (key)"
+                " DO UPDATE SET value = excluded.value, wall_time = excluded.wall_time",
+                [(k, text, wall) for k, (text, wall) in state.items()],
+            )
+            self.db.executemany(
+                f"INSERT INTO commands ({', '.join(COMMAND_COLUMNS)})"
+                f" VALUES ({', '.join('?' * len(COMMAND_COLUMNS))})",
+                commands,
+            )
             if self.before_commit is not None:
                 self.before_commit()
             self.db.execute("COMMIT")
@@ -95,24 +425,197 @@ class Journal:
                 self.db.execute("ROLLBACK")
             raise
 
-    def events(self, limit: int = 100) -> list[tuple[float, str, str, dict[str, object]]]:
-        cur = self.db.execute(
-            "SELECT wall_time, kind, source, detail FROM events ORDER BY id DESC LIMIT ?", (limit,)
-        )
+    # ---- reading ----
+
+    def load_state(self) -> dict[str, object]:
+        """Every state value by key. A value that is not JSON is damage: StateCorrupt."""
+        out: dict[str, object] = {}
+        for key, text in self.db.execute("SELECT key, value FROM state ORDER BY key"):
+            try:
+                out[key] = json.loads(text)
+            except (TypeError, ValueError) as e:
+                raise StateCorrupt(
+                    self.path, f"state[{key!r}] is not JSON ({_cut(str(e), 100)})"
+                ) from None
+        return out
+
+    def events(
+        self,
+        limit: int = 100,
+        since_wall: float | None = None,
+        kinds: Iterable[str] | None = None,
+    ) -> list[tuple[float, str, str, dict[str, object]]]:
+        """Newest first: (wall time, kind, source, detail). `since_wall` keeps rows at or after
+        that wall time; `kinds` keeps those kinds (an empty list keeps none)."""
+        where, params = _filters(limit, since_wall)
+        if kinds is not None:
+            names = _names(kinds)
+            if not names:
+                return []
+            where.append(f"kind IN ({', '.join('?' * len(names))})")
+            params += names
+        sql = "SELECT wall_time, kind, source, detail FROM events"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        cur = self.db.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
         return [(w, k, s, json.loads(d)) for w, k, s, d in cur]
+
+    def commands(self, limit: int = 100, since_wall: float | None = None) -> list[dict[str, Any]]:
+        """Newest first, one dict per command with the column names; `old` and `new` decoded
+        from JSON, `accepted` a bool."""
+        where, params = _filters(limit, since_wall)
+        sql = f"SELECT id, {', '.join(COMMAND_COLUMNS)} FROM commands"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        out = []
+        for row in self.db.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit)):
+            d = dict(zip(("id", *COMMAND_COLUMNS), row, strict=True))
+            for k in ("old", "new"):
+                with contextlib.suppress(TypeError, ValueError):
+                    d[k] = json.loads(d[k])
+            d["accepted"] = bool(d["accepted"])
+            out.append(d)
+        return out
 
     def close(self) -> None:
         self.db.close()
 
 
-class JournalKeeper:
-    """The journal as the scan sees it: never raises, queues while the store is down.
+def _filters(limit: object, since_wall: object) -> tuple[list[str], list[object]]:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= MAX_READ:
+        raise ValueError(f"limit {limit!r}: expected an integer from 0 to {MAX_READ}")
+    if since_wall is None:
+        return [], []
+    if (
+        isinstance(since_wall, bool)
+        or not isinstance(since_wall, int | float)
+        or not math.isfinite(since_wall)
+    ):
+        raise ValueError(f"since_wall {since_wall!r}: expected a finite wall time in seconds")
+    return ["wall_time >= ?"], [float(since_wall)]
 
-    `problem` is None while every event and the current latch set are on disk, else one stable
-    line saying why not (the runtime passes it to the supervisor as a degraded state, so reuse
-    stays rejected while a latched trip may be unpersisted). Retries back off from
-    `retry_min_s` to `retry_max_s`; at most `max_pending` events wait in memory (the oldest are
-    dropped first and counted in `dropped`, and a `journal_events_dropped` event says so).
+
+def _names(kinds: Iterable[str]) -> list[str]:
+    if isinstance(kinds, str):
+        raise ValueError(f"kinds {kinds!r}: expected a list of kind names, not one string")
+    names = list(kinds)
+    for k in names:
+        if not isinstance(k, str):
+            raise ValueError(f"kinds: {k!r} is not a kind name (expected a string)")
+    return names
+
+
+def _check_header(path: Path) -> None:
+    """A file that is not an SQLite database at all (text, random bytes, an empty file)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(len(_MAGIC))
+    except FileNotFoundError:
+        return  # SQLite creates it
+    if head == _MAGIC:
+        return
+    wal = _side(path, "-wal")
+    if not head and wal.exists() and wal.stat().st_size > 0:
+        return  # a WAL not yet checkpointed into its database: SQLite recovers it
+    what = "is empty (0 bytes)" if not head else f"is not an SQLite database (it starts {head!r})"
+    raise StateCorrupt(path, what)
+
+
+def _create(path: Path, rows: Sequence[Row] = ()) -> None:
+    """A new store at `path` holding `rows`, built under a temporary name and linked into
+    place complete (never over an existing file)."""
+    tmp = _side(path, ".new")
+    for p in (tmp, _side(tmp, "-wal"), _side(tmp, "-shm")):
+        p.unlink(missing_ok=True)  # a creation that died half way: it never held state
+    j = Journal(tmp)
+    try:
+        j.write(list(rows), frozenset())
+    finally:
+        j.close()  # checkpoints the WAL into the file and removes it
+    if _side(tmp, "-wal").exists():
+        raise OSError(f"{tmp}: its write-ahead log was not folded in on close")
+    try:
+        os.link(tmp, path)  # fails if `path` exists: never replaces a store
+    except FileExistsError:
+        tmp.unlink()
+        raise
+    except OSError:  # a filesystem without hard links
+        if path.exists():
+            raise
+        os.rename(tmp, path)
+    else:
+        tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def open_checked(path: Path) -> Journal:
+    """The store at `path`, checked: the start-up gate.
+
+    A missing file is a first start (a new store is created). A file that is not an SQLite
+    database, fails `PRAGMA quick_check`, has a newer schema or tables that do not match
+    raises `StateCorrupt` (one line). Other failures (permissions, a directory in the way,
+    I/O) raise as they are."""
+    if not path.exists() and not path.is_symlink():
+        wal = _side(path, "-wal")
+        if wal.exists() and wal.stat().st_size > 0:
+            # the log of a store that is gone: a new store would replay it as its own
+            raise StateCorrupt(path, f"is missing but its write-ahead log {wal.name} is there")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            _create(path)
+    return Journal(path, checked=True)
+
+
+def reset_state(path: Path, reason: str, who: str, *, now_wall: float | None = None) -> Path | None:
+    """An engineer's fresh start: move the store and its -wal/-shm aside, create a new one,
+    and journal `state_reset` (reason, who, the old file) in it.
+
+    The old files become `<name>.<UTC yyyymmddThhmmssZ>.bad` (its log `…bad-wal`, so SQLite
+    opens the kept copy with its log); nothing is deleted. Returns the kept copy's path, or
+    None when there was no store. ValueError for an empty reason or who."""
+    if not isinstance(reason, str) or not reason.strip():
+        raise ValueError(f"reason {reason!r}: expected why the state is reset (non-empty)")
+    if len(reason) > MAX_REASON:
+        raise ValueError(f"reason: {len(reason)} characters, expected at most {MAX_REASON}")
+    if not isinstance(who, str) or not who.strip():
+        raise ValueError(f"who {who!r}: expected the name of the person resetting the state")
+    wall = time.time() if now_wall is None else now_wall
+    stamp = datetime.fromtimestamp(wall, UTC).strftime("%Y%m%dT%H%M%SZ")
+    bad = _side(path, f".{stamp}.bad")
+    n = 1
+    while any(p.exists() for p in (bad, _side(bad, "-wal"), _side(bad, "-shm"))):
+        bad, n = _side(path, f".{stamp}.{n}.bad"), n + 1
+    kept: Path | None = None
+    # the database first, then its log: a log left without its database is refused by
+    # open_checked (never replayed into a new store), and is moved by the next reset
+    for suffix in ("", "-wal", "-shm"):
+        src = _side(path, suffix)
+        if src.exists() or src.is_symlink():
+            os.rename(src, _side(bad, suffix))
+            if suffix == "":
+                kept = bad
+    _fsync_dir(path.parent)
+    detail = {"reason": reason, "who": who, "old": str(kept) if kept else None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _create(path, [event_row(Event("state_reset", 0.0, "journal", detail), wall)])
+    return kept
+
+
+class JournalKeeper:
+    """The journal as the scan sees it: never raises after start-up, queues while the store
+    is down.
+
+    `problem` is None while every event, command, state value and the current latch set are
+    on disk, else one stable line saying why not (the runtime passes it to the supervisor as a
+    degraded state, so reuse stays rejected while a latched trip may be unpersisted). Retries
+    back off from `retry_min_s` to `retry_max_s`; at most `max_pending` events (and as many
+    command rows) wait in memory (the oldest are dropped first and counted in `dropped` /
+    `dropped_commands`, and a `journal_events_dropped` / `journal_commands_dropped` event says
+    so). State waits as one dict: the newest value per key wins.
+
+    At construction the store is opened with `opener` (by default `open_checked`): a
+    `StateCorrupt` there propagates (start-up stops: a damaged store is never silently
+    replaced); any other failure is a degraded journal with unknown latches and state.
     """
 
     def __init__(
@@ -120,17 +623,22 @@ class JournalKeeper:
         path: Path,
         *,
         clock: Callable[[], float] = time.monotonic,
-        opener: Callable[[Path], Journal] = Journal,
+        wall: Callable[[], float] = time.time,
+        opener: Callable[[Path], Journal] = open_checked,
         max_pending: int = 1000,
         retry_min_s: float = 1.0,
         retry_max_s: float = 60.0,
     ) -> None:
         self.path = path
         self.clock = clock
+        self.wall = wall
         self.opener = opener
         self.store: Journal | None = None
         self.pending: deque[Row] = deque(maxlen=max_pending)
         self.dropped = 0
+        self.pending_commands: deque[CommandRow] = deque(maxlen=max_pending)
+        self.dropped_commands = 0
+        self.pending_state: dict[str, tuple[str, float]] = {}  # key -> (JSON, wall time)
         self.latest: frozenset[str] | None = None  # the newest latch set to persist
         self.problem: str | None = None
         self.failures = 0
@@ -139,13 +647,20 @@ class JournalKeeper:
         self.retry_max_s = retry_max_s
         self._known: frozenset[str] | None = None  # the store's latches, once read
         self._restored: frozenset[str] = frozenset()
-        self._open(self.clock())
+        self._state: dict[str, object] | None = None  # the store's state at start-up
+        self._open(self.clock(), first=True)
 
     # ---- start-up ----
 
     def latched(self) -> frozenset[str] | None:
         """Latches on disk at start-up; None if the journal could not be read (unknown)."""
         return self._known
+
+    def state(self) -> dict[str, object] | None:
+        """The durable state on disk at start-up ({} on a first start); None if the journal
+        could not be read then. A store that opens only later does not hand its state back:
+        the controller has started afresh by then (latches excepted: `take_restored`)."""
+        return None if self._state is None else dict(self._state)
 
     def take_restored(self) -> frozenset[str]:
         """Latches found in a journal that opened only after start-up (once)."""
@@ -154,13 +669,35 @@ class JournalKeeper:
 
     # ---- every scan ----
 
-    def record(self, events: Iterable[Event], latched: frozenset[str]) -> None:
-        """Queue this scan's events and latch set, then persist them if the store allows."""
-        now_wall = time.time()
+    def record(
+        self,
+        events: Iterable[Event],
+        latched: frozenset[str],
+        state: Mapping[str, object] | None = None,
+        commands: Iterable[CommandRow] = (),
+    ) -> None:
+        """Queue this scan's events, latch set, state and command rows, then persist them if
+        the store allows. Never raises: a state value that is not JSON is stored as null (a
+        fresh start for that part) and a `journal_state_refused` event names it."""
+        now_wall = self.wall()
         for e in events:
             if len(self.pending) == self.pending.maxlen:
                 self.dropped += 1
             self.pending.append(event_row(e, now_wall))
+        for c in commands:
+            if len(self.pending_commands) == self.pending_commands.maxlen:
+                self.dropped_commands += 1
+            self.pending_commands.append(c)
+        for key, value in (state or {}).items():
+            try:
+                text = encode_state(key, value)
+            except (TypeError, ValueError) as err:
+                key, text = str(key), "null"
+                refused = Event("journal_state_refused", now_wall, "journal", {"why": str(err)})
+                if len(self.pending) == self.pending.maxlen:
+                    self.dropped += 1
+                self.pending.append(event_row(refused, now_wall))
+            self.pending_state[key] = (text, now_wall)
         self.latest = latched
         self.flush()
 
@@ -173,40 +710,53 @@ class JournalKeeper:
             return False
         assert self.store is not None and self._known is not None
         rows = list(self.pending)
-        if self.dropped:
-            rows.append(
-                event_row(
-                    Event("journal_events_dropped", now, "journal", {"dropped": self.dropped}),
-                    time.time(),
-                )
-            )
+        for kind, n in (
+            ("journal_events_dropped", self.dropped),
+            ("journal_commands_dropped", self.dropped_commands),
+        ):
+            if n:
+                rows.append(event_row(Event(kind, now, "journal", {"dropped": n}), self.wall()))
         latched = self.latest if self.latest is not None else self._known
         # never delete a latch the supervisor has not been shown yet
         latched = latched | self._restored
         try:
-            self.store.write(rows, latched)
+            self.store.write_encoded(
+                rows, latched, dict(self.pending_state), list(self.pending_commands)
+            )
         except Exception as e:  # any store failure is a degraded journal
             self._failed(now, e)
             return False
         self.pending.clear()
-        self.dropped = 0
+        self.pending_commands.clear()
+        self.pending_state.clear()
+        self.dropped = self.dropped_commands = 0
         self._known = latched
         self.problem = None
         self.failures = 0
         return True
 
-    def _open(self, now: float) -> bool:
+    def _open(self, now: float, first: bool = False) -> bool:
+        # A StateCorrupt at start-up propagates: start-up stops rather than run on an empty
+        # store in place of a damaged one. Later (after a good start) it is a degraded
+        # journal like any other failure: the controller already holds what the store held.
         try:
             store = self.opener(self.path)
         except Exception as e:
+            if first and isinstance(e, StateCorrupt):
+                raise
             self._failed(now, e)
             return False
         try:
             on_disk = store.latched()
+            state = store.load_state() if first else None
         except Exception as e:
             store.close()
+            if first and isinstance(e, StateCorrupt):
+                raise
             self._failed(now, e)
             return False
+        if first:
+            self._state = state
         if self._known is None and self.latest is not None:
             # opened only after start-up: whatever was latched before must reach the supervisor
             self._restored = on_disk - self.latest
@@ -228,10 +778,20 @@ class JournalKeeper:
 
     # ---- readers ----
 
-    def events(self, limit: int = 100) -> list[tuple[float, str, str, dict[str, object]]]:
+    def events(
+        self,
+        limit: int = 100,
+        since_wall: float | None = None,
+        kinds: Iterable[str] | None = None,
+    ) -> list[tuple[float, str, str, dict[str, object]]]:
         if self.store is None:
             return []
-        return self.store.events(limit)
+        return self.store.events(limit, since_wall, kinds)
+
+    def commands(self, limit: int = 100, since_wall: float | None = None) -> list[dict[str, Any]]:
+        if self.store is None:
+            return []
+        return self.store.commands(limit, since_wall)
 
     def close(self) -> None:
         if self.store is not None:
