@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.journal import Journal, JournalKeeper
+from controller.journal import CommandRow, Journal, JournalKeeper, StateCorrupt
 from interlocks.engine import Event
 
 
@@ -119,3 +119,107 @@ def test_a_store_failure_rolls_back_the_whole_scan(tmp_path: Path) -> None:
     j.before_commit = None
     assert j.latched() == frozenset() and j.events() == []
     j.close()
+
+
+# ---- the whole state and the command audit ----
+
+
+def cmd_row(i: int) -> CommandRow:
+    return (float(i), f"r{i}", "alice", "engineer", "cli", "ack", "*", "null", "null", "", 1, "")
+
+
+def test_the_keeper_merges_state_while_the_store_is_down_and_writes_it_back(
+    tmp_path: Path,
+) -> None:
+    clock, opener = Clock(), Switchable()
+    path = tmp_path / "j.db"
+    k = JournalKeeper(path, clock=clock, opener=opener, retry_max_s=1)
+    assert k.state() == {}  # a first start
+    opener.commit_fails = True
+    k.record([ev(1)], frozenset(), {"operator": {"maintenance": True}, "alarms": {"n": 1}})
+    clock.t += 2.0
+    k.record([], frozenset(), {"operator": {"maintenance": False}}, [cmd_row(1), cmd_row(2)])
+    assert k.problem is not None
+    assert set(k.pending_state) == {"operator", "alarms"} and len(k.pending_commands) == 2
+    opener.commit_fails = False
+    clock.t += 2.0
+    k.record([], frozenset())
+    assert k.problem is None and not k.pending_state and not k.pending_commands
+    k.close()
+    on_disk = Journal(path)
+    assert on_disk.load_state() == {"operator": {"maintenance": False}, "alarms": {"n": 1}}
+    assert [c["request_id"] for c in on_disk.commands()] == ["r2", "r1"]  # once each
+    on_disk.close()
+    again = JournalKeeper(path, clock=clock)
+    assert again.state() == {"operator": {"maintenance": False}, "alarms": {"n": 1}}
+    again.close()
+
+
+def test_command_rows_wait_bounded_and_drops_are_journalled(tmp_path: Path) -> None:
+    clock, opener = Clock(), Switchable()
+    k = JournalKeeper(tmp_path / "j.db", clock=clock, opener=opener, max_pending=3, retry_max_s=1)
+    opener.commit_fails = True
+    k.record([], frozenset(), commands=[cmd_row(i) for i in range(5)])
+    assert len(k.pending_commands) == 3 and k.dropped_commands == 2
+    opener.commit_fails = False
+    clock.t += 2.0
+    k.record([], frozenset())
+    assert k.store is not None
+    assert [c["request_id"] for c in k.commands()] == ["r4", "r3", "r2"]  # the newest three
+    assert [d for _, _, _, d in k.events(kinds=["journal_commands_dropped"])] == [{"dropped": 2}]
+    k.close()
+
+
+def test_a_state_value_that_is_not_json_is_journalled_never_raised(tmp_path: Path) -> None:
+    k = JournalKeeper(tmp_path / "j.db", clock=Clock())
+    k.record([], frozenset(), {"operator": {"forces": object()}, "alarms": {"n": 2}})
+    assert k.problem is None
+    k.close()
+    on_disk = Journal(tmp_path / "j.db")
+    # null: that part starts afresh on restart, never from a stale value
+    assert on_disk.load_state() == {"operator": None, "alarms": {"n": 2}}
+    (_, kind, _, detail), *_ = on_disk.events()
+    assert kind == "journal_state_refused" and "operator" in str(detail["why"])
+    on_disk.close()
+
+
+def test_a_damaged_store_at_start_up_stops_start_up(tmp_path: Path) -> None:
+    path = tmp_path / "heatloop.db"
+    path.write_text("not a database\n")
+    with pytest.raises(StateCorrupt, match="is not an SQLite database"):
+        JournalKeeper(path, clock=Clock())
+    assert path.read_text() == "not a database\n"  # untouched, never replaced
+
+
+def test_a_store_that_goes_bad_after_a_good_start_is_a_degraded_journal(tmp_path: Path) -> None:
+    clock, opener = Clock(), Switchable()
+    damaged = {"now": False}
+
+    def checked(p: Path) -> Journal:
+        if damaged["now"]:
+            raise StateCorrupt(p, "damaged (database disk image is malformed)")
+        return opener(p)
+
+    k = JournalKeeper(tmp_path / "heatloop.db", clock=clock, opener=checked, retry_max_s=1)
+    assert k.latched() == frozenset() and k.state() == {}
+    opener.commit_fails = damaged["now"] = True
+    k.record([ev(1)], frozenset({"IL-04"}))  # never raises
+    clock.t += 2.0
+    k.record([ev(2)], frozenset({"IL-04"}))  # the reopen finds it damaged: still degraded
+    assert k.problem is not None and "StateCorrupt" in k.problem and len(k.pending) == 2
+
+
+def test_a_store_unreadable_at_start_up_has_unknown_state(tmp_path: Path) -> None:
+    path = tmp_path / "j.db"
+    j = Journal(path)
+    j.write([], frozenset(), state={"operator": {"maintenance": True}})
+    j.close()
+    clock, opener = Clock(), Switchable()
+    opener.open_fails = True
+    k = JournalKeeper(path, clock=clock, opener=opener)
+    assert k.state() is None and k.latched() is None  # unknown, not empty
+    opener.open_fails = False
+    clock.t += 10.0
+    k.record([], frozenset())
+    assert k.problem is None and k.state() is None  # the controller started afresh by then
+    k.close()
