@@ -354,10 +354,8 @@ class Limits:
         return cls(
             outputs=MappingProxyType({t.name: t for t in site.outputs}),
             inputs=MappingProxyType({t.name: t for t in site.inputs}),
-            # the tag key `forceable` (inputs only); a site file without it forces no input
-            forceable_inputs=frozenset(
-                t.name for t in site.inputs if getattr(t, "forceable", False) is True
-            ),
+            # the tag key `forceable` (inputs only; outputs but the heartbeat always are)
+            forceable_inputs=frozenset(t.name for t in site.inputs if t.forceable),
             max_force_s=site.control.max_force_s,
             max_bypass_s=site.interlocks.max_bypass_s,
             rules=MappingProxyType(dict(RULES_BY_ID)),
