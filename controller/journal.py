@@ -117,6 +117,7 @@ COMMAND_COLUMNS = (
     "why",
 )
 MAX_READ = 100_000  # rows one reader may ask for
+MAX_KINDS = 100  # kind names one reader may filter on
 
 
 class StateCorrupt(Exception):
@@ -458,7 +459,7 @@ class Journal:
         if where:
             sql += " WHERE " + " AND ".join(where)
         cur = self.db.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
-        return [(w, k, s, json.loads(d)) for w, k, s, d in cur]
+        return [(w, k, s, _detail(d)) for w, k, s, d in cur]
 
     def commands(self, limit: int = 100, since_wall: float | None = None) -> list[dict[str, Any]]:
         """Newest first, one dict per command with the column names; `old` and `new` decoded
@@ -495,10 +496,21 @@ def _filters(limit: object, since_wall: object) -> tuple[list[str], list[object]
     return ["wall_time >= ?"], [float(since_wall)]
 
 
+def _detail(text: str) -> dict[str, object]:
+    """An event's detail; a row that is not a JSON object is shown, never fatal to a reader."""
+    try:
+        d = json.loads(text)
+    except (TypeError, ValueError):
+        return {"unreadable": _cut(str(text), 200)}
+    return d if isinstance(d, dict) else {"value": d}
+
+
 def _names(kinds: Iterable[str]) -> list[str]:
     if isinstance(kinds, str):
         raise ValueError(f"kinds {kinds!r}: expected a list of kind names, not one string")
     names = list(kinds)
+    if len(names) > MAX_KINDS:
+        raise ValueError(f"kinds: {len(names)} names, expected at most {MAX_KINDS}")
     for k in names:
         if not isinstance(k, str):
             raise ValueError(f"kinds: {k!r} is not a kind name (expected a string)")

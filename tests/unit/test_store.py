@@ -24,6 +24,7 @@ from controller.journal import (
     COMMAND_COLUMNS,
     SCHEMA_VERSION,
     Journal,
+    JournalKeeper,
     StateCorrupt,
     command_row,
     event_row,
@@ -99,6 +100,9 @@ def test_a_store_from_the_first_schema_migrates_and_keeps_latches_and_events(
     before = path.read_bytes()
     open_checked(path).close()  # opening a current store changes nothing
     assert path.read_bytes() == before
+    keeper = JournalKeeper(path)  # what start-up sees: the old latch, no state yet
+    assert keeper.latched() == V0_LATCHED and keeper.state() == {} and keeper.problem is None
+    keeper.close()
 
 
 def test_a_migration_step_that_fails_leaves_the_previous_version_whole(
@@ -220,7 +224,7 @@ def test_a_damaged_or_foreign_store_stops_start_up_with_one_line(tmp_path: Path,
     # nothing written, nothing replaced by an empty store
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == files
     with pytest.raises(StateCorrupt):  # the keeper stops start-up too (no degraded journal)
-        jmod.JournalKeeper(path)
+        JournalKeeper(path)
 
 
 def test_permissions_and_directories_are_not_damage(tmp_path: Path) -> None:
@@ -242,7 +246,7 @@ def test_a_state_value_that_is_not_json_is_damage(tmp_path: Path) -> None:
         j.load_state()
     j.close()
     with pytest.raises(StateCorrupt, match="operator"):
-        jmod.JournalKeeper(path)
+        JournalKeeper(path)
 
 
 # ---- reset ----
@@ -428,6 +432,8 @@ def test_events_read_newest_first_by_time_and_kind(tmp_path: Path) -> None:
     assert [d["n"] for *_, d in j.events(since_wall=200.0)] == [3, 2]
     assert [d["n"] for *_, d in j.events(kinds=["trip_latched", "trip_reset"])] == [3, 1]
     assert j.events(kinds=[]) == []
+    j.db.execute("INSERT INTO events (wall_time, kind, source, detail) VALUES (400, 'x', '', '{')")
+    assert j.events(limit=1)[0][3] == {"unreadable": "{"}  # a damaged row never breaks a read
     for bad, field in (
         ({"limit": -1}, "limit"),
         ({"limit": 10**9}, "limit"),
@@ -436,6 +442,7 @@ def test_events_read_newest_first_by_time_and_kind(tmp_path: Path) -> None:
         ({"since_wall": "yesterday"}, "since_wall"),
         ({"kinds": "trip_reset"}, "kinds"),
         ({"kinds": [3]}, "kinds"),
+        ({"kinds": ["trip_reset"] * 101}, "kinds"),
     ):
         with pytest.raises(ValueError, match=field):
             j.events(**bad)  # type: ignore[arg-type]
