@@ -151,7 +151,7 @@ def _text(x: object) -> str:
     return _cut(x if isinstance(x, str) else repr(x))
 
 
-def _target(cmd: str, args: object) -> str:
+def _target(args: object) -> str:
     """What a command acts on, for the audit's `target` column."""
     if not isinstance(args, Mapping):
         return ""
@@ -173,15 +173,14 @@ def command_row(req: Request, ans: Answer, wall: float) -> CommandRow:
     """The audit record of one answered request: who, when, what, old and new, why.
 
     Never raises: a refused request may carry any value, so every field is shown bounded."""
-    cmd = _text(req.cmd)
     return (
         float(wall),
         _text(req.id),
         _text(req.principal),
         _text(req.role),
         _text(req.via),
-        cmd,
-        _target(cmd, req.args),
+        _text(req.cmd),
+        _target(req.args),
         _json(ans.old),
         _json(ans.new),
         _text(req.reason),
@@ -238,6 +237,19 @@ def _on_disk_version(db: sqlite3.Connection) -> int:
     v = int(db.execute("PRAGMA user_version").fetchone()[0])
     if v == 0 and {"latches", "events"} <= _tables(db):
         return 1
+    return v
+
+
+def _known_version(path: Path, v: int) -> int:
+    """`v` if this software can open it (a migration brings it up to date)."""
+    if v > SCHEMA_VERSION:
+        raise StateCorrupt(
+            path,
+            f"schema version {v} is newer than this software's ({SCHEMA_VERSION}) "
+            "(run the heatloop that wrote it)",
+        )
+    if v < 0:
+        raise StateCorrupt(path, f"schema version {v} is not a heatloop schema version")
     return v
 
 
@@ -303,14 +315,7 @@ class Journal:
         bad = [r[0] for r in self.db.execute("PRAGMA quick_check(5)")]
         if bad != ["ok"]:
             raise StateCorrupt(self.path, f"fails the integrity check: {'; '.join(bad)}")
-        v = _on_disk_version(self.db)
-        if v > SCHEMA_VERSION:
-            raise StateCorrupt(
-                self.path,
-                f"schema version {v} is newer than this software's ({SCHEMA_VERSION}) "
-                "(run the heatloop that wrote it)",
-            )
-        self._check_tables(v)
+        self._check_tables(_known_version(self.path, _on_disk_version(self.db)))
 
     def _check_tables(self, version: int) -> None:
         want = _expected_shape(version)
@@ -337,12 +342,7 @@ class Journal:
     def _migrate(self, checked: bool) -> None:
         """Apply the missing steps, each with its version bump in one transaction."""
         while True:
-            v = _on_disk_version(self.db)
-            if v > SCHEMA_VERSION:
-                raise StateCorrupt(
-                    self.path,
-                    f"schema version {v} is newer than this software's ({SCHEMA_VERSION})",
-                )
+            v = _known_version(self.path, _on_disk_version(self.db))
             if v == SCHEMA_VERSION:
                 break
             self.db.execute("BEGIN IMMEDIATE")

@@ -167,6 +167,13 @@ def newer_version(p: Path) -> None:
     db.close()
 
 
+def negative_version(p: Path) -> None:
+    real_store(p)
+    db = sqlite3.connect(p)
+    db.execute("PRAGMA user_version = -1")
+    db.close()
+
+
 def wrong_events_table(p: Path) -> None:
     db = sqlite3.connect(p)
     db.execute("CREATE TABLE latches (rule_id TEXT PRIMARY KEY, wall_time REAL NOT NULL)")
@@ -201,6 +208,7 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "a text file": (text_file, "is not an SQLite database"),
     "an empty file": (empty_file, "is empty"),
     "a newer schema": (newer_version, "schema version 3 is newer than this software's"),
+    "a negative schema version": (negative_version, "schema version -1 is not a heatloop"),
     "a wrong events table": (wrong_events_table, "table 'events' has columns"),
     "a missing state table": (missing_state_table, "table 'state' is missing"),
     "another program's database": (foreign_database, "holds tables customers"),
