@@ -448,7 +448,8 @@ def apply(
 
     Reads are authorised and answered accepted with no change (the channel serves their data).
     """
-    rid = req.id if isinstance(req.id, str) and len(req.id) <= MAX_NAME else shown(req.id)
+    rid = getattr(req, "id", None)
+    rid = rid if isinstance(rid, str) and len(rid) <= MAX_NAME else shown(rid)
     try:
         new, answer, effects = _apply(state, req, limits, now_wall)
         return new, Answer(rid, True, "", answer[0], answer[1]), effects
