@@ -52,7 +52,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from plc_io.image import ProcessImage, Quality, Sample
 
@@ -154,9 +154,8 @@ class Snapshot:
     snap: Mapping[str, Any]
 
 
-@dataclass(frozen=True)
-class Recorded:
-    """One scan as it was recorded."""
+class Recorded(NamedTuple):
+    """One scan as it was recorded (a NamedTuple: replay builds thousands a second)."""
 
     path: Path
     run: str
@@ -370,45 +369,55 @@ def _decode_records(
             quals[dq[k]] = dq[k + 1]
         for k in range(0, len(dv), 2):
             vals[dv[k]] = dv[k + 1]
-        if isinstance(at_field, list):
+        tags = st.tags
+        if type(at_field) is list:
             base, keep, own = at_field
             kept = set(keep)
             owned = {own[k]: own[k + 1] for k in range(0, len(own), 2)}
-        else:
-            base, kept, owned = at_field, (), {}
-        samples = {}
-        for i, name in enumerate(st.tags):
-            qi = quals[i]
-            if not qi:
-                continue
-            if i in owned:
-                at = owned[i]
-            elif i in kept:
-                at = ats[i]
-            else:
-                at = base
-            ats[i] = at
-            samples[name] = new(Sample, (vals[i], quality[qi - 1], at))
+            samples = {}
+            for i, name in enumerate(tags):
+                qi = quals[i]
+                if not qi:
+                    continue
+                if i in owned:
+                    at = owned[i]
+                elif i in kept:
+                    at = ats[i]
+                else:
+                    at = base
+                ats[i] = at
+                samples[name] = new(Sample, (vals[i], quality[qi - 1], at))
+        else:  # the common case: every sample read at the one time
+            base = at_field
+            samples = {
+                name: new(Sample, (v, quality[q - 1], base))
+                for name, v, q in zip(tags, vals, quals, strict=True)
+                if q
+            }
+            st.ats = ats = [base if q else a for q, a in zip(quals, ats, strict=True)]
         if flags & F_FAULTS:
             st.write_failed = frozenset(extra["wf"])
             st.degraded = tuple(extra["dg"])
         if parts is not None:
             st.parts = (str(parts[0]), str(parts[1]), str(parts[2])) if parts else None
         items.append(
-            Recorded(
-                path=path,
-                run=run,
-                seq=int(seq),
-                wall_s=wall,
-                now_s=now,
-                link_ok=bool(flags & F_LINK),
-                image=ProcessImage(samples),
-                write_failed=st.write_failed,
-                degraded=st.degraded,
-                requests=tuple(extra.get("rq", ())),
-                digest=str(digest),
-                parts=st.parts,
-                fallback=bool(flags & F_FALLBACK),
+            new(
+                Recorded,
+                (
+                    path,
+                    run,
+                    int(seq),
+                    wall,
+                    now,
+                    bool(flags & F_LINK),
+                    ProcessImage(samples),
+                    st.write_failed,
+                    st.degraded,
+                    tuple(extra["rq"]) if flags & F_REQUESTS else (),
+                    str(digest),
+                    st.parts,
+                    bool(flags & F_FALLBACK),
+                ),
             )
         )
         last_seq[0] = int(seq)
@@ -420,9 +429,9 @@ def read_segment(
 ) -> Iterator[Item]:
     """Every item of one segment, in order; a `Torn` last when the reader had to stop.
 
-    Never raises. `skip_records_before`: records frames that start before this byte offset are
-    still decoded (a record carries only changes) but not yielded. `records=False` skips the
-    records frames unread (headers, snapshots and torn ends only).
+    Never raises. `skip_records_before`: frames before this byte offset are still decoded (a
+    record carries only changes) but only the header among them is yielded. `records=False`
+    skips the records frames unread (headers, snapshots and torn ends only).
     """
     try:
         data = path.read_bytes()
@@ -466,14 +475,13 @@ def read_segment(
                 items = []
             elif kind == K_RECORDS:
                 items = _decode_records(path, run, st, obj, last_seq)
-                if pos < skip_records_before:
-                    items = [i for i in items if not isinstance(i, Recorded)]
             else:
                 raise ValueError(f"unknown frame kind {kind}")
         except Exception as e:  # a frame that passed its CRC but does not make sense
             yield Torn(path, pos, f"malformed frame: {type(e).__name__}: {e}"[:200])
             return
-        yield from items
+        if pos >= skip_records_before or kind == K_HEADER:
+            yield from items
         pos = end
 
 
@@ -484,10 +492,7 @@ def iter_stream(directory: Path, start: Snapshot | None = None) -> Iterator[Item
         segs = [p for p in segs if p == start.path or _segment_key(p) > _segment_key(start.path)]
     for p in segs:
         skip = start.offset if start is not None and p == start.path else 0
-        for item in read_segment(p, skip_records_before=skip):
-            if skip and isinstance(item, Snapshot) and item.offset < skip:
-                continue
-            yield item
+        yield from read_segment(p, skip_records_before=skip)
 
 
 def _segment_key(p: Path) -> tuple[str, int]:
