@@ -15,6 +15,8 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel
 
+from controller.alarms import catalogue, catalogue_markdown
+from controller.authority import permission_table_markdown
 from controller.modes import TRANSITIONS, mermaid_diagram
 from controller.supervisor import SupervisorConfig
 from interlocks.rules import RULES, conditions, effect_cell, matrix_columns
@@ -152,6 +154,8 @@ def blocks(site: Site | None = None) -> dict[str, str]:
         "site-keys": site_keys_markdown(),
         "tag-keys": tag_keys_markdown(),
         "site-rules": site_rules_markdown(),
+        "permissions": permission_table_markdown(),
+        "alarms": catalogue_markdown(catalogue(RULES, site.inputs, site.outputs)),
     }
 
 
