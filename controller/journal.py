@@ -35,6 +35,7 @@ Theory of the start-up gate (`open_checked`, the keeper's default opener):
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -128,6 +129,33 @@ class StateCorrupt(Exception):
         self.path = path
         self.what = " ".join(what.split())[:_TEXT_LIMIT]  # one line, bounded
         super().__init__(f"state store {path}: {self.what}; {RESET_HINT} (the old file is kept)")
+
+
+class StateBusy(OSError):
+    """A running controller holds the store: its state is not reset under it."""
+
+
+def _lock(path: Path, how: int) -> int | None:
+    """An advisory lock on `<store>.lock` (a file that is never moved): every keeper holds it
+    shared for its life, `reset_state` needs it alone. The fd, or None if it cannot be taken
+    (a shared lock is best effort: a directory that is not writable is the journal's problem,
+    reported by the keeper)."""
+    try:
+        fd = os.open(_side(path, ".lock"), os.O_RDWR | os.O_CREAT, 0o660)
+    except OSError:
+        if how & fcntl.LOCK_EX:
+            raise
+        return None
+    try:
+        fcntl.flock(fd, how | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        if how & fcntl.LOCK_EX:
+            raise StateBusy(
+                f"{path}: a running controller holds it; stop that controller first"
+            ) from None
+        return None
+    return fd
 
 
 def event_row(e: Event, wall_time: float) -> Row:
@@ -584,14 +612,25 @@ def reset_state(path: Path, reason: str, who: str, *, now_wall: float | None = N
 
     The old files become `<name>.<UTC yyyymmddThhmmssZ>.bad` (its log `…bad-wal`, so SQLite
     opens the kept copy with its log); nothing is deleted. Returns the kept copy's path, or
-    None when there was no store. ValueError for an empty reason or who."""
+    None when there was no store. ValueError for an empty reason or who; StateBusy (an
+    OSError) while a controller runs on this store: moving its file under it would let it
+    write on into the kept copy and start from the new, empty one next time."""
     if not isinstance(reason, str) or not reason.strip():
         raise ValueError(f"reason {reason!r}: expected why the state is reset (non-empty)")
     if len(reason) > MAX_REASON:
         raise ValueError(f"reason: {len(reason)} characters, expected at most {MAX_REASON}")
     if not isinstance(who, str) or not who.strip():
         raise ValueError(f"who {who!r}: expected the name of the person resetting the state")
-    wall = time.time() if now_wall is None else now_wall
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lock = _lock(path, fcntl.LOCK_EX)  # StateBusy while a controller runs on this store
+    assert lock is not None
+    try:
+        return _reset(path, reason, who, time.time() if now_wall is None else now_wall)
+    finally:
+        os.close(lock)
+
+
+def _reset(path: Path, reason: str, who: str, wall: float) -> Path | None:
     stamp = datetime.fromtimestamp(wall, UTC).strftime("%Y%m%dT%H%M%SZ")
     bad = _side(path, f".{stamp}.bad")
     n = 1
@@ -608,7 +647,6 @@ def reset_state(path: Path, reason: str, who: str, *, now_wall: float | None = N
                 kept = bad
     _fsync_dir(path.parent)
     detail = {"reason": reason, "who": who, "old": str(kept) if kept else None}
-    path.parent.mkdir(parents=True, exist_ok=True)
     _create(path, [event_row(Event("state_reset", 0.0, "journal", detail), wall)])
     return kept
 
@@ -660,7 +698,12 @@ class JournalKeeper:
         self._known: frozenset[str] | None = None  # the store's latches, once read
         self._restored: frozenset[str] = frozenset()
         self._state: dict[str, object] | None = None  # the store's state at start-up
-        self._open(self.clock(), first=True)
+        self._lock = _lock(path, fcntl.LOCK_SH)  # no reset of this store while we run
+        try:
+            self._open(self.clock(), first=True)
+        except BaseException:
+            self._unlock()
+            raise
 
     # ---- start-up ----
 
@@ -806,8 +849,16 @@ class JournalKeeper:
         return self.store.commands(limit, since_wall)
 
     def close(self) -> None:
-        if self.store is not None:
-            self.flush()
-        if self.store is not None:  # a failed last flush has already closed it
-            self.store.close()
-            self.store = None
+        try:
+            if self.store is not None:
+                self.flush()
+            if self.store is not None:  # a failed last flush has already closed it
+                self.store.close()
+                self.store = None
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # closing the fd releases the lock
+            self._lock = None

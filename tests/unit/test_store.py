@@ -25,6 +25,7 @@ from controller.journal import (
     SCHEMA_VERSION,
     Journal,
     JournalKeeper,
+    StateBusy,
     StateCorrupt,
     command_row,
     event_row,
@@ -297,6 +298,21 @@ def test_a_kept_copy_opens_with_its_own_log(tmp_path: Path) -> None:
     kept = reset_state(path, "test", "alice")
     assert kept is not None
     assert Journal(kept).latched() == {"IL-05"}
+
+
+def test_reset_state_refuses_while_a_controller_runs_on_the_store(tmp_path: Path) -> None:
+    """Moving a running controller's store would let it write on into the kept copy and
+    start from the new, empty one next time (its latches forgotten)."""
+    path = tmp_path / "heatloop.db"
+    running = JournalKeeper(path)
+    running.record([], frozenset({"IL-04"}))
+    with pytest.raises(StateBusy, match="a running controller holds it"):
+        reset_state(path, "wrong window", "alice")
+    assert Journal(path).latched() == {"IL-04"}  # nothing moved
+    assert not list(tmp_path.glob("*.bad"))
+    running.close()
+    kept = reset_state(path, "controller stopped", "alice")  # once it has stopped
+    assert kept is not None and Journal(kept).latched() == {"IL-04"}
 
 
 def test_reset_state_refuses_an_empty_reason_and_tolerates_no_store(tmp_path: Path) -> None:
