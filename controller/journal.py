@@ -225,8 +225,10 @@ def encode_state(key: str, value: object) -> str:
         raise TypeError(f"state key {key!r}: expected a non-empty string")
     try:
         return json.dumps(value, allow_nan=True)
-    except (TypeError, ValueError, RecursionError) as e:
-        raise type(e)(f"state[{key!r}]: expected a JSON value ({e})") from None
+    except TypeError as e:
+        raise TypeError(f"state[{key!r}]: expected a JSON value ({e})") from None
+    except (ValueError, RecursionError) as e:  # a cycle, or nesting too deep
+        raise ValueError(f"state[{key!r}]: expected a JSON value ({e})") from None
 
 
 def _is_damage(e: BaseException) -> bool:

@@ -172,14 +172,17 @@ def test_command_rows_wait_bounded_and_drops_are_journalled(tmp_path: Path) -> N
 
 def test_a_state_value_that_is_not_json_is_journalled_never_raised(tmp_path: Path) -> None:
     k = JournalKeeper(tmp_path / "j.db", clock=Clock())
+    cycle: list[object] = []
+    cycle.append(cycle)
     k.record([], frozenset(), {"operator": {"forces": object()}, "alarms": {"n": 2}})
+    k.record([], frozenset(), {"recorder": cycle})
     assert k.problem is None
     k.close()
     on_disk = Journal(tmp_path / "j.db")
     # null: that part starts afresh on restart, never from a stale value
-    assert on_disk.load_state() == {"operator": None, "alarms": {"n": 2}}
-    (_, kind, _, detail), *_ = on_disk.events()
-    assert kind == "journal_state_refused" and "operator" in str(detail["why"])
+    assert on_disk.load_state() == {"operator": None, "alarms": {"n": 2}, "recorder": None}
+    whys = [str(d["why"]) for _, kind, _, d in on_disk.events(kinds=["journal_state_refused"])]
+    assert len(whys) == 2 and "recorder" in whys[0] and "operator" in whys[1]
     on_disk.close()
 
 
