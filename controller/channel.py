@@ -66,7 +66,7 @@ class NoController(Exception):
     """Nobody answers on the socket (the CLI exits 1); the message is one line."""
 
 
-class ChannelInUse(Exception):
+class ChannelInUse(OSError):
     """Another controller already answers on this socket (same state directory): exit 2."""
 
 

@@ -2,32 +2,63 @@
 
 The plant model (`sim`) is imported only inside the commands that run it (`demo`, `study`,
 `sim serve`): the production controller (`run`) never loads it.
+
+The commands on a running controller (`status`, `alarms`, `journal`, `reset`, `ack`, `bypass`,
+`force`, `maintenance`, `reject`, `setpoint`, `shelve`) each send one request over the site's
+command channel (controller/channel.py) and exit 0 when it is accepted or read, 2 when it is
+malformed or refused (one line: what and why), 1 when no controller answers. They load only the
+site file and the channel, so they start quickly; the controller checks every request again.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
+import re
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from controller.sitecheck import checked, load_checked_site
-from plc_io.site import Site, SiteError, demo_site, demo_site_text
+from plc_io.site import Site, SiteError, demo_site, demo_site_text, load_site
 from plc_io.tags import Tag
 
 if TYPE_CHECKING:  # for annotations only: `run` must not load the plant model
     from sim.scenario import Scenario
+
+
+def load_checked_site(path: str) -> Site:
+    """The site file with its safe-value checks (imported here: `status` needs neither)."""
+    from controller.sitecheck import load_checked_site as load
+
+    return load(path)
+
+
+def checked(site: Site, source: str) -> Site:
+    from controller.sitecheck import checked as check
+
+    return check(site, source)
+
 
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 
 
 class UsageError(Exception):
     """Bad command-line usage or a bad file or directory; exits with code 2."""
+
+
+class Refused(Exception):
+    """The controller refused the request (the message says what and why); exit 2."""
+
+
+class NoAnswer(Exception):
+    """No controller answers on the site's socket; exit 1."""
 
 
 def check_state_dir(site: Site) -> Path:
@@ -137,10 +168,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     import asyncio
 
-    from controller.runtime import make_transport, run_service
-
+    # the site file first: a broken one exits 2 before anything heavier is loaded
     site = load_checked_site(args.site)
     check_state_dir(site)
+    if args.reset_state:
+        _reset_state(site, args.reason)
+    elif args.reason is not None:
+        raise UsageError("--reason: expected only with --reset-state")
+
+    from controller.runtime import make_transport, run_service
+
     try:
         transport = make_transport(site)
     except ValueError as e:  # e.g. a password variable the site names is not set
@@ -213,6 +250,490 @@ def _seed(text: str) -> int:
     return v
 
 
+# ---- commands on a running controller (DESIGN §13): one request over the site's socket ----
+
+MAX_REASON = 500  # characters, as the controller takes them
+MAX_MINUTES = 1e6  # a sanity bound; the controller applies the site's own maximum
+JOURNAL_MAX = 10_000
+
+
+def _reason(text: str) -> str:
+    if not text.strip() or len(text) > MAX_REASON:
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r}: expected a reason of 1 to {MAX_REASON} characters"
+        )
+    return text
+
+
+_minutes = _number_in(0.0, MAX_MINUTES)
+
+
+def _finite(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite number")
+    return v
+
+
+def _limit(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        v = 0
+    if not 1 <= v <= JOURNAL_MAX:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a whole number 1 … {JOURNAL_MAX}")
+    return v
+
+
+_ON_OFF = {"on": True, "off": False}
+_BOOL_WORDS = {"true": True, "on": True, "1": True, "false": False, "off": False, "0": False}
+_RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)\s*([smhd])$")
+_UNIT_S = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_when(text: str, now_wall: float) -> float:
+    """A wall time from ISO 8601 (no zone: UTC) or relative to now (`-15m`, `-1h`, `-2d`)."""
+    m = _RELATIVE.match(text.strip())
+    if m:
+        return now_wall - float(m.group(1)) * _UNIT_S[m.group(2)]
+    try:
+        t = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise UsageError(
+            f"--since {text!r}: expected ISO 8601 (2026-12-01T13:00, UTC unless a zone is "
+            "given) or a time ago (-30s, -15m, -1h, -2d)"
+        ) from None
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=UTC)
+    return t.timestamp()
+
+
+def tag_value(site: Site, tag: str, text: str) -> bool | float:
+    """A force value read by the tag's type; UsageError naming the tag and what it takes."""
+    try:
+        t = site.tag(tag)
+    except KeyError:
+        raise UsageError(f"tag {tag!r}: expected a tag of this site") from None
+    if t.is_bool:
+        v = _BOOL_WORDS.get(text.strip().lower())
+        if v is None:
+            raise UsageError(f"{tag} {text!r}: expected true/false, on/off or 1/0 (a boolean)")
+        return v
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x):
+        raise UsageError(f"{tag} {text!r}: expected a finite number in {t.unit}")
+    return x
+
+
+def _socket(site: Site) -> Path:
+    from controller.channel import socket_path
+
+    return socket_path(site.state_dir)
+
+
+def request(site: Site, cmd: str, args: dict[str, object], reason: str = "") -> dict[str, object]:
+    """Send one request; its reply if accepted, else Refused (exit 2) or NoAnswer (exit 1)."""
+    from controller.channel import NoController, call
+
+    try:
+        reply = call(_socket(site), cmd, args, reason)
+    except NoController as e:
+        raise NoAnswer(str(e)) from None
+    if not reply.get("ok"):
+        raise Refused(f"{cmd}: {reply.get('why') or 'no reason given'}")
+    return reply
+
+
+def _accepted(cmd: str, reply: Mapping[str, object]) -> int:
+    old, new = reply.get("old"), reply.get("new")
+    change = "" if old is None and new is None else f": {_shown(old)} → {_shown(new)}"
+    print(f"{cmd}: accepted{change}")
+    return EXIT_OK
+
+
+def _shown(v: object) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_shown(x) for x in v) or "none"
+    if isinstance(v, Mapping):
+        return ", ".join(f"{k}={_shown(x)}" for k, x in v.items()) or "none"
+    return str(v)
+
+
+def _when(wall: object) -> str:
+    if isinstance(wall, bool) or not isinstance(wall, (int, float)) or not math.isfinite(wall):
+        return "-"
+    try:
+        return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+    except (OverflowError, OSError, ValueError):
+        return "-"
+
+
+def _span(seconds: float) -> str:
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    if s < 86400:
+        return f"{s // 3600} h {s % 3600 // 60} min"
+    return f"{s // 86400} d {s % 86400 // 3600} h"
+
+
+def _until(wall: object, now: object) -> str:
+    text = _when(wall)
+    if isinstance(wall, (int, float)) and isinstance(now, (int, float)) and text != "-":
+        text += f" (in {_span(float(wall) - float(now))})"
+    return text
+
+
+def _table(rows: list[tuple[str, ...]], indent: str = "  ") -> list[str]:
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return [
+        indent + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+        for r in rows
+    ]
+
+
+def _list(v: object) -> list[object]:
+    return list(v) if isinstance(v, (list, tuple)) else []
+
+
+def _map(v: object) -> Mapping[str, object]:
+    return v if isinstance(v, Mapping) else {}
+
+
+def alarm_rows(alarms: list[object]) -> list[str]:
+    rows = [("", "priority", "state", "alarm", "since", "message")]
+    for a in alarms:
+        a = _map(a)
+        mark = "*" if a.get("first_out") else ""
+        state = str(a.get("state", ""))
+        if a.get("shelved_until") is not None:
+            state += f", shelved until {_when(a.get('shelved_until'))}"
+        if a.get("chatter_count"):
+            state += f", chattering ×{a.get('chatter_count')}"
+        message = str(a.get("message", ""))
+        if a.get("detail"):
+            message += f": {a.get('detail')}"
+        rows.append(
+            (
+                mark,
+                str(a.get("priority", "")),
+                state,
+                str(a.get("id", "")),
+                _when(a.get("since_wall")),
+                message,
+            )
+        )
+    return _table(rows)
+
+
+def status_lines(st: Mapping[str, object]) -> list[str]:
+    """The status page a person reads (DESIGN §13); every field optional, nothing assumed."""
+    now = st.get("wall")
+    out = [f"site {st.get('site', '?')}   at {_when(now)}"]
+    since = st.get("mode_since_wall")
+    mode = f"mode {st.get('mode', '?')}"
+    if isinstance(since, (int, float)) and isinstance(now, (int, float)):
+        mode += f" since {_when(since)} ({_span(float(now) - float(since))})"
+    out.append(mode)
+    reasons = _list(st.get("reject_reasons"))
+    if reasons:
+        out.append("not reusing heat: " + "; ".join(str(r) for r in reasons))
+    flags = []
+    if st.get("maintenance"):
+        flags.append("MAINTENANCE on")
+    if st.get("reject_requested"):
+        flags.append("reject requested")
+    if flags:
+        out.append(" · ".join(flags))
+    degraded = _list(st.get("degraded"))
+    if degraded:
+        out.append("DEGRADED: " + "; ".join(str(d) for d in degraded))
+
+    il = _map(st.get("interlocks"))
+    out += ["", "interlocks"]
+    out.append(f"  active:   {', '.join(map(str, _list(il.get('active')))) or 'none'}")
+    out.append(f"  latched:  {', '.join(map(str, _list(il.get('latched')))) or 'none'}")
+    bypassed = _list(il.get("bypassed"))
+    if not bypassed:
+        out.append("  bypassed: none")
+    for b in bypassed:
+        b = _map(b)
+        out.append(
+            f"  bypassed: {b.get('rule')} until {_until(b.get('until_wall'), now)} "
+            f"by {b.get('who')}: {b.get('reason')}"
+        )
+
+    alarms = _list(st.get("alarms"))
+    out += ["", f"alarms ({len(alarms)} standing; * first out)"]
+    out += alarm_rows(alarms) if alarms else ["  none"]
+
+    outputs = _map(st.get("outputs"))
+    out += ["", "outputs"]
+    rows = [("tag", "value", "set by", "why")]
+    for tag, o in outputs.items():
+        o = _map(o)
+        rows.append((tag, _shown(o.get("value")), str(o.get("level", "")), str(o.get("why", ""))))
+    out += _table(rows) if outputs else ["  none yet (no scan completed)"]
+
+    invalid = _map(st.get("invalid"))
+    if invalid:
+        out += ["", "invalid inputs"]
+        out += _table([(tag, str(why)) for tag, why in invalid.items()])
+
+    forces = _list(st.get("forces"))
+    if forces:
+        out += ["", "forces"]
+        for f in forces:
+            f = _map(f)
+            kind = "input" if f.get("input") else "output"
+            out.append(
+                f"  {f.get('tag')} = {_shown(f.get('value'))} ({kind}) until "
+                f"{_until(f.get('until_wall'), now)} by {f.get('who')}: {f.get('reason')}"
+            )
+    setpoints = _map(st.get("setpoints"))
+    if setpoints:
+        out += ["", "setpoints: " + ", ".join(f"{k} = {_shown(v)}" for k, v in setpoints.items())]
+
+    link, scan = _map(st.get("link")), _map(st.get("scan"))
+    errors = link.get("failures", link.get("errors", 0))
+    out += [
+        "",
+        f"link  {link.get('state', '?')}   requests {link.get('requests', 0)}   "
+        f"failures {errors}"
+        + (f"   last error: {link.get('last_error')}" if link.get("last_error") else ""),
+        f"scan  {scan.get('count', 0)} scans   overruns {scan.get('overruns', 0)}   "
+        f"last {_shown(scan.get('last_ms'))} ms   period {_shown(scan.get('period_s'))} s",
+    ]
+    return out
+
+
+def journal_lines(data: Mapping[str, object]) -> list[str]:
+    """Events and command records, oldest first, one line each."""
+    rows: list[tuple[float, str]] = []
+    for e in _list(data.get("events")):
+        e = _map(e)
+        detail = e.get("detail")
+        text = _shown(detail) if isinstance(detail, Mapping) else str(detail or "")
+        wall = e.get("wall")
+        line = f"{_when(wall)}  {e.get('kind', '')}  {e.get('source', '')}  {text}".rstrip()
+        rows.append((wall if isinstance(wall, (int, float)) else 0.0, line))
+    for c in _list(data.get("commands")):
+        c = _map(c)
+        wall = c.get("wall_time", c.get("wall"))
+        verdict = "accepted" if c.get("accepted") else f"refused: {c.get('why', '')}"
+        target = f" {c.get('target')}" if c.get("target") else ""
+        change = ""
+        if c.get("old") is not None or c.get("new") is not None:
+            change = f" {_shown(c.get('old'))} → {_shown(c.get('new'))}"
+        reason = f" ({c.get('reason')})" if c.get("reason") else ""
+        line = (
+            f"{_when(wall)}  command {c.get('cmd', '')}{target}{change} by "
+            f"{c.get('principal', '?')} [{c.get('role', '?')}, {c.get('via', '?')}]{reason}: "
+            f"{verdict}"
+        )
+        rows.append((wall if isinstance(wall, (int, float)) else 0.0, line))
+    rows.sort(key=lambda r: r[0])
+    return [line for _, line in rows]
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    site = load_site(args.site)
+    if not args.watch:
+        data = request(site, "status", {})["data"]
+        print(json.dumps(data, indent=2) if args.json else "\n".join(status_lines(_map(data))))
+        return EXIT_OK
+    while True:  # until Ctrl-C (main turns it into exit 0)
+        try:
+            data = request(site, "status", {})["data"]
+            page = json.dumps(data) if args.json else "\n".join(status_lines(_map(data)))
+        except (NoAnswer, Refused) as e:
+            page = f"heatloop: {e}"
+        if not args.json:
+            page = "\x1b[H\x1b[2J" + page  # redraw in place
+        print(page, flush=True)
+        time.sleep(1.0)
+
+
+def cmd_alarms(args: argparse.Namespace) -> int:
+    data = _map(request(load_site(args.site), "alarms", {})["data"])
+    alarms = _list(data.get("alarms"))
+    print("\n".join(alarm_rows(alarms)) if alarms else "no standing alarms")
+    return EXIT_OK
+
+
+def cmd_journal(args: argparse.Namespace) -> int:
+    site = load_site(args.site)
+    since = None if args.since is None else parse_when(args.since, time.time())
+    query = {"since_wall": since, "kinds": args.kind, "limit": args.limit}
+    data = _map(request(site, "journal", query)["data"])
+    lines = journal_lines(data)
+    print("\n".join(lines) if lines else "nothing journalled in that window")
+    return EXIT_OK
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    site = load_site(args.site)
+    return _accepted("reset", request(site, "reset", {"rules": args.rules}, args.reason))
+
+
+def cmd_ack(args: argparse.Namespace) -> int:
+    if bool(args.alarms) == bool(args.all):
+        raise UsageError("ack: expected alarm ids or --all (one of the two)")
+    body: dict[str, object] = {"all": True} if args.all else {"alarms": args.alarms}
+    return _accepted("ack", request(load_site(args.site), "ack", body))
+
+
+def _hold(args: argparse.Namespace, key: str, what: str, end_flag: str) -> dict[str, object]:
+    """The args of a bypass or shelve: either --minutes with --reason, or the end flag."""
+    ending = getattr(args, end_flag)
+    if ending and args.minutes is not None:
+        raise UsageError(f"{args.command}: expected --minutes or --{end_flag}, not both")
+    if ending:
+        return {key: what, end_flag: True}
+    if args.minutes is None or args.reason is None:
+        raise UsageError(f"{args.command}: expected --minutes N --reason TEXT (or --{end_flag})")
+    return {key: what, "minutes": args.minutes}
+
+
+def cmd_bypass(args: argparse.Namespace) -> int:
+    body = _hold(args, "rule", args.rule, "end")
+    return _accepted("bypass", request(load_site(args.site), "bypass", body, args.reason or ""))
+
+
+def cmd_shelve(args: argparse.Namespace) -> int:
+    body = _hold(args, "alarm", args.alarm, "end")
+    return _accepted("shelve", request(load_site(args.site), "shelve", body, args.reason or ""))
+
+
+def cmd_force(args: argparse.Namespace) -> int:
+    site = load_site(args.site)
+    if args.release:
+        if args.value is not None or args.minutes is not None:
+            raise UsageError("force --release: expected no VALUE and no --minutes")
+        body: dict[str, object] = {"tag": args.tag, "release": True}
+    else:
+        if args.value is None or args.minutes is None or args.reason is None:
+            raise UsageError("force: expected TAG VALUE --minutes N --reason TEXT (or --release)")
+        value = tag_value(site, args.tag, args.value)
+        body = {"tag": args.tag, "value": value, "minutes": args.minutes}
+    return _accepted("force", request(site, "force", body, args.reason or ""))
+
+
+def cmd_switch(args: argparse.Namespace) -> int:
+    """maintenance on|off, reject on|off."""
+    body = {"on": _ON_OFF[args.state]}
+    return _accepted(args.command, request(load_site(args.site), args.command, body, args.reason))
+
+
+def cmd_setpoint(args: argparse.Namespace) -> int:
+    body = {"name": args.name, "value": args.value}
+    return _accepted("setpoint", request(load_site(args.site), "setpoint", body))
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    site = load_checked_site(args.site)
+    from controller.replay import run_replay_cli
+
+    return int(run_replay_cli(site, args.from_text, args.to_text, args.export))
+
+
+def _reset_state(site: Site, reason: str | None) -> None:
+    """`run --reset-state --reason`: move the saved state aside, journalled with the OS user."""
+    if reason is None:
+        raise UsageError("--reset-state: expected --reason TEXT (why the saved state is dropped)")
+    import getpass
+
+    from controller.journal import reset_state
+
+    path = site.state_dir / "heatloop.db"
+    try:
+        kept = reset_state(path, reason, who=getpass.getuser())
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--reset-state: {e}") from None
+    print(f"saved state moved to {kept}" if kept else f"no saved state at {path}; starting anew")
+
+
+def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def parser(
+        name: str, help_text: str, func: Callable[[argparse.Namespace], int]
+    ) -> argparse.ArgumentParser:
+        s = sub.add_parser(name, help=help_text, description=help_text)
+        s.add_argument("--site", required=True, help="site file (TOML)")
+        s.set_defaults(func=func)
+        return s
+
+    s = parser("status", "the running controller's status page", cmd_status)
+    s.add_argument("--json", action="store_true", help="the status as JSON")
+    s.add_argument("--watch", action="store_true", help="redraw every second until Ctrl-C")
+
+    parser("alarms", "standing alarms, highest priority first", cmd_alarms)
+
+    s = parser("journal", "events and commands, oldest first", cmd_journal)
+    s.add_argument("--since", default=None, help="ISO 8601 (UTC unless zoned) or -30s/-15m/-1h/-2d")
+    s.add_argument("--kind", nargs="+", action="extend", default=None, help="event kinds")
+    s.add_argument("--limit", type=_limit, default=100, help="rows of each (1 … 10000)")
+
+    s = parser("reset", "reset latched trips (engineer; the cause must be gone)", cmd_reset)
+    s.add_argument("rules", nargs="*", help="interlock ids (none: every latched trip)")
+    s.add_argument("--reason", type=_reason, required=True)
+
+    s = parser("ack", "acknowledge alarms (operator)", cmd_ack)
+    s.add_argument("alarms", nargs="*", help="alarm ids")
+    s.add_argument("--all", action="store_true", help="every unacknowledged alarm")
+
+    s = parser("bypass", "bypass a bypassable interlock for a while (engineer)", cmd_bypass)
+    s.add_argument("rule")
+    s.add_argument("--minutes", type=_minutes, default=None)
+    s.add_argument("--reason", type=_reason, default=None)
+    s.add_argument("--end", action="store_true", help="end the bypass now")
+
+    s = parser("force", "force an output or a forceable input (engineer)", cmd_force)
+    s.add_argument("tag")
+    s.add_argument("value", nargs="?", default=None, help="true/false/on/off/1/0 or a number")
+    s.add_argument("--minutes", type=_minutes, default=None)
+    s.add_argument("--reason", type=_reason, default=None)
+    s.add_argument("--release", action="store_true", help="end the force now")
+
+    s = parser("maintenance", "maintenance mode on or off (engineer)", cmd_switch)
+    s.add_argument("state", choices=("on", "off"))
+    s.add_argument("--reason", type=_reason, required=True)
+
+    s = parser("reject", "request heat rejection on or off (operator)", cmd_switch)
+    s.add_argument("state", choices=("on", "off"))
+    s.add_argument("--reason", type=_reason, required=True)
+
+    s = parser("setpoint", "set a bounded setpoint (operator)", cmd_setpoint)
+    s.add_argument("name")
+    s.add_argument("value", type=_finite)
+
+    s = parser("shelve", "shelve an alarm for a while (engineer)", cmd_shelve)
+    s.add_argument("alarm")
+    s.add_argument("--minutes", type=_minutes, default=None)
+    s.add_argument("--reason", type=_reason, default=None)
+    s.add_argument("--end", action="store_true", help="unshelve now")
+
+    s = parser("replay", "re-run the decision core on the flight recorder", cmd_replay)
+    s.add_argument("--from", dest="from_text", required=True, help="start (ISO 8601 or -1h)")
+    s.add_argument("--to", dest="to_text", required=True, help="end (ISO 8601 or -5m)")
+    s.add_argument("--export", default=None, help="write the replayed scans to this CSV file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="heatloop", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -238,6 +759,12 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("run", help="the production controller")
     s.add_argument("--site", required=True)
     s.add_argument("--console", action="store_true", help="readable logs instead of JSON")
+    s.add_argument(
+        "--reset-state",
+        action="store_true",
+        help="move the saved state aside (kept as *.bad) and start a new one; needs --reason",
+    )
+    s.add_argument("--reason", type=_reason, default=None, help="why the state is reset")
     s.set_defaults(func=cmd_run)
 
     s = sub.add_parser("study", help="plant and supervisor in-process at full speed")
@@ -266,13 +793,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--speed", type=_positive, default=1.0, help="simulated seconds per wall second (1)"
     )
     s.set_defaults(func=cmd_sim_serve)
+    add_operator_commands(sub)
     return p
+
+
+# Options whose value may be a time ago (`--since -1h`): argparse would take "-1h" for an option.
+_TIME_OPTIONS = ("--since", "--from", "--to")
+
+
+def _join_times(argv: Sequence[str]) -> list[str]:
+    """`--since -1h` -> `--since=-1h`, so a relative time reads as the value it is."""
+    out: list[str] = []
+    it = iter(argv)
+    for a in it:
+        if a in _TIME_OPTIONS:
+            nxt = next(it, None)
+            if nxt is not None and _RELATIVE.match(nxt.strip()):
+                out.append(f"{a}={nxt}")
+                continue
+            out.append(a)
+            if nxt is not None:
+                out.append(nxt)
+            continue
+        out.append(a)
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_join_times(sys.argv[1:] if argv is None else argv))
     except SystemExit as e:  # argparse exits 2 on bad usage already; keep 0 for --help
         return int(e.code or 0)
     try:
@@ -292,6 +842,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         print(f"heatloop: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except Refused as e:
+        print(f"heatloop: refused: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except NoAnswer as e:
+        print(f"heatloop: {e}", file=sys.stderr)
+        return EXIT_RUNTIME
     except KeyboardInterrupt:
         return EXIT_OK
 
