@@ -10,7 +10,10 @@ from __future__ import annotations
 import asyncio
 import getpass
 import json
+import os
+import shutil
 import sys
+import tempfile
 import threading
 import time
 import types
@@ -535,3 +538,61 @@ def test_run_reset_state_needs_a_reason_and_journals_the_os_user(
     assert main(argv) == 2  # stopped by the fake transport, after the reset
     assert calls == [(tmp_path / "state" / "heatloop.db", "disk replaced", getpass.getuser())]
     assert "saved state moved to" in capsys.readouterr().out
+
+
+# ---- another OS user, for real (root can become `nobody` with setpriv) ----
+
+ROOT = Path(__file__).resolve().parents[2]
+NOBODY = 65534
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to run the CLI as another OS user",
+)
+async def test_the_cli_run_as_another_os_user_is_refused() -> None:
+    """`nobody` runs the CLI: first the socket's mode keeps it out, then (let into the socket's
+    group) the controller sees uid 65534 from the kernel and refuses it by role."""
+    import pwd
+
+    user = pwd.getpwuid(NOBODY).pw_name
+    folder = Path(tempfile.mkdtemp(prefix="heatloop-cli-"))  # /tmp/pytest-of-root is 0700
+    try:
+        folder.chmod(0o755)
+        site = _site(folder)
+        site.chmod(0o644)
+        f = Fake(site)
+        srv = ChannelServer(socket_path(folder / "state"), {"root": "engineer"}, f.submit,
+                            f.read, log=Quiet())  # fmt: skip
+        await srv.start()
+        (folder / "state").chmod(0o755)
+
+        async def as_nobody(*argv: str) -> tuple[int, str]:
+            proc = await asyncio.create_subprocess_exec(
+                "setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups",
+                sys.executable, "-m", "controller.cli", *argv,
+                cwd=ROOT, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+            )  # fmt: skip
+            _out, err = await asyncio.wait_for(proc.communicate(), WAIT_S * 3)
+            assert proc.returncode is not None
+            return proc.returncode, err.decode()
+
+        try:
+            code, err = await as_nobody("reset", "--site", str(site), "--reason", "dry")
+            assert code == 2
+            assert err == (
+                f"heatloop: refused: reset: permission denied on {srv.path}: expected a user "
+                "in the controller's group\n"
+            )
+            os.chown(srv.path, -1, NOBODY)  # nobody's group may now open the socket
+            code, err = await as_nobody("reset", "--site", str(site), "--reason", "dry")
+            assert code == 2
+            assert err == (
+                f"heatloop: refused: reset: user {user!r} (uid {NOBODY}) has no role in this "
+                "site's [roles]\n"
+            )
+            assert f.requests == []
+        finally:
+            await srv.close()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
