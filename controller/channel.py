@@ -15,7 +15,9 @@ the socket from being used against the controller:
 - every limit refuses with one line and keeps the controller running: a line longer than
   `max_bytes` (then closed), text that is not a JSON object with a `cmd`, a client that sends
   nothing for `idle_s` (closed), more than `max_clients` connections (the newest is refused
-  "busy"), more requests than a token bucket allows (`rate_per_s`, burst `burst`);
+  "busy"), more requests than a token bucket allows (`rate_per_s`, burst `burst`, for the
+  whole server; and `user_rate_per_s`, burst `user_burst`, for each uid, so one flooding client
+  leaves room for the engineer who must reset a trip);
 - refusals are logged as structlog events with user, uid, cmd and why, at most `LOG_BURST` per
   `LOG_WINDOW_S`; the first line after a quiet spell says how many were left out, so a flood of
   bad requests cannot flood the log;
@@ -57,6 +59,7 @@ LOG_WINDOW_S = 10.0
 _SUN_PATH_MAX = 100
 # A reply can carry the whole status or a page of the journal; past this it is not a reply.
 MAX_REPLY_BYTES = 64 * 1024 * 1024
+MAX_TRACKED_UIDS = 1024  # per-uid rate buckets kept at once
 MAX_CMD = 64  # characters of a command name (the longest is "maintenance")
 
 Peer = Callable[[socket.socket], tuple[int, str | None]]  # socket -> (uid, user name or None)
@@ -169,7 +172,7 @@ def parse_request(line: bytes) -> tuple[str, dict[str, Any], str]:
 
 
 class _TokenBucket:
-    """`rate_per_s` tokens a second up to `burst`; one per request. Shared by every client."""
+    """`rate_per_s` tokens a second up to `burst`; one per request."""
 
     def __init__(self, rate_per_s: float, burst: float, clock: Callable[[], float]) -> None:
         self.rate, self.burst, self.clock = rate_per_s, burst, clock
@@ -221,6 +224,8 @@ class ChannelServer:
         max_clients: int = 16,
         rate_per_s: float = 50.0,
         burst: float = 100.0,
+        user_rate_per_s: float = 20.0,
+        user_burst: float = 40.0,
         peer: Peer = peer_credentials,
         clock: Callable[[], float] = time.monotonic,
         via: str = "cli",
@@ -232,6 +237,9 @@ class ChannelServer:
         self.max_bytes, self.idle_s, self.max_clients = max_bytes, idle_s, max_clients
         self.peer, self.via = peer, via
         self._bucket = _TokenBucket(rate_per_s, burst, clock)
+        self._user_buckets: dict[int, _TokenBucket] = {}
+        self._user_rate = (user_rate_per_s, user_burst)
+        self._clock = clock
         self._log_limit = _LogLimit(LOG_BURST, LOG_WINDOW_S, clock)
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
@@ -365,7 +373,7 @@ class ChannelServer:
 
     async def _one(self, line: bytes, uid: int, user: str | None) -> dict[str, Any]:
         """The reply to one request line."""
-        if not self._bucket.take():
+        if not self._take(uid):
             return self._refusal(user, uid, "", "too many requests: try again in a second")
         try:
             cmd, args, reason = parse_request(line)
@@ -405,6 +413,16 @@ class ChannelServer:
         if not ans.accepted:
             self._log_refusal(user, uid, cmd, ans.why)
         return {"ok": ans.accepted, "why": ans.why, "id": ans.id, "old": ans.old, "new": ans.new}
+
+    def _take(self, uid: int) -> bool:
+        """A token from this uid's bucket, then from the server's: a uid over its own rate
+        does not use up the others' share."""
+        bucket = self._user_buckets.get(uid)
+        if bucket is None:
+            if len(self._user_buckets) >= MAX_TRACKED_UIDS:  # uids are few; stay bounded anyway
+                self._user_buckets.clear()
+            bucket = self._user_buckets[uid] = _TokenBucket(*self._user_rate, self._clock)
+        return bucket.take() and self._bucket.take()
 
     def _refusal(self, user: str | None, uid: int | None, cmd: str, why: str) -> dict[str, Any]:
         self._log_refusal(user, uid, cmd, why)

@@ -428,6 +428,7 @@ async def test_a_flood_is_refused_and_does_not_flood_the_log(tmp_path: Path, stu
     log = Log()
     srv = ChannelServer(socket_path(tmp_path), {"alice": "engineer"}, stub.submit, stub.read,
                         log=log, peer=alice, rate_per_s=50, burst=100,
+                        user_rate_per_s=1000, user_burst=1000,
                         clock=lambda: now[0])  # fmt: skip
     await srv.start()
     try:
@@ -446,6 +447,30 @@ async def test_a_flood_is_refused_and_does_not_flood_the_log(tmp_path: Path, stu
         writer.write(b"garbage\n")
         await line(reader)
         assert log.lines[-1]["suppressed"] == 900 - LOG_BURST + 1
+        writer.close()
+    finally:
+        await srv.close()
+
+
+async def test_one_flooding_user_leaves_room_for_another(tmp_path: Path, stub: Stub) -> None:
+    """A viewer's runaway script must not keep the engineer from resetting a trip."""
+    who = iter([(1002, "bob"), (1001, "alice")])  # first connection bob, then alice
+    srv = ChannelServer(socket_path(tmp_path), {"alice": "engineer", "bob": "viewer"},
+                        stub.submit, stub.read, log=Log(), peer=lambda _s: next(who),
+                        rate_per_s=50, burst=100, user_rate_per_s=20, user_burst=40,
+                        clock=lambda: 0.0)  # fmt: skip
+    await srv.start()
+    try:
+        reader, writer = await raw(srv.path)
+        writer.write(b'{"cmd": "status"}\n' * 500)
+        replies = [await line(reader) for _ in range(500)]
+        assert sum(r["ok"] for r in replies) == 40  # bob's own burst, then refused
+        writer.close()
+        reader, writer = await raw(srv.path)
+        writer.write(b'{"cmd": "reset", "args": {"rules": []}, "reason": "dry"}\n' * 40)
+        replies = [await line(reader) for _ in range(40)]
+        assert all(r["ok"] for r in replies)  # alice's burst is whole
+        assert {(r.principal, r.role) for r in stub.requests} == {("alice", "engineer")}
         writer.close()
     finally:
         await srv.close()
