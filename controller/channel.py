@@ -337,7 +337,12 @@ class ChannelServer:
     ) -> None:
         sock = writer.get_extra_info("socket")
         try:
-            uid, user = self.peer(sock)
+            # the user-name lookup may ask a directory service (NSS: LDAP, sssd): never on the
+            # controller's event loop, and never longer than a client may idle
+            uid, user = await asyncio.wait_for(asyncio.to_thread(self.peer, sock), self.idle_s)
+        except TimeoutError:
+            await self._refuse(writer, None, None, "", "cannot identify the peer: lookup timed out")
+            return
         except Exception as e:  # a faulty peer lookup refuses, never raises
             await self._refuse(writer, None, None, "", f"cannot identify the peer: {e}")
             return

@@ -12,6 +12,7 @@ import json
 import os
 import socket
 import stat
+import threading
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -234,6 +235,33 @@ async def test_a_viewer_can_read_and_the_core_judges_its_commands(
         assert (await ask(srv.path, "alarms"))["ok"] is True
         await ask(srv.path, "reset", {"rules": []}, "r")
         assert [(r.principal, r.role, r.cmd) for r in stub.requests] == [("bob", "viewer", "reset")]
+    finally:
+        await srv.close()
+
+
+async def test_a_slow_user_lookup_does_not_stall_the_controllers_loop(
+    tmp_path: Path, stub: Stub
+) -> None:
+    """A user-name lookup that hangs (a directory service down) runs off the event loop: the
+    loop, which also runs the scan, goes on meanwhile."""
+    entered, release = threading.Event(), threading.Event()
+    released_in_time: list[bool] = []
+
+    def slow(_s: object) -> tuple[int, str | None]:
+        entered.set()
+        released_in_time.append(release.wait(WAIT_S))  # False if the loop never got to run
+        return 1001, "alice"
+
+    srv = ChannelServer(socket_path(tmp_path), {"alice": "engineer"}, stub.submit, stub.read,
+                        peer=slow, idle_s=WAIT_S * 2)  # fmt: skip
+    await srv.start()
+    try:
+        pending = asyncio.create_task(ask(srv.path, "status"))
+        assert await asyncio.to_thread(entered.wait, WAIT_S)
+        await asyncio.sleep(0)  # the loop runs while the lookup is blocked...
+        release.set()  # ...so it can release it
+        assert (await pending)["ok"] is True
+        assert released_in_time == [True]
     finally:
         await srv.close()
 
