@@ -111,8 +111,12 @@ def site_hash(site: Any) -> str:
 
 
 def stamp(wall_s: float) -> str:
-    """A wall time as the segment names spell it (UTC, to the second)."""
-    return datetime.fromtimestamp(wall_s, UTC).strftime("%Y%m%dT%H%M%SZ")
+    """A wall time as the segment names spell it (UTC, to the second; a time no calendar
+    holds, NaN or beyond year 9999, is spelt as the epoch)."""
+    try:
+        return datetime.fromtimestamp(wall_s, UTC).strftime("%Y%m%dT%H%M%SZ")
+    except (ValueError, OverflowError, OSError):
+        return "19700101T000000Z"
 
 
 def _stamp_wall(text: str) -> float:
@@ -219,7 +223,7 @@ def _json_default(v: object) -> object:
     return repr(v)
 
 
-def _dumps(obj: object) -> bytes:
+def dumps(obj: object) -> bytes:
     return json.dumps(obj, separators=(",", ":"), allow_nan=True, default=_json_default).encode()
 
 
@@ -249,7 +253,7 @@ def _result_digest(result: Any) -> str:
     return str(digest(result))
 
 
-class _SegmentState:
+class SegmentState:
     """What the previous record of the segment left (the writer's and the reader's mirror)."""
 
     def __init__(self, tags: Sequence[str]) -> None:
@@ -272,7 +276,7 @@ class _SegmentState:
 
 
 def encode_record(
-    st: _SegmentState,
+    st: SegmentState,
     seq: int,
     inp: Any,
     digest: str,
@@ -349,7 +353,7 @@ def encode_record(
 
 
 def _decode_records(
-    path: Path, run: str, st: _SegmentState, entries: list[Any], last_seq: list[int | None]
+    path: Path, run: str, st: SegmentState, entries: list[Any], last_seq: list[int | None]
 ) -> list[Item]:
     """One records frame's entries as items (raises on a malformed entry: the caller stops)."""
     items: list[Item] = []
@@ -465,7 +469,7 @@ def read_segment(
                 if kind != K_HEADER:
                     raise ValueError("the first frame is not a header")
                 run = str(obj["run"])
-                st = _SegmentState([str(t) for t in obj["tags"]])
+                st = SegmentState([str(t) for t in obj["tags"]])
                 if list(obj["qualities"]) != [q.value for q in QUALITIES]:
                     raise ValueError(f"unknown quality names {obj['qualities']}")
                 items: list[Item] = [Header(path, run, obj)]
@@ -578,10 +582,11 @@ class Recorder:
         self._lock = threading.Lock()
         self._file: Any = None
         self._path: Path | None = None
-        self._st: _SegmentState | None = None
+        self._st: SegmentState | None = None
         self._seg_start = 0.0
         self._seg_bytes = 0
-        self._last_seq = 0
+        self._last_seq = 0  # the last record encoded
+        self._flushed_seq = 0  # the last record handed to the file
         self._lost_why = ""
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
@@ -592,10 +597,8 @@ class Recorder:
     @classmethod
     def for_site(cls, site: Any, **kw: Any) -> Recorder:
         """The site's recorder in `<state dir>/recorder` (`[recorder]` hours and snapshots)."""
-        cfg = getattr(site, "recorder", None)
-        if cfg is not None:
-            kw.setdefault("hours", cfg.hours)
-            kw.setdefault("snapshot_every_s", cfg.snapshot_every_s)
+        kw.setdefault("hours", site.recorder.hours)
+        kw.setdefault("snapshot_every_s", site.recorder.snapshot_every_s)
         return cls(
             site.state_dir / "recorder",
             [t.name for t in site.inputs],
@@ -638,7 +641,7 @@ class Recorder:
         try:
             if self._closed:
                 return
-            text = _dumps({"wall": wall_s, "snap": snap})
+            text = dumps({"wall": wall_s, "snap": snap})
             if len(self._q) >= self.max_pending + 16:
                 self.dropped += 1
                 return
@@ -691,6 +694,7 @@ class Recorder:
         """Encode and write everything queued (the writer thread's pass; tests call it)."""
         with self._lock:
             errors = self.errors
+            newest = -math.inf
             batch: list[object] = []
             batch_n = 0
             try:
@@ -705,11 +709,17 @@ class Recorder:
                         self._write_raw(frame(K_SNAPSHOT, text))
                         continue
                     _, seq, inp, result, fallback = item
-                    if self._file is None or inp.wall_s - self._seg_start >= 2 * self.segment_s:
+                    try:
+                        wall = float(inp.wall_s)
+                    except Exception as e:  # not a ScanInput: this record only is lost
+                        self._lose(seq, e)
+                        continue
+                    newest = max(newest, wall)
+                    if self._file is None or wall - self._seg_start >= 2 * self.segment_s:
                         # no snapshot came to rotate on (or the segment broke): rotate anyway
                         self._write_records(batch, batch_n)
                         batch, batch_n = [], 0
-                        self._open_segment(inp.wall_s)
+                        self._open_segment(wall)
                     if self._encode(seq, inp, result, fallback, batch):
                         batch_n += 1
                     else:  # the segment's change state is spoilt: end it here
@@ -718,6 +728,8 @@ class Recorder:
                         self._close_segment()
                 self._write_records(batch, batch_n)
                 batch_n = 0
+                if newest > -math.inf:
+                    self._prune(newest)
                 self._enforce_bytes()
                 if self.errors == errors:
                     self.problem = None
@@ -731,7 +743,7 @@ class Recorder:
             why = self._lost_why or "recorder queue full (the writer fell behind)"
             out.append({"gap": seq - self._last_seq - 1, "after": self._last_seq, "why": why})
             self._lost_why = ""
-        self._last_seq = seq
+        before, self._last_seq = self._last_seq, seq
         mark = len(out)
         try:
             if result is None:
@@ -744,15 +756,21 @@ class Recorder:
             return True
         except Exception as e:
             del out[mark:]  # a tag name it may have added goes with it
-            self._fail("encode", e)
-            self.lost += 1
-            self._lost_why = f"a scan could not be recorded: {type(e).__name__}: {e}"[:200]
+            self._last_seq = before
+            self._lose(seq, e)
             return False
+
+    def _lose(self, seq: int, e: Exception) -> None:
+        """One record could not be encoded: counted, and the next record marks the gap."""
+        self._fail("encode", e)
+        self.lost += 1
+        self._lost_why = f"a scan could not be recorded: {type(e).__name__}: {e}"[:200]
 
     def _write_records(self, batch: list[object], n: int) -> None:
         if batch:
-            self._write_raw(frame(K_RECORDS, _dumps(batch)))
+            self._write_raw(frame(K_RECORDS, dumps(batch)))
             self.written += n
+        self._flushed_seq = self._last_seq  # every record encoded so far is on its way
 
     def _write_raw(self, data: bytes) -> None:
         assert self._file is not None
@@ -774,7 +792,7 @@ class Recorder:
         path = self.directory / (f"rec-{name}.hlr" if n == 0 else f"rec-{name}-{n}.hlr")
         f = open(path, "xb")  # noqa: SIM115  # held open across passes, closed in _close_segment
         self._file, self._path, self._seg_start, self._seg_bytes = f, path, wall_s, 0
-        self._st = _SegmentState(self.tags)
+        self._st = SegmentState(self.tags)
         header = {
             "format": FORMAT,
             "run": self.run,
@@ -787,8 +805,8 @@ class Recorder:
             "qualities": [q.value for q in QUALITIES],
             "segment_s": self.segment_s,
         }
-        self._write_raw(frame(K_HEADER, _dumps(header)))
-        self._prune(wall_s, keep=path)
+        self._write_raw(frame(K_HEADER, dumps(header)))
+        self._prune(wall_s)
 
     def _close_segment(self) -> None:
         f, self._file, self._st = self._file, None, None
@@ -799,12 +817,13 @@ class Recorder:
             with contextlib.suppress(OSError, ValueError):
                 f.close()
 
-    def _prune(self, newest_wall: float, keep: Path) -> None:
-        """Delete segments wholly older than `hours` before the newest record."""
+    def _prune(self, newest_wall: float) -> None:
+        """Delete segments wholly older than `hours` before the newest record: a segment goes
+        when the one after it started at or before the horizon (never the current one)."""
         segs = segments(self.directory)
         horizon = newest_wall - self.hours * 3600.0
         for seg, nxt in itertools.pairwise(segs):
-            if seg != keep and _segment_wall(nxt) <= horizon:
+            if seg != self._path and _segment_wall(nxt) <= horizon:
                 self._delete(seg)
 
     def _enforce_bytes(self) -> None:
@@ -841,6 +860,7 @@ class Recorder:
         on the next pass, with a snapshot as soon as the scan gives one."""
         self._fail("write", e)
         self.lost += lost
+        self._last_seq = self._flushed_seq  # the next record written marks the hole
         self._lost_why = f"recorder write failed: {type(e).__name__}: {e}"[:200]
         self._close_segment()
         self._want_snapshot = True
@@ -852,7 +872,8 @@ class Recorder:
 
 def utc_text(wall_s: float) -> str:
     """A wall time for people: ISO 8601 UTC with milliseconds."""
-    if not math.isfinite(wall_s):
-        return str(wall_s)
-    dt = datetime.fromtimestamp(wall_s, UTC)
+    try:
+        dt = datetime.fromtimestamp(wall_s, UTC)
+    except (ValueError, OverflowError, OSError):
+        return repr(wall_s)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
