@@ -399,7 +399,10 @@ class ChannelServer:
                     return self._refusal(
                         user, uid, cmd, f"role {role!r} may not read {cmd!r} (DESIGN §13)"
                     )
-                data = await self.read(cmd, args)
+                try:
+                    data = await self.read(cmd, args)
+                except ValueError as e:  # the read's arguments (one line naming the field)
+                    return self._refusal(user, uid, cmd, f"{cmd}: {e}"[:300])
                 return {"ok": True, "why": "", "data": data}
             req = Request(
                 id=uuid.uuid4().hex,

@@ -546,6 +546,23 @@ async def test_a_client_that_does_not_read_its_replies_is_dropped(
         await srv.close()
 
 
+async def test_bad_read_arguments_are_a_refusal_naming_the_field(tmp_path: Path) -> None:
+    async def read(cmd: str, args: Mapping[str, object]) -> dict[str, Any]:
+        raise ValueError(f"limit: expected a whole number 1 … 10000, got {args['limit']!r}")
+
+    stub = Stub()
+    srv = ChannelServer(socket_path(tmp_path), {"alice": "engineer"}, stub.submit, read,
+                        log=Log(), peer=alice)  # fmt: skip
+    await srv.start()
+    try:
+        assert await ask(srv.path, "journal", {"limit": 0}) == {
+            "ok": False,
+            "why": "journal: limit: expected a whole number 1 … 10000, got 0",
+        }
+    finally:
+        await srv.close()
+
+
 # ---- the client ----
 
 
