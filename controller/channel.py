@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import json
 import math
 import os
@@ -244,28 +245,58 @@ class ChannelServer:
         self._server: asyncio.AbstractServer | None = None
         self._clients: set[asyncio.Task[None]] = set()
         self._inode: tuple[int, int] | None = None
+        self._lock_fd: int | None = None
         self.refused = 0  # refusals since start (status can show it)
 
     # ---- socket life ----
 
     async def start(self) -> None:
-        """Bind and listen. ChannelInUse if another controller answers on the path; OSError if
-        the state directory cannot hold the socket."""
+        """Bind and listen. ChannelInUse if another controller holds or answers on the socket;
+        OSError if the state directory cannot hold it."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        if self.path.is_symlink() or (self.path.exists() and not self.path.is_socket()):
-            raise ChannelInUse(
-                f"{self.path}: expected a socket or nothing, found another kind of file; "
-                "remove it by hand"
+        self._take_lock()
+        try:
+            if self.path.is_symlink() or (self.path.exists() and not self.path.is_socket()):
+                raise ChannelInUse(
+                    f"{self.path}: expected a socket or nothing, found another kind of file; "
+                    "remove it by hand"
+                )
+            if self.path.exists() and _answers(self.path):
+                raise ChannelInUse(
+                    f"{self.path}: another controller answers on this socket (two controllers "
+                    "on one state directory?)"
+                )
+            sock = self._bind_private()
+            self._server = await asyncio.start_unix_server(
+                self._serve, sock=sock, limit=self.max_bytes + 1
             )
-        if self.path.exists() and _answers(self.path):
+        except BaseException:
+            self._release_lock()
+            raise
+
+    def _take_lock(self) -> None:
+        """An exclusive lock on `<socket>.lock` for the server's life: two controllers starting
+        on one state directory at the same moment cannot both bind (the loser's rename would
+        silently take the socket from the winner, leaving two controllers on one plant)."""
+        lock = self.path.with_name(self.path.name + ".lock")
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
             raise ChannelInUse(
-                f"{self.path}: another controller answers on this socket (two controllers on "
-                "one state directory?)"
-            )
-        sock = self._bind_private()
-        self._server = await asyncio.start_unix_server(
-            self._serve, sock=sock, limit=self.max_bytes + 1
-        )
+                f"{self.path}: another controller holds this socket ({lock.name} is locked; two "
+                "controllers on one state directory?)"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._lock_fd = fd
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor releases the lock
+            self._lock_fd = None
 
     def _bind_private(self) -> socket.socket:
         """Bind in a fresh 0700 directory, chmod 0660, listen, then rename into place."""
@@ -305,8 +336,9 @@ class ChannelServer:
             self._server = None
         with contextlib.suppress(OSError):
             st = os.stat(self.path)
-            if (st.st_dev, st.st_ino) == self._inode:  # a newer controller's socket stays
+            if (st.st_dev, st.st_ino) == self._inode:  # someone else's socket stays
                 self.path.unlink()
+        self._release_lock()  # last: the socket is gone before another controller may bind
 
     # ---- one connection ----
 

@@ -7,6 +7,7 @@ generous timeouts only; no assertion depends on how fast anything ran.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import getpass
 import json
 import os
@@ -274,7 +275,8 @@ async def test_socket_is_mode_0660_from_the_start(server: ChannelServer) -> None
     assert stat.S_ISSOCK(st.st_mode)
     assert stat.S_IMODE(st.st_mode) == SOCKET_MODE == 0o660
     # nothing of the private binding directory is left behind
-    assert sorted(p.name for p in server.path.parent.iterdir()) == [server.path.name]
+    names = sorted(p.name for p in server.path.parent.iterdir())
+    assert names == [server.path.name, server.path.name + ".lock"]
 
 
 async def test_stale_socket_is_replaced(tmp_path: Path, stub: Stub) -> None:
@@ -295,9 +297,28 @@ async def test_stale_socket_is_replaced(tmp_path: Path, stub: Stub) -> None:
 
 async def test_live_socket_is_refused_and_keeps_serving(server: ChannelServer, stub: Stub) -> None:
     second = ChannelServer(server.path, {}, stub.submit, stub.read)
-    with pytest.raises(ChannelInUse, match="another controller answers on this socket"):
+    with pytest.raises(ChannelInUse, match="another controller holds this socket"):
         await second.start()
     assert (await ask(server.path, "status"))["ok"] is True
+
+
+async def test_a_listening_socket_without_the_lock_is_not_taken_over(
+    tmp_path: Path, stub: Stub
+) -> None:
+    path = socket_path(tmp_path)
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(os.fspath(path))
+    other.listen(1)  # some process answers here, whatever it is
+    try:
+        with pytest.raises(ChannelInUse, match="another controller answers on this socket"):
+            await ChannelServer(path, {}, stub.submit, stub.read).start()
+        assert path.exists()
+        again = ChannelServer(path, {}, stub.submit, stub.read)
+        # the refused start released its lock: the same refusal again, not "holds"
+        with pytest.raises(ChannelInUse, match="answers on this socket"):
+            await again.start()
+    finally:
+        other.close()
 
 
 async def test_a_file_that_is_not_a_socket_is_left_alone(tmp_path: Path, stub: Stub) -> None:
@@ -316,12 +337,37 @@ async def test_close_removes_only_its_own_socket(tmp_path: Path, stub: Stub) -> 
     assert not path.exists()
     first = ChannelServer(path, {}, stub.submit, stub.read)
     await first.start()
-    path.unlink()  # e.g. an operator removed it and a newer controller bound the path
-    newer = ChannelServer(path, {"alice": "engineer"}, stub.submit, stub.read, peer=alice)
-    await newer.start()
-    await first.close()
-    assert path.exists() and (await ask(path, "status"))["ok"] is True
-    await newer.close()
+    path.unlink()  # removed by hand, and something else bound the path meanwhile
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(os.fspath(path))
+    try:
+        await first.close()
+        assert path.exists()
+    finally:
+        other.close()
+
+
+async def test_a_controller_still_starting_holds_the_socket(tmp_path: Path, stub: Stub) -> None:
+    """The lock is taken before anything is bound: a controller starting at the same moment on
+    the same state directory is refused even though no socket exists yet."""
+    path = socket_path(tmp_path)
+    fd = os.open(path.with_name("heatloop.sock.lock"), os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # as the other controller's start() holds it
+    try:
+        with pytest.raises(ChannelInUse, match="another controller holds this socket"):
+            await ChannelServer(path, {}, stub.submit, stub.read).start()
+        assert not path.exists()
+    finally:
+        os.close(fd)
+    srv = ChannelServer(path, {"alice": "engineer"}, stub.submit, stub.read, peer=alice)
+    await srv.start()  # the other one is gone: the lock is free
+    try:
+        assert (await ask(path, "status"))["ok"] is True
+    finally:
+        await srv.close()
+    again = ChannelServer(path, {}, stub.submit, stub.read)
+    await again.start()  # close() released it
+    await again.close()
 
 
 async def test_a_path_longer_than_sun_path_works(tmp_path: Path, stub: Stub) -> None:

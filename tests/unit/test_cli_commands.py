@@ -602,6 +602,6 @@ def test_run_on_a_state_directory_another_controller_serves_exits_2(fake: Fake, 
     """The channel is bound before the PLC is touched: a second controller stops at once."""
     assert main(["run", "--site", fake.site]) == 2
     err = capsys.readouterr().err
-    assert "another controller answers on this socket" in err
+    assert "another controller holds this socket" in err
     assert len(err.strip().splitlines()) == 1
     assert run(fake, "status") == 0  # the first one is untouched
