@@ -144,11 +144,14 @@ def replay(
         report.problem = f"snapshot at {utc_text(snap.wall_s)} cannot be restored: {e}"
         return report
     report.start_wall = snap.wall_s
-    _Replayer(site, report, core, snap, export).run(iter_stream(rec_dir, start=snap))
-    if report.scans == 0 and report.problem is None:
+    replayer = _Replayer(site, report, core, snap, export)
+    replayer.run(iter_stream(rec_dir, start=snap))
+    if report.in_window == 0:
+        ends = replayer.last_wall
         report.problem = (
-            f"nothing recorded between {utc_text(from_wall)} and {utc_text(to_wall)} "
-            "that could be replayed"
+            f"nothing replayable recorded between {utc_text(from_wall)} and "
+            f"{utc_text(to_wall)}"
+            + (f" (the record ends at {utc_text(ends)})" if ends is not None else "")
         )
     return report
 
@@ -378,10 +381,10 @@ class _Replayer:
         samples = rec.image.samples()
         for n in self.inputs:
             s = samples.get(n)
-            row += ["", "absent"] if s is None else [_val(s.value), s.quality.value]
+            row += ["", "absent"] if s is None else [_exact(s.value), s.quality.value]
         for n in self.outputs:
             o = res.decision.outputs.get(n) if res is not None else None
-            row += ["", ""] if o is None else [_val(o.value), o.level.name.lower()]
+            row += ["", ""] if o is None else [_exact(o.value), o.level.name.lower()]
         self.writer.writerow(row)
 
 
@@ -409,6 +412,11 @@ def _what(rec: Recorded, result: ScanResult | None, error: str) -> tuple[str, ..
 
 def _same_value(a: object, b: object) -> bool:
     return type(a) is type(b) and a == b
+
+
+def _exact(v: object) -> str:
+    """A value for the CSV: floats in full (`repr` reads back bit for bit), None empty."""
+    return "" if v is None else repr(v) if isinstance(v, float) else str(v)
 
 
 def _ids(ids: frozenset[str]) -> str:
