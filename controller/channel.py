@@ -61,6 +61,7 @@ _SUN_PATH_MAX = 100
 # A reply can carry the whole status or a page of the journal; past this it is not a reply.
 MAX_REPLY_BYTES = 64 * 1024 * 1024
 MAX_TRACKED_UIDS = 1024  # per-uid rate buckets kept at once
+MAX_WHY = 500  # characters of a refusal's reason
 MAX_CMD = 64  # characters of a command name (the longest is "maintenance")
 
 Peer = Callable[[socket.socket], tuple[int, str | None]]  # socket -> (uid, user name or None)
@@ -137,6 +138,12 @@ def encode_line(obj: Mapping[str, Any]) -> bytes:
     except (TypeError, ValueError):
         text = json.dumps(_json_safe(obj), allow_nan=False, separators=(",", ":"))
     return text.encode("utf-8") + b"\n"
+
+
+def _one_line(text: str, limit: int = MAX_WHY) -> str:
+    """A refusal is one line a person reads: whitespace runs collapsed, bounded."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def _no_constants(name: str) -> Any:
@@ -434,7 +441,7 @@ class ChannelServer:
                 try:
                     data = await self.read(cmd, args)
                 except ValueError as e:  # the read's arguments (one line naming the field)
-                    return self._refusal(user, uid, cmd, f"{cmd}: {e}"[:300])
+                    return self._refusal(user, uid, cmd, f"{cmd}: {e}")
                 return {"ok": True, "why": "", "data": data}
             req = Request(
                 id=uuid.uuid4().hex,
@@ -446,13 +453,20 @@ class ChannelServer:
                 via=self.via,
             )
             ans = await self.submit(req)
+            reply = {
+                "ok": ans.accepted is True,
+                "why": _one_line(str(ans.why)),
+                "id": ans.id,
+                "old": ans.old,
+                "new": ans.new,
+            }
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the controller side failed: refuse, go on
-            return self._refusal(user, uid, cmd, f"internal error: {type(e).__name__}: {e}"[:300])
-        if not ans.accepted:
-            self._log_refusal(user, uid, cmd, ans.why)
-        return {"ok": ans.accepted, "why": ans.why, "id": ans.id, "old": ans.old, "new": ans.new}
+            return self._refusal(user, uid, cmd, f"internal error: {type(e).__name__}: {e}")
+        if not reply["ok"]:
+            self._log_refusal(user, uid, cmd, reply["why"])
+        return reply
 
     def _take(self, uid: int) -> bool:
         """A token from this uid's bucket, then from the server's: a uid over its own rate
@@ -465,6 +479,7 @@ class ChannelServer:
         return bucket.take() and self._bucket.take()
 
     def _refusal(self, user: str | None, uid: int | None, cmd: str, why: str) -> dict[str, Any]:
+        why = _one_line(why)
         self._log_refusal(user, uid, cmd, why)
         return {"ok": False, "why": why}
 

@@ -563,6 +563,10 @@ async def test_a_handler_error_is_a_refusal_and_the_server_goes_on(
         "why": "internal error: RuntimeError: boom",
     }
     assert server.log.lines[-1]["cmd"] == "status"
+    stub.fail = ValueError("line one\nline two " + "x" * 2000)
+    why = (await ask(server.path, "ack", {"all": True}))["why"]
+    assert why.startswith("internal error: ValueError: line one line two xxx")
+    assert "\n" not in why and len(why) == 500
     stub.fail = None
     assert (await ask(server.path, "status"))["ok"] is True
 
