@@ -29,6 +29,7 @@ from controller.authority import (
     apply,
     expire,
     forced_image,
+    prune,
     to_commands,
 )
 from controller.supervisor import Commands, Decision, Supervisor, SupervisorConfig
@@ -98,7 +99,10 @@ class Core:
         memory = r.get("supervisor")
         latched = frozenset(memory.get("latched", ())) if isinstance(memory, Mapping) else None
         self.supervisor = Supervisor(self.cfg, now_s, latched or frozenset(), memory=memory)
-        self.operator = OperatorState.restore(r["operator"]) if "operator" in r else OperatorState()
+        op = OperatorState.restore(r["operator"]) if "operator" in r else OperatorState()
+        # a site file changed between runs: end what it no longer allows (journalled at the
+        # first step), toward the safe side
+        self.operator, self._pruned = prune(op, self.limits)
         self.alarms = (
             AlarmTable.restore(self.defs, r["alarms"])
             if "alarms" in r
@@ -124,7 +128,7 @@ class Core:
             raise ValueError(f"snapshot version: expected {SNAPSHOT_VERSION}, got {got!r}")
         core = cls(site)
         core.supervisor = Supervisor.from_snapshot(core.cfg, snap["supervisor"])
-        core.operator = OperatorState.restore(snap["operator"])
+        core.operator, core._pruned = OperatorState.restore(snap["operator"]), []
         core.alarms = AlarmTable.restore(core.defs, snap["alarms"])
         return core
 
@@ -152,6 +156,9 @@ class Core:
     def step(self, inp: ScanInput) -> ScanResult:
         now, wall = inp.now_s, inp.wall_s
         events: list[Event] = []
+        for kind, key, held, why in self._pruned:
+            events.append(Event(f"{kind}_ended", now, key, {"who": held.who, "why": why}))
+        self._pruned = []
         op, ended = expire(self.operator, wall)
         for kind, key, held in ended:
             events.append(
