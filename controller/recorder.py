@@ -39,7 +39,6 @@ import collections
 import contextlib
 import functools
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -132,6 +131,13 @@ def segments(directory: Path) -> list[Path]:
             if m:
                 found.append(((m.group(1), int(m.group(2) or 0)), p))
     return [p for _, p in sorted(found)]
+
+
+def _size(p: Path) -> int:
+    try:
+        return p.stat().st_size
+    except OSError:
+        return 0
 
 
 def _segment_wall(path: Path) -> float:
@@ -308,12 +314,15 @@ def encode_record(
         if qi != quals[i]:
             dq += (i, qi)
             quals[i] = qi
-        if not _same(v, vals[i]):
+        old = vals[i]
+        # `_same`, inlined (this loop runs for every tag of every scan): a change of value or
+        # of type, or -0.0 for 0.0; NaN never equals itself and is written every time
+        if v != old or type(v) is not type(old) or (v == 0 and not _same(v, old)):
             dv += (i, v)
             vals[i] = v
         if base is None:
             base = at
-        if not _same(at, base):
+        elif at != base or type(at) is not type(base) or (at == 0 and not _same(at, base)):
             if _same(at, ats[i]):
                 keep.append(i)
             else:
@@ -582,6 +591,8 @@ class Recorder:
         self._lock = threading.Lock()
         self._file: Any = None
         self._path: Path | None = None
+        self._path_wall = math.inf  # the current segment's start, as its name says
+        self._ring: list[list[Any]] = []  # closed segments: path, start wall, bytes
         self._st: SegmentState | None = None
         self._seg_start = 0.0
         self._seg_bytes = 0
@@ -783,6 +794,7 @@ class Recorder:
         self._close_segment()
         self.directory.mkdir(parents=True, exist_ok=True)
         existing = segments(self.directory)
+        self._ring = [[p, _segment_wall(p), _size(p)] for p in existing]  # closed, oldest first
         name = stamp(wall_s)
         n = 0
         if existing:  # the ring's order is its names' order: never sort before the newest
@@ -792,6 +804,7 @@ class Recorder:
         path = self.directory / (f"rec-{name}.hlr" if n == 0 else f"rec-{name}-{n}.hlr")
         f = open(path, "xb")  # noqa: SIM115  # held open across passes, closed in _close_segment
         self._file, self._path, self._seg_start, self._seg_bytes = f, path, wall_s, 0
+        self._path_wall = _segment_wall(path)
         self._st = SegmentState(self.tags)
         header = {
             "format": FORMAT,
@@ -819,34 +832,29 @@ class Recorder:
 
     def _prune(self, newest_wall: float) -> None:
         """Delete segments wholly older than `hours` before the newest record: a segment goes
-        when the one after it started at or before the horizon (never the current one)."""
-        segs = segments(self.directory)
+        when the one after it started at or before the horizon (never the current one). The
+        ring is listed from disk when a segment opens and kept in memory in between."""
         horizon = newest_wall - self.hours * 3600.0
-        for seg, nxt in itertools.pairwise(segs):
-            if seg != self._path and _segment_wall(nxt) <= horizon:
-                self._delete(seg)
+        ring = self._ring
+        while ring:
+            nxt = ring[1][1] if len(ring) > 1 else self._path_wall
+            if not nxt <= horizon:
+                break
+            self._delete(ring.pop(0)[0])
 
     def _enforce_bytes(self) -> None:
         """The second bound: the oldest segments go while the ring is larger than max_bytes."""
-        segs = segments(self.directory)
-        sizes = []
-        for p in segs:
-            try:
-                sizes.append(p.stat().st_size)
-            except OSError:
-                sizes.append(0)
-        total = sum(sizes)
-        for p, size in zip(segs, sizes, strict=True):
-            if total <= self.max_bytes:
-                break
-            if p == self._path:
-                # the current segment alone is too big: start a new one (a snapshot is asked
-                # for, so the ring keeps a replayable start) and delete this one next time
-                self._close_segment()
-                self._want_snapshot = True
-                break
+        ring = self._ring
+        total = sum(r[2] for r in ring) + self._seg_bytes
+        while ring and total > self.max_bytes:
+            p, _, size = ring.pop(0)
             self._delete(p)
             total -= size
+        if total > self.max_bytes and self._file is not None:
+            # the current segment alone is too big: start a new one (a snapshot is asked for,
+            # so the ring keeps a replayable start); this one goes when that one opens
+            self._close_segment()
+            self._want_snapshot = True
 
     def _delete(self, p: Path) -> None:
         try:
