@@ -8,11 +8,14 @@ file must reproduce every decision bit for bit; a scan whose digest differs is n
 wall time and sequence number, and with what differs where the record can tell (the mode, the
 outputs, the events). Scans before `--from` are stepped (and compared) only to reach the window.
 
-Where the chain of scans breaks (records dropped by a full queue or a failed write, a torn
-segment end, a controller restart) the state can no longer be carried forward: replay says how
-many scans are missing and resumes at the next snapshot, counting the scans in between as not
-replayed. A record made by different software or under a different site file is still replayed,
-with a warning: bit for bit then holds only as far as the change left the decisions alone.
+Each later snapshot in the window is the live core's state at that moment: replay continues
+from it (so a core the runtime rebuilt is followed, and a restore that lost state shows as a
+difference after it). Where the chain of scans breaks (records dropped by a full queue or a
+failed write, a torn segment end, a controller restart) the state can no longer be carried
+forward: replay says how many scans are missing and resumes at the next snapshot, counting the
+scans in between as not replayed. A record made by different software or under a different
+site file is still replayed, with a warning: bit for bit then holds only as far as the change
+left the decisions alone.
 """
 
 from __future__ import annotations
@@ -200,8 +203,8 @@ class _Replayer:
             elif isinstance(item, Header):
                 self._header(item)
             elif isinstance(item, Snapshot):
-                if self.broken is not None:
-                    self._resume(item)
+                if (item.path, item.offset) != (self.start.path, self.start.offset):
+                    self._restore(item)
             elif isinstance(item, Gap):
                 r.gaps.append(
                     f"{item.count} scans missing after scan {item.after_seq}"
@@ -235,15 +238,20 @@ class _Replayer:
                 "replay resumes at the next snapshot"
             )
 
-    def _resume(self, s: Snapshot) -> None:
+    def _restore(self, s: Snapshot) -> None:
+        """Carry on from the live core's own state at this snapshot. The scans since the last
+        one were checked against their digests; restoring here also follows a core the runtime
+        rebuilt (a restart, late-restored latches) and ends a break in the chain."""
         try:
-            self.core = Core.from_snapshot(self.site, s.snap)
+            core = Core.from_snapshot(self.site, s.snap)
         except Exception as e:
             self.report.warnings.append(f"snapshot at {utc_text(s.wall_s)} not restorable: {e}")
             return
-        self.report.gaps.append(f"replay resumed at the snapshot of {utc_text(s.wall_s)}")
-        self.broken = None
-        self.run_id, self.last_seq = s.run, None
+        self.core = core
+        if self.broken is not None:
+            self.report.gaps.append(f"replay resumed at the snapshot of {utc_text(s.wall_s)}")
+            self.broken = None
+            self.run_id, self.last_seq = s.run, None
 
     def _scan(self, rec: Recorded) -> None:
         r = self.report
