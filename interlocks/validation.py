@@ -6,6 +6,13 @@ not jumping faster than physics allows, plausible against its neighbours along t
 and (for a supervised boolean input) not reported faulted by its supervising input. Anything
 else is invalid, and every consumer treats invalid as "unknown": fail toward cooling.
 
+A forced input (quality FORCED: an engineer's force, with an expiry) is taken at its forced
+value: still checked for kind, age, NaN and range, but never judged frozen, by rate, by
+plausibility or by its supervising input, because those judge the real signal and the wire it
+comes on, which the force has replaced. While forced, the real signal's frozen/rate baseline is
+dropped (after the force it starts anew from its first reading) and any rate or plausibility
+fault it holds is kept: a sensor distrusted before the force is still distrusted after it.
+
 Validation keeps a little memory (last value, when it last changed, which tags hold a rate
 fault) which it returns anew each scan, so it stays a pure function of (image, memory, now).
 
@@ -34,7 +41,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import NamedTuple
 
-from plc_io.image import USABLE, ProcessImage
+from plc_io.image import USABLE, ProcessImage, Quality, Sample
 from plc_io.tags import Tag, Value
 
 # Reasons a point is invalid, in the order they are checked.
@@ -56,6 +63,7 @@ PLAUSIBILITY: tuple[tuple[str, str, str], ...] = (
 )
 LOAD_TAG = "it_power"
 INT64_LIMIT = 1 << 63
+FORCED = Quality.FORCED
 
 
 class Point(NamedTuple):
@@ -157,6 +165,8 @@ def validate(
                 reason = NAN
             elif not lo <= x <= hi:
                 reason = RANGE
+            elif dynamic and q is FORCED:
+                last.pop(name, None)  # the real signal's baseline starts anew after the force
             elif dynamic:
                 reason = _dynamics(name, x, at_s, last, cfg, frozen_s, flowing)
                 if reason == RATE:
@@ -193,10 +203,12 @@ def validate(
     if cfg.plausibility and (implausible or held or loaded):
         armed = loaded and loaded_s >= cfg.plausibility_settle_s
         held, implausible = _cross_check(
-            points, rate_values, held, implausible, dt, cfg, armed, jumped
+            points, rate_values, held, implausible, dt, cfg, armed, jumped, samples
         )
     for name, supervisor in cfg.supervised:
-        _supervise(points, name, supervisor)
+        s = samples.get(name)
+        if s is None or s.quality is not FORCED:  # a forced input does not come on the wire
+            _supervise(points, name, supervisor)
     now_kept = now_s if now_s == now_s else last_now  # a NaN time is no time
     return points, Memory(last, held, implausible, loaded_s, now_kept)
 
@@ -227,6 +239,7 @@ def _cross_check(
     cfg: ValidationConfig,
     armed: bool,
     jumped: tuple[str, ...],
+    samples: Mapping[str, Sample],
 ) -> tuple[Mapping[str, float], Mapping[str, float]]:
     """Cross-check the cooling-critical temperatures; return the rate and plausibility faults
     still held.
@@ -247,6 +260,8 @@ def _cross_check(
         p = points.get(subject)
         if p is None:
             continue
+        if _forced(subject, p, samples):
+            continue  # an engineer's value: neither judged nor marked implausible; holds kept
         if armed and p.reason in ("", RATE):
             verdict = _verdict(p.value, group, points, band)
             if verdict is False:
@@ -278,6 +293,12 @@ def _cross_check(
         rate if rate is not None else rate_held,
         impl if impl is not None else implausible,
     )
+
+
+def _forced(subject: str, p: Point, samples: Mapping[str, Sample]) -> bool:
+    """Whether the point stands for a forced sample (of a redundant pair: the forced twin won)."""
+    s = samples.get(subject)
+    return s is not None and s.quality is FORCED and p.valid and p.value == s.value
 
 
 def _verdict(
