@@ -4,15 +4,23 @@ Order inside a step, as in DESIGN §4: validate the inputs, evaluate the interlo
 mode machine, let the mode's sequence ask for outputs (the fan PI loop among them), arbitrate
 the priority array, and guard the result. The same object runs in the scan loop over Modbus,
 in the in-process closed loop of `heatloop study`, and under hypothesis in the tests.
+
+Its state is data: `snapshot()` is everything the next step depends on, as JSON-able values,
+and `from_snapshot` continues from it bit for bit (the flight recorder replays from one).
+`restart_memory()` is the smaller part that outlives a restart (DESIGN §5: the mode starts at
+STARTUP again, but latches, failed pumps, a valve fault's retry clock and a failed dry cooler
+are kept, so a restart never retries what the plant has already shown to be broken).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from controller.arbitration import (
+    Level,
     Manual,
     Output,
     Refusal,
@@ -25,8 +33,9 @@ from controller.arbitration import (
 )
 from controller.modes import Conditions, Mode, ModeMachine, Timing
 from controller.sequences import PI, SequenceConfig, mode_outputs
-from interlocks.engine import Event, InterlockState, evaluate
+from interlocks.engine import Event, InterlockState, evaluate, reset_covers
 from interlocks.rules import (
+    RULES,
     Thresholds,
     customer_sink,
     leaks_dry,
@@ -35,6 +44,7 @@ from interlocks.rules import (
 )
 from interlocks.validation import (
     EMPTY_MEMORY,
+    Memory,
     Point,
     ValidationConfig,
     compile_spec,
@@ -76,6 +86,9 @@ PUMP_FEEDBACK = (
     ("secondary_pump_cmd", "secondary_pump_running"),
 )
 PRIMARY_FEEDBACK = frozenset({"primary_pump_a_running", "primary_pump_b_running"})
+FEEDBACK_CMD = {fb: cmd for cmd, fb in PUMP_FEEDBACK}
+RULE_IDS = frozenset(r.id for r in RULES)
+SNAPSHOT_VERSION = 1
 SETPOINT_MIN_C = 10.0  # the lowest supply setpoint a request may ask for (as the site file)
 ANALOGUE_USED = ("it_supply_temp", "it_return_temp", "tank_bottom_temp", "primary_flow")
 
@@ -84,7 +97,9 @@ ANALOGUE_USED = ("it_supply_temp", "it_return_temp", "tank_bottom_temp", "primar
 class Commands:
     """What operators, engineers and the BMS ask for this scan (already authorised)."""
 
-    reset: bool = False
+    # True: every latched rule; a set: the latched rules it names (a leak rule or all of them
+    # also lets LEAK_TRIP go); False or an empty set: no reset
+    reset: bool | frozenset[str] = False
     request_reject: bool = False
     maintenance: bool = False
     manual: Mapping[str, Manual] = field(default_factory=dict)
@@ -110,6 +125,9 @@ class Decision:
     blocked: tuple[str, ...]
     reject_reasons: tuple[str, ...]
     invalid: Mapping[str, str]  # tag -> why it is not trusted
+    # the supervisor's fault memory while it holds: "valve", "pump:<feedback tag>",
+    # "primary_pumps", "drycooler", "hunting" -> one line why
+    faults: Mapping[str, str] = field(default_factory=dict)
 
     def values(self) -> dict[str, Value]:
         return {k: o.value for k, o in self.outputs.items()}
@@ -189,10 +207,15 @@ class SupervisorConfig:
 
 
 class Supervisor:
-    """The decision core. `latched` restores trips that were latched before a restart."""
+    """The decision core. `latched` restores trips that were latched before a restart, and
+    `memory` (a `restart_memory()` from before it) the faults the plant had shown."""
 
     def __init__(
-        self, cfg: SupervisorConfig, now_s: float = 0.0, latched: frozenset[str] = frozenset()
+        self,
+        cfg: SupervisorConfig,
+        now_s: float = 0.0,
+        latched: frozenset[str] = frozenset(),
+        memory: Mapping[str, object] | None = None,
     ) -> None:
         self.cfg = cfg
         self.machine = ModeMachine(cfg.timing, Mode.STARTUP, now_s)
@@ -209,6 +232,8 @@ class Supervisor:
         self.pump_fail_since: dict[str, float] = {}  # feedback tag -> commanded, stopped since
         self.pump_failed: set[str] = set()  # feedback tags of pumps judged failed
         self.dc_failed = False  # the dry cooler is no sink (fault input, or outlet not following)
+        self.dc_why = ""  # why it counts as failed
+        self.dc_remembered = False  # failed as remembered over a restart, not yet judged again
         self.dc_not_cooling_since: float | None = None
         self.blocked_total = 0
         self.was_hunting = False
@@ -218,10 +243,244 @@ class Supervisor:
         self.valve_off_since: float | None = None  # reuse valve away from its command since
         self.valve_fault = False
         self.valve_fault_at = -math.inf
+        if memory is not None:
+            self._remember(memory, now_s, latched)
 
     @property
     def mode(self) -> Mode:
         return self.machine.mode
+
+    # ---- the state as data ----
+
+    def snapshot(self) -> dict[str, object]:
+        """Everything the next step depends on, JSON-able (`json.dumps(allow_nan=True)`).
+
+        Sets are sorted lists, tuples lists, enums their names; `from_snapshot` turns them
+        back into what the code expects, so a restored supervisor decides bit for bit alike.
+        """
+        m, il, mem = self.machine, self.il, self.memory
+        return {
+            "version": SNAPSHOT_VERSION,
+            "mode": {
+                "mode": m.mode.value,
+                "since_s": m.since_s,
+                "now_s": m.now_s,
+                "reject_clear_since": m.reject_clear_since,
+                "ready_since": m.ready_since,
+                "left_reuse_s": m.left_reuse_s,
+                "changes": list(m.changes),
+                "hunting": m.hunting,
+            },
+            "interlocks": {
+                "held_s": dict(il.held_s),
+                "active": sorted(il.active),
+                "latched": sorted(il.latched),
+                "bypassed": sorted(il.bypassed),
+                "last_now_s": il.last_now_s,
+                "refused": sorted(il.refused),
+            },
+            "validation": {
+                "last": {k: list(v) for k, v in mem.last.items()},
+                "rate_faulted": dict(mem.rate_faulted),
+                "implausible": dict(mem.implausible),
+                "loaded_s": mem.loaded_s,
+                "last_now_s": mem.last_now_s,
+            },
+            "fan_pi": {"integral": self.fan_pi.integral, "last_s": self.fan_pi.last_s},
+            "fan_pi_out": self.fan_pi_out,
+            "last": {k: [o.value, o.level.name, o.why] for k, o in self.last.items()},
+            "invalid": dict(self.invalid),
+            "blocked_names": sorted(self.blocked_names),
+            "refused": sorted(list(r) for r in self.refused),
+            "pump_fail_since": dict(self.pump_fail_since),
+            "pump_failed": sorted(self.pump_failed),
+            "dc_failed": self.dc_failed,
+            "dc_why": self.dc_why,
+            "dc_not_cooling_since": self.dc_not_cooling_since,
+            "dc_remembered": self.dc_remembered,
+            "blocked_total": self.blocked_total,
+            "was_hunting": self.was_hunting,
+            "write_failed": sorted(self.write_failed),
+            "degraded": [d if isinstance(d, str) else str(d) for d in self.degraded],
+            "tank_full": self.tank_full,
+            "valve_off_since": self.valve_off_since,
+            "valve_fault": self.valve_fault,
+            "valve_fault_at": self.valve_fault_at,
+        }
+
+    @classmethod
+    def from_snapshot(cls, cfg: SupervisorConfig, snap: object) -> Supervisor:
+        """A supervisor that continues exactly where the one that took `snap` was.
+
+        Raises ValueError naming the first key that is missing or of the wrong kind.
+        """
+        r = _Reader("supervisor snapshot")
+        top = r.section(snap, "")
+        if top.get("version") != SNAPSHOT_VERSION:
+            raise ValueError(
+                f"supervisor snapshot: version is {_short(top.get('version'))}, "
+                f"expected {SNAPSHOT_VERSION}"
+            )
+        m = r.section(r.key(top, "mode"), "mode")
+        mode_name = r.text(m, "mode", "mode")
+        if mode_name not in Mode.__members__:
+            raise ValueError(
+                f"supervisor snapshot: mode.mode is {_short(mode_name)}, expected one of "
+                f"{', '.join(Mode.__members__)}"
+            )
+        sup = cls(cfg, r.num(m, "since_s", "mode"))
+        mm = sup.machine
+        mm.state = Mode[mode_name].value
+        mm.now_s = r.num(m, "now_s", "mode")
+        mm.reject_clear_since = r.opt_num(m, "reject_clear_since", "mode")
+        mm.ready_since = r.opt_num(m, "ready_since", "mode")
+        mm.left_reuse_s = r.num(m, "left_reuse_s", "mode")
+        mm.changes = deque(r.nums(m, "changes", "mode"))
+        mm.hunting = r.flag(m, "hunting", "mode")
+
+        i = r.section(r.key(top, "interlocks"), "interlocks")
+        sup.il = InterlockState(
+            held_s=r.num_map(i, "held_s", "interlocks"),
+            active=frozenset(r.texts(i, "active", "interlocks")),
+            latched=frozenset(r.texts(i, "latched", "interlocks")),
+            bypassed=frozenset(r.texts(i, "bypassed", "interlocks")),
+            last_now_s=r.opt_num(i, "last_now_s", "interlocks"),
+            refused=frozenset(r.texts(i, "refused", "interlocks")),
+        )
+
+        v = r.section(r.key(top, "validation"), "validation")
+        last_raw = r.section(r.key(v, "last", "validation"), "validation.last")
+        last: dict[str, tuple[float, float, float]] = {}
+        for tag, entry in last_raw.items():
+            if not (isinstance(entry, list) and len(entry) == 3 and all(map(_is_num, entry))):
+                raise ValueError(
+                    f"supervisor snapshot: validation.last.{tag} is {_short(entry)}, "
+                    "expected [value, changed_at_s, seen_at_s]"
+                )
+            last[tag] = (entry[0], entry[1], entry[2])
+        sup.memory = Memory(
+            last,
+            r.num_map(v, "rate_faulted", "validation"),
+            r.num_map(v, "implausible", "validation"),
+            r.num(v, "loaded_s", "validation"),
+            r.opt_num(v, "last_now_s", "validation"),
+        )
+
+        pi = r.section(r.key(top, "fan_pi"), "fan_pi")
+        sup.fan_pi = replace(
+            sup.fan_pi,
+            integral=r.num(pi, "integral", "fan_pi"),
+            last_s=r.opt_num(pi, "last_s", "fan_pi"),
+        )
+        sup.fan_pi_out = r.num(top, "fan_pi_out")
+        outputs: dict[str, Output] = {}
+        for tag, entry in r.section(r.key(top, "last"), "last").items():
+            ok = (
+                isinstance(entry, list)
+                and len(entry) == 3
+                and (isinstance(entry[0], bool) or _is_num(entry[0]))
+                and entry[1] in Level.__members__
+                and isinstance(entry[2], str)
+            )
+            if not ok:
+                raise ValueError(
+                    f"supervisor snapshot: last.{tag} is {_short(entry)}, "
+                    "expected [value, level name, why]"
+                )
+            outputs[tag] = Output(entry[0], Level[entry[1]], entry[2])
+        sup.last = outputs
+        sup.invalid = r.text_map(top, "invalid")
+        sup.blocked_names = frozenset(r.texts(top, "blocked_names"))
+        refused = r.key(top, "refused")
+        if not isinstance(refused, list) or not all(
+            isinstance(x, list) and len(x) == 3 and all(isinstance(y, str) for y in x)
+            for x in refused
+        ):
+            raise ValueError(
+                f"supervisor snapshot: refused is {_short(refused)}, "
+                "expected a list of [tag, value shown, why]"
+            )
+        sup.refused = frozenset((x[0], x[1], x[2]) for x in refused)
+        sup.pump_fail_since = r.num_map(top, "pump_fail_since")
+        sup.pump_failed = set(r.texts(top, "pump_failed"))
+        sup.dc_failed = r.flag(top, "dc_failed")
+        sup.dc_why = r.text(top, "dc_why")
+        sup.dc_not_cooling_since = r.opt_num(top, "dc_not_cooling_since")
+        sup.dc_remembered = r.flag(top, "dc_remembered")
+        blocked_total = r.key(top, "blocked_total")
+        if not isinstance(blocked_total, int) or isinstance(blocked_total, bool):
+            raise ValueError(
+                f"supervisor snapshot: blocked_total is {_short(blocked_total)}, "
+                "expected an integer"
+            )
+        sup.blocked_total = blocked_total
+        sup.was_hunting = r.flag(top, "was_hunting")
+        sup.write_failed = frozenset(r.texts(top, "write_failed"))
+        sup.degraded = tuple(r.texts(top, "degraded"))
+        sup.tank_full = r.flag(top, "tank_full")
+        sup.valve_off_since = r.opt_num(top, "valve_off_since")
+        sup.valve_fault = r.flag(top, "valve_fault")
+        sup.valve_fault_at = r.num(top, "valve_fault_at")
+        return sup
+
+    def restart_memory(self, now_s: float) -> dict[str, object]:
+        """What outlives a restart (JSON-able): latched rules, failed pumps, the valve fault
+        with its ages in seconds as of `now_s`, the failed dry cooler. The mode does not: a
+        restart begins at STARTUP (DESIGN §5)."""
+        at, off = self.valve_fault_at, self.valve_off_since
+        return {
+            "latched": sorted(self.il.latched),
+            "pumps_failed": sorted(self.pump_failed),
+            "valve_fault": self.valve_fault,
+            "valve_fault_age_s": max(0.0, now_s - at) if math.isfinite(at) else None,
+            "valve_off_s": None if off is None else max(0.0, now_s - off),
+            "drycooler_failed": self.dc_failed,
+            "drycooler_why": self.dc_why,
+        }
+
+    def _remember(self, memory: object, now_s: float, latched: frozenset[str]) -> None:
+        """Apply a `restart_memory()` (a missing key: nothing remembered of it)."""
+        r = _Reader("supervisor memory")
+        mem = r.section(memory, "")
+        get = mem.get
+        rules = frozenset(r.texts(mem, "latched")) if get("latched") is not None else NONE
+        unknown = sorted(rules - RULE_IDS)
+        if unknown:
+            raise ValueError(
+                f"supervisor memory: latched holds {_short(unknown)}, expected rule ids "
+                f"({', '.join(sorted(RULE_IDS))})"
+            )
+        rules |= latched
+        self.il = InterlockState(latched=rules, active=rules)
+        pumps = set(r.texts(mem, "pumps_failed")) if get("pumps_failed") is not None else set()
+        if not pumps <= FEEDBACK_CMD.keys():
+            raise ValueError(
+                f"supervisor memory: pumps_failed holds {_short(sorted(pumps))}, expected pump "
+                f"feedback tags ({', '.join(FEEDBACK_CMD)})"
+            )
+        self.pump_failed = pumps
+        if get("valve_fault") is not None:
+            self.valve_fault = r.flag(mem, "valve_fault")
+        for key in ("valve_fault_age_s", "valve_off_s"):
+            age = r.opt_num(mem, key) if key in mem else None
+            if age is not None and not 0.0 <= age < math.inf:
+                raise ValueError(
+                    f"supervisor memory: {key} is {_short(age)}, expected seconds >= 0"
+                )
+        fault_age = r.opt_num(mem, "valve_fault_age_s") if "valve_fault_age_s" in mem else None
+        if fault_age is not None:
+            self.valve_fault_at = now_s - fault_age  # the retry clock runs on, not anew
+        off = r.opt_num(mem, "valve_off_s") if "valve_off_s" in mem else None
+        if off is not None:
+            self.valve_off_since = now_s - off
+        if get("drycooler_failed") is not None and r.flag(mem, "drycooler_failed"):
+            self.dc_failed = True
+            why = r.text(mem, "drycooler_why") if get("drycooler_why") is not None else ""
+            self.dc_why = why or "judged failed before the restart"
+            # judged already: it stays failed until a scan can judge it again, and then only
+            # a cooling outlet clears it
+            self.dc_remembered = True
+            self.dc_not_cooling_since = now_s - DC_FOLLOW_S
 
     @property
     def latched(self) -> frozenset[str]:
@@ -236,6 +495,7 @@ class Supervisor:
             and flow.value > cfg.primary_flow_low_m3h
         )
         points, self.memory = validate(image, self.memory, now_s, cfg.validation, flowing)
+        covers = reset_covers(cmds.reset)  # None: every rule; else the rules named (maybe none)
         verdict = evaluate(
             points,
             self.il,
@@ -253,7 +513,7 @@ class Supervisor:
             events.append(valve_event)
         if cmds.write_failed or cmds.degraded or self.write_failed or self.degraded:
             events += self._runtime_events(cmds, now_s)
-        events += self._watch_pumps(points, now_s, cmds.reset)
+        events += self._watch_pumps(points, now_s, covers is None or bool(covers))
         events += self._watch_drycooler(points, now_s)
         reasons = self._reject_reasons(points, verdict.active, cmds, now_s)
         tank = points["tank_bottom_temp"].num() if "tank_bottom_temp" in points else math.nan
@@ -266,7 +526,9 @@ class Supervisor:
             inputs_valid=cmds.link_ok and points["it_supply_temp"].valid,
             leak_latched=bool(verdict.latched & LEAK_RULES),
             leaks_dry=leaks_dry(points),
-            reset=cmds.reset,
+            # LEAK_TRIP is left on a reset of every rule or of a leak rule (the machine also
+            # asks that no leak latch remains and every leak input reads dry)
+            reset=covers is None or not covers.isdisjoint(LEAK_RULES),
             maintenance=cmds.maintenance,
             reject=bool(reasons),
             customer_ready=ready is not None and ready.valid and ready.value is True,
@@ -366,6 +628,7 @@ class Supervisor:
             blocked=tuple(blocked),
             reject_reasons=reasons,
             invalid=invalid,
+            faults=self._faults(now_s),
         )
 
     def _reject_reasons(
@@ -382,13 +645,49 @@ class Supervisor:
         if cmds.write_failed:
             r.append(f"outputs not acknowledged: {', '.join(sorted(cmds.write_failed))}")
         r += [str(d) for d in cmds.degraded]
-        if self.valve_fault or now_s - self.valve_fault_at < self.cfg.valve_retry_s:
+        if self._valve_held(now_s):
             r.append("reuse valve not following its command")
         if "secondary_pump_running" in self.pump_failed:
             r.append("secondary pump failed")
         if self.pump_failed >= PRIMARY_FEEDBACK:
             r.append("both primary pumps failed")
         return tuple(r)
+
+    def _valve_held(self, now_s: float) -> bool:
+        """The valve does not follow, or did within the retry interval: no reuse."""
+        return self.valve_fault or now_s - self.valve_fault_at < self.cfg.valve_retry_s
+
+    def _faults(self, now_s: float) -> dict[str, str]:
+        """The fault memory as it stands, one stable line each (the alarms show them)."""
+        valve = self._valve_held(now_s)
+        if not (valve or self.pump_failed or self.dc_failed or self.machine.hunting):
+            return {}
+        cfg = self.cfg
+        faults: dict[str, str] = {}
+        if self.valve_fault:
+            faults["valve"] = (
+                f"reuse valve more than {cfg.valve_tolerance_pct:g} % from its command "
+                f"for {cfg.valve_follow_s:g} s"
+            )
+        elif valve:
+            faults["valve"] = (
+                f"reuse valve did not follow its command; reuse is retried "
+                f"{cfg.valve_retry_s:g} s after the fault"
+            )
+        for fb in sorted(self.pump_failed):
+            faults[f"pump:{fb}"] = (
+                f"{FEEDBACK_CMD.get(fb, fb)} commanded on but {fb} read stopped for "
+                f"{cfg.pump_fail_s:g} s"
+            )
+        if self.pump_failed >= PRIMARY_FEEDBACK:
+            faults["primary_pumps"] = "both primary pumps failed"
+        if self.dc_failed:
+            faults["drycooler"] = f"dry cooler is no heat sink: {self.dc_why}"
+        if self.machine.hunting:
+            faults["hunting"] = (
+                f"more than {cfg.timing.hunting_changes_per_h} mode changes in an hour"
+            )
+        return faults
 
     def _point_events(self, invalid: Mapping[str, str], now_s: float) -> list[Event]:
         """One `point_invalid` when a point turns bad, one `point_valid` when it recovers."""
@@ -470,26 +769,35 @@ class Supervisor:
         fault = points.get("drycooler_fault")
         by_input = fault is not None and fault.valid and fault.value is True
         fan = self.last.get("drycooler_fan_cmd")
-        not_cooling = False
+        judged = not_cooling = False
         if fan is not None and float(fan.value) >= DC_FANS_HIGH_PCT:
             ret, out, amb = (
                 points[n].num() if n in points else math.nan
                 for n in ("it_return_temp", "drycooler_out_temp", "ambient_temp")
             )
             drive = ret - amb  # NaN when any is unknown: no verdict from the temperatures
-            not_cooling = drive >= DC_DRIVE_K and out - amb > DC_APPROACH_FRAC * drive
+            judged = drive >= DC_DRIVE_K and out == out
+            not_cooling = judged and out - amb > DC_APPROACH_FRAC * drive
+        if self.dc_remembered:
+            # failed before a restart: that stands (the HX stays first sink) until the fans
+            # run high with a real driving difference and the outlet can be judged again
+            if not judged:
+                return []
+            self.dc_remembered = False
         if not not_cooling:
             self.dc_not_cooling_since = None
         elif self.dc_not_cooling_since is None:
             self.dc_not_cooling_since = now_s
         since = self.dc_not_cooling_since
         failed = by_input or (since is not None and now_s - since >= DC_FOLLOW_S)
+        if failed:
+            self.dc_why = "drycooler_fault input" if by_input else "outlet not following the fans"
         if failed == self.dc_failed:
             return []
         self.dc_failed = failed
         if failed:
-            why = "drycooler_fault input" if by_input else "outlet not following the fans"
-            return [Event("drycooler_failed", now_s, "drycooler", {"why": why})]
+            return [Event("drycooler_failed", now_s, "drycooler", {"why": self.dc_why})]
+        self.dc_why = ""
         return [Event("drycooler_recovered", now_s, "drycooler")]
 
     def _watch_pumps(self, points: Mapping[str, Point], now_s: float, reset: bool) -> list[Event]:
@@ -543,3 +851,87 @@ def _change(
     if new:
         return [Event(kinds[0], now_s, source, {key: new})]
     return [Event(kinds[1], now_s, source, {"was": old})]
+
+
+def _short(v: object) -> str:
+    """A value as bounded text for an error line."""
+    return shown(v, 60)
+
+
+def _is_num(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+class _Reader:
+    """Typed reads from a parsed snapshot; every failure is one ValueError naming the key."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+
+    def _fail(self, where: str, key: str, v: object, expected: str) -> ValueError:
+        name = f"{where}.{key}" if where else key
+        return ValueError(f"{self.what}: {name} is {_short(v)}, expected {expected}")
+
+    def section(self, v: object, where: str) -> Mapping[str, object]:
+        if not isinstance(v, Mapping):
+            what = f"{self.what}: {where}" if where else self.what
+            raise ValueError(f"{what} is {_short(v)}, expected an object")
+        return v
+
+    def key(self, d: Mapping[str, object], key: str, where: str = "") -> object:
+        if key not in d:
+            name = f"{where}.{key}" if where else key
+            raise ValueError(f"{self.what}: {name} is missing")
+        return d[key]
+
+    def num(self, d: Mapping[str, object], key: str, where: str = "") -> float:
+        v = self.key(d, key, where)
+        if not _is_num(v):
+            raise self._fail(where, key, v, "a number")
+        return v  # type: ignore[return-value]
+
+    def opt_num(self, d: Mapping[str, object], key: str, where: str = "") -> float | None:
+        v = self.key(d, key, where)
+        if v is not None and not _is_num(v):
+            raise self._fail(where, key, v, "a number or null")
+        return v  # type: ignore[return-value]
+
+    def nums(self, d: Mapping[str, object], key: str, where: str = "") -> list[float]:
+        v = self.key(d, key, where)
+        if not isinstance(v, list) or not all(map(_is_num, v)):
+            raise self._fail(where, key, v, "a list of numbers")
+        return v
+
+    def flag(self, d: Mapping[str, object], key: str, where: str = "") -> bool:
+        v = self.key(d, key, where)
+        if not isinstance(v, bool):
+            raise self._fail(where, key, v, "true or false")
+        return v
+
+    def text(self, d: Mapping[str, object], key: str, where: str = "") -> str:
+        v = self.key(d, key, where)
+        if not isinstance(v, str):
+            raise self._fail(where, key, v, "a string")
+        return v
+
+    def texts(self, d: Mapping[str, object], key: str, where: str = "") -> list[str]:
+        v = self.key(d, key, where)
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise self._fail(where, key, v, "a list of strings")
+        return v
+
+    def num_map(self, d: Mapping[str, object], key: str, where: str = "") -> dict[str, float]:
+        v = self.key(d, key, where)
+        if not isinstance(v, Mapping) or not all(
+            isinstance(k, str) and _is_num(x) for k, x in v.items()
+        ):
+            raise self._fail(where, key, v, "an object of numbers")
+        return dict(v)
+
+    def text_map(self, d: Mapping[str, object], key: str, where: str = "") -> dict[str, str]:
+        v = self.key(d, key, where)
+        if not isinstance(v, Mapping) or not all(
+            isinstance(k, str) and isinstance(x, str) for k, x in v.items()
+        ):
+            raise self._fail(where, key, v, "an object of strings")
+        return dict(v)

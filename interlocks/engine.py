@@ -7,7 +7,8 @@ that steps backwards (NTP, an operator) cannot suspend an interlock, and one tha
 can only make it act sooner. A rule clears when its reset condition (data in the rule table)
 holds: by itself for the non-latching rules, on a deliberate reset for the latching ones, which
 stay latched otherwise; a latch is never cleared on an unknown sensor, because the leak rules'
-reset condition asks for a valid, dry input.
+reset condition asks for a valid, dry input. A reset is `True` (every latched rule) or a set of
+rule ids (only those); anything else resets nothing, so a garbled request never clears a trip.
 
 A bypass (rule id -> expiry) suppresses a rule's effects but not its visibility. It is refused,
 with one `bypass_refused` event, when the rule is unknown or not bypassable, or its expiry is
@@ -84,6 +85,23 @@ def merge(wishes: list[tuple[Rule, Value]]) -> Forced:
     return Forced(best, tuple(r.id for r, v in pool if v == best))
 
 
+NO_RESET: frozenset[str] = frozenset()
+
+
+def reset_covers(reset: object) -> frozenset[str] | None:
+    """The rule ids a reset request names: None for every rule (`True`), `NO_RESET` for none.
+
+    Only `True` means "all": a truthy number, a string or any other object is no reset request
+    (a latch is cleared only on a deliberate, well-formed reset); a set names its rules, and an
+    element that is no string names no rule.
+    """
+    if reset is True:
+        return None
+    if not reset or not isinstance(reset, frozenset | set):
+        return NO_RESET
+    return frozenset(x for x in reset if isinstance(x, str))
+
+
 def _bypass_refusal(rule: Rule | None, expiry: float, now_s: float, th: Thresholds) -> str:
     """Why a bypass request is refused, or "" when it may stand."""
     if rule is None:
@@ -109,12 +127,14 @@ def evaluate(
     th: Thresholds,
     *,
     link_ok: bool = True,
-    reset: bool = False,
+    reset: bool | frozenset[str] = False,
     bypasses: Mapping[str, float] | None = None,
     rules: tuple[Rule, ...] = RULES,
 ) -> Verdict:
-    """One scan of the interlock layer. `bypasses` maps rule id to its expiry time."""
+    """One scan of the interlock layer. `bypasses` maps rule id to its expiry time; `reset` is
+    True (every latched rule) or the ids of the latched rules to reset."""
     events: list[Event] = []
+    resets = reset_covers(reset)
     last = state.last_now_s
     # elapsed scan time; a step backwards (or a NaN time) adds nothing, and suspends nothing
     dt = now_s - last if last is not None and now_s > last else 0.0
@@ -133,7 +153,7 @@ def evaluate(
             if r.latching and r.id not in latched:
                 latched.add(r.id)
                 events.append(Event("trip_latched", now_s, r.id, {"hazard": r.hazard}))
-        if r.id in latched and reset:
+        if r.id in latched and (resets is None or r.id in resets):
             if held:
                 events.append(Event("reset_refused", now_s, r.id, {"why": "cause still present"}))
             elif not r.reset(points, th):
