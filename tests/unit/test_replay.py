@@ -75,11 +75,13 @@ def record_run(
     max_pending: int = 1200,
     wall0: float = WALL0,
     core: Core | None = None,
+    rebuild_at: int | None = None,
 ) -> Run:
     """The simulated plant and the core stepped together, every scan recorded as the runtime
     does: a snapshot when the recorder asks, then the step, then `put`. A reuse-zone leak at
     LEAK_AT dries at DRY_AT; an operator acknowledges at ACK_AT, an engineer resets at
-    RESET_AT. No write pass runs during `hold` (the writer falls behind)."""
+    RESET_AT. No write pass runs during `hold` (the writer falls behind). At `rebuild_at` the
+    runtime replaces its core with a new one (as when late-restored latches arrive)."""
     site = demo_site(folder)
     run = Run(site, site.state_dir / "recorder")
     rec = Recorder.for_site(
@@ -95,7 +97,9 @@ def record_run(
         if k == DRY_AT:
             state = faults.clear(state, "leak", "reuse")
         inp = ScanInput(image_of(measure(state), now), now, wall, True, requests=requests_at(k))
-        if rec.snapshot_due(wall):
+        if k == rebuild_at:
+            core = Core(site, now, wall)
+        if rec.snapshot_due(wall) or k == rebuild_at:
             rec.put_snapshot(wall, core.snapshot())
             run.snapshots.append(wall)
         result = core.step(inp)
@@ -224,6 +228,16 @@ def test_restart_resumes_at_the_next_snapshot(tmp_path: Path) -> None:
     assert report.ok, report.lines()
     assert report.scans == 600 and report.not_replayed == 0
     assert any("restarted" in g for g in report.gaps)
+
+
+def test_a_core_rebuilt_mid_run_is_followed(tmp_path: Path) -> None:
+    """The runtime replaced its core mid-run (new state, same recorder, no gap) and handed over
+    its snapshot: replay continues from that snapshot and every scan matches."""
+    run = record_run(tmp_path, n=800, rebuild_at=DRY_AT + 20)  # latched, dry, not yet reset
+    assert run.modes[DRY_AT + 19] == "LEAK_TRIP" != run.modes[DRY_AT + 20]  # a new core: no latch
+    report = replay(run.site, run.rec_dir, WALL0, run.walls[-1])
+    assert report.ok, report.lines()
+    assert report.scans == 800 and not report.gaps
 
 
 def test_torn_last_segment_is_reported_and_the_rest_replays(recorded: Run, tmp_path: Path) -> None:
