@@ -364,6 +364,9 @@ class AlarmTable:
     def __post_init__(self) -> None:
         active = {a.id: a.detail for a in self.alarms.values() if a.state in _ACTIVE}
         shelved = tuple(a.id for a in self.alarms.values() if a.shelved_until is not None)
+        self._derive(active, shelved)
+
+    def _derive(self, active: dict[str, str], shelved: tuple[str, ...]) -> None:
         lo, hi = -math.inf, math.inf
         for aid in shelved:
             a = self.alarms[aid]
@@ -373,6 +376,24 @@ class AlarmTable:
         object.__setattr__(self, "_shelved", shelved)
         object.__setattr__(self, "_quiet_from", lo)
         object.__setattr__(self, "_quiet_until", hi)
+
+    @classmethod
+    def _known(
+        cls,
+        defs: Mapping[str, AlarmDef],
+        alarms: Mapping[str, Alarm],
+        wall: float | None,
+        active: dict[str, str],
+        shelved: tuple[str, ...],
+    ) -> AlarmTable:
+        """A table whose derived fields the caller already knows (a scan's cost, not 100
+        alarms'). `shelved` must be in the alarms' order, as `__post_init__` would make it."""
+        t = cls.__new__(cls)
+        object.__setattr__(t, "defs", defs)
+        object.__setattr__(t, "alarms", alarms)
+        object.__setattr__(t, "wall", wall)
+        t._derive(active, shelved)
+        return t
 
     @classmethod
     def new(cls, defs: Mapping[str, AlarmDef]) -> AlarmTable:
@@ -481,6 +502,7 @@ class AlarmTable:
             changed = True
 
         # shelving that ran out (or whose grant lies in the future: the clock went back)
+        shelved = self._shelved
         for aid in self._shelved:
             a = alarms[aid]
             until, granted = a.shelved_until, a.shelved_wall
@@ -491,13 +513,15 @@ class AlarmTable:
             a = _unshelved(a)
             alarms[aid] = a
             changed = True
+            shelved = tuple(x for x in shelved if x != aid)
             events.append(Event("alarm_unshelved", now, aid, {"why": why, "who": ""}))
             if a.state is AlarmState.UNACK:
                 events.append(_raised(a, now, after_shelving=True))
 
         if not changed:
             return self, events
-        return AlarmTable(defs, alarms, now), events
+        # every condition present is now active with its detail; none else is
+        return AlarmTable._known(defs, alarms, now, cur, shelved), events
 
     # ---- people ----
 
@@ -543,7 +567,13 @@ class AlarmTable:
             )
         if not acked:
             return self, acked, unknown, events
-        return AlarmTable(self.defs, alarms, now), acked, unknown, events
+        # acknowledging changes no condition and no shelving
+        return (
+            AlarmTable._known(self.defs, alarms, now, self._active, self._shelved),
+            acked,
+            unknown,
+            events,
+        )
 
     def shelve(
         self, alarm_id: str, until_wall: float, who: str, reason: str, now_wall: float
