@@ -682,13 +682,21 @@ class Recorder:
             "problem": self.problem,
         }
 
-    def close(self) -> None:
-        """Write everything queued, fsync and close the segment."""
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Write everything queued, fsync and close the segment. Bounded: a writer stuck on a
+        hung disk is left behind (a daemon thread) after `timeout_s`, so shutdown goes on."""
         self._closed = True
         if self._thread is not None:
             self._wake.set()
-            self._thread.join(timeout=30.0)
+            self._thread.join(timeout=timeout_s)
+            if self._thread.is_alive():
+                self._fail("close", TimeoutError(f"writer still busy after {timeout_s:g} s"))
+                return
             self._thread = None
+        if not self._lock.acquire(timeout=timeout_s):
+            self._fail("close", TimeoutError(f"writer still busy after {timeout_s:g} s"))
+            return
+        self._lock.release()
         self.drain()
         with self._lock:
             self._close_segment()

@@ -12,6 +12,7 @@ import random
 import shutil
 import struct
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -400,3 +401,32 @@ def test_segment_header_names_software_and_site(tmp_path: Path) -> None:
     assert head.info["tags"] == TAGS and head.info["site"] == SITE.site.name
     assert len(head.info["code"]) == 16 and len(head.info["site_hash"]) == 16
     assert head.info["version"]
+
+
+class HungFile(FailingFile):
+    """A segment file on a disk that stopped answering: a write waits until released."""
+
+    def __init__(self, real: Any) -> None:
+        super().__init__(real)
+        self.gate = threading.Event()
+
+    def write(self, data: bytes) -> int:
+        self.gate.wait(60.0)
+        return int(self.real.write(data))
+
+
+def test_close_gives_up_on_a_hung_disk(tmp_path: Path) -> None:
+    """Shutdown never waits on a hung disk: `close` returns after its bound with `problem` set,
+    leaving the stuck writer thread behind."""
+    rec = Recorder(tmp_path, TAGS, flush_every_s=3600.0)  # its thread only wakes when told
+    rec.put(scan(0), "0" * 32)
+    rec.drain()  # the segment is open
+    hung = HungFile(rec._file)
+    rec._file = hung
+    rec.put(scan(1), "1" * 32)
+    rec.close(timeout_s=0.2)  # the thread is now inside the write
+    assert rec.problem is not None and "writer still busy" in rec.problem
+    hung.gate.set()  # the disk answers again: let the thread finish
+    assert rec._thread is not None
+    rec._thread.join(60.0)
+    assert not rec._thread.is_alive()
