@@ -134,7 +134,7 @@ def replay(
         if snap is None:
             report.problem = (
                 f"nothing to replay between {utc_text(from_wall)} and {utc_text(to_wall)}: "
-                "no snapshot at or before the window or inside it"
+                f"no snapshot at or before the window or inside it{_span(rec_dir)}"
             )
             return report
         report.warnings.append(
@@ -150,13 +150,24 @@ def replay(
     replayer = _Replayer(site, report, core, snap, export)
     replayer.run(iter_stream(rec_dir, start=snap))
     if report.in_window == 0:
-        ends = replayer.last_wall
         report.problem = (
             f"nothing replayable recorded between {utc_text(from_wall)} and "
-            f"{utc_text(to_wall)}"
-            + (f" (the record ends at {utc_text(ends)})" if ends is not None else "")
+            f"{utc_text(to_wall)}{_span(rec_dir)}"
         )
     return report
+
+
+def _span(rec_dir: Path) -> str:
+    """ " (the record covers A … B)": the first and last recorded scans, for a refusal."""
+    segs = segments(rec_dir)
+    first = next((r.wall_s for r in read_segment(segs[0]) if isinstance(r, Recorded)), None)
+    last = None
+    for r in read_segment(segs[-1]):
+        if isinstance(r, Recorded):
+            last = r.wall_s
+    if first is None or last is None:
+        return ""
+    return f" (the record covers {utc_text(first)} … {utc_text(last)})"
 
 
 def _first_snapshot_after(rec_dir: Path, from_wall: float, to_wall: float) -> Snapshot | None:
