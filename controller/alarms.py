@@ -50,7 +50,7 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from enum import IntEnum, StrEnum
-from typing import Any
+from typing import Any, TypeGuard
 
 from interlocks.engine import Event
 from interlocks.rules import Rule
@@ -325,8 +325,20 @@ def _text(v: object) -> str:
     return s if len(s) <= MAX_TEXT else s[: MAX_TEXT - 1] + "…"
 
 
-def _finite(x: object) -> bool:
-    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+def _shown(v: object) -> str:
+    """A refused value as a refusal shows it: its repr, bounded."""
+    r = repr(v)
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
+def _finite(x: object) -> TypeGuard[int | float]:
+    """A number that is a time: not a bool, not NaN or infinite, not an int beyond any float."""
+    if not isinstance(x, int | float) or isinstance(x, bool):
+        return False
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _in_window(now: float, then: float) -> bool:
@@ -403,7 +415,7 @@ class AlarmTable:
     def _now(self, now_wall: object) -> float:
         """A finite time: a non-finite or non-numeric one stands for the latest known."""
         if _finite(now_wall):
-            return float(now_wall)  # type: ignore[arg-type]
+            return float(now_wall)
         return self.wall if self.wall is not None else 0.0
 
     # ---- the scan ----
@@ -585,13 +597,21 @@ class AlarmTable:
         if a is None:
             return (
                 self,
-                f"unknown alarm id {_text(alarm_id)!r}: expected an id from the catalogue",
+                f"unknown alarm id {_shown(alarm_id)}: expected an id from the catalogue",
                 [],
             )
         if not _finite(now_wall):
-            return self, f"now_wall {now_wall!r} is not a time: expected a finite wall time", []
+            return (
+                self,
+                f"now_wall {_shown(now_wall)} is not a time: expected a finite wall time",
+                [],
+            )
         if not _finite(until_wall):
-            return self, f"until_wall {until_wall!r} is not a time: expected a finite wall time", []
+            return (
+                self,
+                f"until_wall {_shown(until_wall)} is not a time: expected a finite wall time",
+                [],
+            )
         now, until = float(now_wall), float(until_wall)
         if until <= now:
             return (
@@ -619,7 +639,7 @@ class AlarmTable:
         if a is None:
             return (
                 self,
-                f"unknown alarm id {_text(alarm_id)!r}: expected an id from the catalogue",
+                f"unknown alarm id {_shown(alarm_id)}: expected an id from the catalogue",
                 [],
             )
         if a.shelved_until is None:
@@ -677,23 +697,25 @@ class AlarmTable:
         if not isinstance(d, Mapping):
             raise ValueError(f"alarms: {type(d).__name__} is not a table; expected a mapping")
         if d.get("version") != SNAPSHOT_VERSION:
-            raise ValueError(f"alarms.version: {d.get('version')!r}; expected {SNAPSHOT_VERSION}")
+            raise ValueError(
+                f"alarms.version: {_shown(d.get('version'))}; expected {SNAPSHOT_VERSION}"
+            )
         wall = d.get("wall")
         if wall is not None and not _finite(wall):
-            raise ValueError(f"alarms.wall: {wall!r}; expected a finite time or null")
+            raise ValueError(f"alarms.wall: {_shown(wall)}; expected a finite time or null")
         unlisted = d.get("unlisted", [])
         if not isinstance(unlisted, list) or not all(isinstance(i, str) for i in unlisted):
-            raise ValueError(f"alarms.unlisted: {unlisted!r}; expected a list of ids")
+            raise ValueError(f"alarms.unlisted: {_shown(unlisted)}; expected a list of ids")
         recs = d.get("alarms")
         if not isinstance(recs, Mapping):
-            raise ValueError(f"alarms.alarms: {recs!r}; expected a mapping of id to alarm")
+            raise ValueError(f"alarms.alarms: {_shown(recs)}; expected a mapping of id to alarm")
         extra = set(d) - {"version", "wall", "unlisted", "alarms"}
         if extra:
-            raise ValueError(f"alarms: unknown field {sorted(extra)[0]!r}")
+            raise ValueError(f"alarms: unknown field {_shown(sorted(extra, key=str)[0])}")
         full = dict(defs)
         for aid in [*unlisted, *recs]:
             if not isinstance(aid, str):
-                raise ValueError(f"alarms.alarms: id {aid!r}; expected a string")
+                raise ValueError(f"alarms.alarms: id {_shown(aid)}; expected a string")
             if aid not in full:
                 full[aid] = unlisted_def(aid)
         alarms = {aid: _fresh(x) for aid, x in full.items()}
@@ -725,10 +747,10 @@ def _unshelved(a: Alarm) -> Alarm:
 def _restore_alarm(d: AlarmDef, rec: object) -> Alarm:
     where = f"alarms.alarms.{d.id}"
     if not isinstance(rec, Mapping):
-        raise ValueError(f"{where}: {rec!r}; expected a mapping")
+        raise ValueError(f"{where}: {_shown(rec)}; expected a mapping")
     extra = set(rec) - set(_STATE_FIELDS)
     if extra:
-        raise ValueError(f"{where}: unknown field {sorted(extra, key=str)[0]!r}")
+        raise ValueError(f"{where}: unknown field {_shown(sorted(extra, key=str)[0])}")
     missing = [f for f in _STATE_FIELDS if f not in rec]
     if missing:
         raise ValueError(f"{where}.{missing[0]}: missing")
@@ -737,25 +759,25 @@ def _restore_alarm(d: AlarmDef, rec: object) -> Alarm:
         kw["state"] = AlarmState(rec["state"])
     except (ValueError, TypeError):
         raise ValueError(
-            f"{where}.state: {rec['state']!r}; expected one of {[str(s) for s in AlarmState]}"
+            f"{where}.state: {_shown(rec['state'])}; expected one of {[str(s) for s in AlarmState]}"
         ) from None
     for f in ("detail", "acked_by", "shelved_by", "shelve_reason"):
         v = rec[f]
         if not isinstance(v, str) or len(v) > MAX_TEXT:
-            raise ValueError(f"{where}.{f}: {v!r}; expected a string of at most {MAX_TEXT}")
+            raise ValueError(f"{where}.{f}: {_shown(v)}; expected a string of at most {MAX_TEXT}")
         kw[f] = v
     for f in ("active_since_wall", "changed_wall", "acked_wall", "shelved_until", "shelved_wall"):
         v = rec[f]
         if v is not None and not _finite(v):
-            raise ValueError(f"{where}.{f}: {v!r}; expected a finite time or null")
+            raise ValueError(f"{where}.{f}: {_shown(v)}; expected a finite time or null")
         kw[f] = float(v) if v is not None else None
     for f in ("first_out", "chattering"):
         if not isinstance(rec[f], bool):
-            raise ValueError(f"{where}.{f}: {rec[f]!r}; expected true or false")
+            raise ValueError(f"{where}.{f}: {_shown(rec[f])}; expected true or false")
         kw[f] = rec[f]
     n = rec["chatter_count"]
     if not isinstance(n, int) or isinstance(n, bool) or n < 0:
-        raise ValueError(f"{where}.chatter_count: {n!r}; expected a whole number ≥ 0")
+        raise ValueError(f"{where}.chatter_count: {_shown(n)}; expected a whole number ≥ 0")
     kw["chatter_count"] = n
     recent = rec["recent"]
     if (
@@ -763,11 +785,13 @@ def _restore_alarm(d: AlarmDef, rec: object) -> Alarm:
         or len(recent) > CHATTER_MAX
         or not all(_finite(t) for t in recent)
     ):
-        raise ValueError(f"{where}.recent: {recent!r}; expected at most {CHATTER_MAX} finite times")
+        raise ValueError(
+            f"{where}.recent: {_shown(recent)}; expected at most {CHATTER_MAX} finite times"
+        )
     kw["recent"] = tuple(float(t) for t in recent)
     if (kw["shelved_until"] is None) != (kw["shelved_wall"] is None):
         raise ValueError(
-            f"{where}.shelved_until: {kw['shelved_until']!r} with shelved_wall "
-            f"{kw['shelved_wall']!r}; expected both set or both null"
+            f"{where}.shelved_until: {_shown(kw['shelved_until'])} with shelved_wall "
+            f"{_shown(kw['shelved_wall'])}; expected both set or both null"
         )
     return Alarm(d.id, d.priority, d.message, **kw)

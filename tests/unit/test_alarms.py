@@ -3,6 +3,7 @@ first-out, chattering, persistence, and a state-machine test against a small ref
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 
@@ -256,6 +257,7 @@ def test_shelving_refuses_unknown_alarms_and_bad_times() -> None:
         (("HUNTING", math.nan), "until_wall nan is not a time"),
         (("HUNTING", math.inf), "until_wall inf is not a time"),
         (("HUNTING", True), "until_wall True is not a time"),
+        (("HUNTING", 10**400), "is not a time"),
         (("HUNTING", "200"), "until_wall '200' is not a time"),
         (("HUNTING", 100.0), "not after now"),
         (("HUNTING", 50.0), "not after now"),
@@ -376,7 +378,7 @@ def test_an_unknown_condition_is_raised_with_a_generic_definition_never_dropped(
 
 def test_a_time_that_is_not_finite_stands_for_the_latest_known() -> None:
     t = table({"IL-06": "hot"})
-    for bad in (math.nan, math.inf, None, "soon"):
+    for bad in (math.nan, math.inf, None, "soon", 10**400):
         t2, ev = t.update({}, bad)  # type: ignore[arg-type]
         assert t2.alarms["IL-06"].changed_wall == 100.0 and ev[0].at_s == 100.0
         assert roundtrip(t2) == t2
@@ -435,6 +437,49 @@ def test_restore_refuses_a_broken_snapshot_naming_the_field() -> None:
             AlarmTable.restore(DEFS, snap)
         assert words in str(e.value), (words, str(e.value))
         assert "\n" not in str(e.value)
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+    lambda kids: (
+        st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=5), kids, max_size=3)
+    ),
+    max_leaves=8,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    field=st.sampled_from(
+        [
+            "state",
+            "detail",
+            "changed_wall",
+            "recent",
+            "chatter_count",
+            "first_out",
+            "shelved_until",
+            "acked_by",
+        ]
+    ),
+    value=JSON,
+)
+def test_restore_of_any_broken_record_is_a_value_error_or_a_valid_table(field, value) -> None:
+    snap = table({"IL-06": "hot"}).snapshot()
+    snap["alarms"]["IL-06"][field] = value
+    try:
+        t = AlarmTable.restore(DEFS, snap)
+    except ValueError as e:
+        assert f"IL-06.{field}" in str(e) and "\n" not in str(e)
+    else:
+        assert roundtrip(t) == t
+
+
+@settings(max_examples=200, deadline=None)
+@given(JSON)
+def test_restore_of_any_json_is_a_value_error_or_a_table(value) -> None:
+    with contextlib.suppress(ValueError):
+        AlarmTable.restore(DEFS, value)
 
 
 def test_restore_takes_the_current_catalogues_text() -> None:
