@@ -42,7 +42,7 @@ class Conditions:
     inputs_valid: bool  # enough is known to leave STARTUP
     leak_latched: bool  # a leak latch is set
     leaks_dry: bool  # every leak input valid and dry (an unknown zone is never "dry")
-    reset: bool  # a deliberate reset was asked for this scan
+    reset: bool  # a deliberate reset of every rule, or of a leak rule, was asked this scan
     maintenance: bool  # an engineer holds maintenance
     reject: bool  # a reuse fault, a reject request, or a cooling interlock holds
     customer_ready: bool

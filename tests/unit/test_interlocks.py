@@ -487,3 +487,83 @@ def test_under_il02_every_safe_sink_is_held_in_service_at_the_interlock_level() 
     for name, value in want.items():
         assert d.outputs[name].value == value, name
         assert d.outputs[name].level is Level.INTERLOCK, name
+
+
+# ---- a reset names the rules it resets ----------------------------------------------
+
+
+def test_a_reset_naming_one_rule_leaves_the_others_latched() -> None:
+    v = run(pts(leak_reuse=True, leak_primary=True), [0.0])
+    assert v.latched == {"IL-04", "IL-05"}
+    v = evaluate(pts(), v.state, 1.0, TH, reset=frozenset({"IL-04"}))
+    assert v.latched == {"IL-05"}
+    assert [(e.kind, e.source) for e in v.events] == [
+        ("trip_reset", "IL-04"),
+        ("interlock_cleared", "IL-04"),
+    ]
+    v = evaluate(pts(), v.state, 2.0, TH, reset=frozenset({"IL-05"}))
+    assert not v.latched and not v.active
+
+
+@pytest.mark.parametrize("nothing", [False, frozenset(), frozenset({"IL-06"}), 1, "IL-04", None])
+def test_only_true_or_a_set_naming_the_rule_resets_it(nothing: object) -> None:
+    """No reset, an empty set, a set naming another rule, or a request of the wrong kind (a
+    truthy number, a bare string): the latch stays, and no event claims otherwise."""
+    v = run(pts(leak_reuse=True), [0.0])
+    v = evaluate(pts(), v.state, 1.0, TH, reset=nothing)  # type: ignore[arg-type]
+    assert v.latched == {"IL-04"} and not v.events
+
+
+def test_a_named_reset_is_refused_while_its_own_cause_holds() -> None:
+    v = run(pts(leak_reuse=True, leak_primary=True), [0.0])
+    v = evaluate(pts(leak_primary=True), v.state, 1.0, TH, reset=frozenset({"IL-04", "IL-05"}))
+    assert v.latched == {"IL-05"}
+    assert [(e.kind, e.source) for e in v.events if e.kind.startswith(("trip", "reset"))] == [
+        ("trip_reset", "IL-04"),
+        ("reset_refused", "IL-05"),
+    ]
+
+
+def test_leak_trip_is_left_only_when_both_leak_latches_are_reset() -> None:
+    """IL-04 and IL-05 latched, both zones dry again: resetting IL-04 alone keeps LEAK_TRIP
+    (IL-05 still latched, the reuse circuit still isolated); resetting IL-05 then leaves it."""
+    sup = Supervisor(CFG)
+    d = sup.step(image(0.0, leak_reuse=True, leak_primary=True), 0.0)
+    assert d.latched == {"IL-04", "IL-05"} and d.mode.value == "LEAK_TRIP"
+    d = sup.step(image(1.0), 1.0, Commands(reset=frozenset({"IL-04"})))
+    assert d.latched == {"IL-05"} and d.mode.value == "LEAK_TRIP"
+    assert d.outputs["reuse_isolation_cmd"].value is False
+    assert d.outputs["secondary_pump_cmd"].value is False
+    d = sup.step(image(2.0), 2.0)
+    assert d.mode.value == "LEAK_TRIP"
+    d = sup.step(image(3.0), 3.0, Commands(reset=frozenset({"IL-05"})))
+    assert not d.latched and d.mode.value == "DRY_COOLER_REJECT"
+
+
+def test_a_reset_of_a_rule_that_is_no_leak_does_not_end_a_leak_trip() -> None:
+    """The leak latch cleared, but its zone's neighbour was unknown at that reset: the mode
+    stays LEAK_TRIP, and a later reset naming only IL-06 does not end it; one naming a leak
+    rule does."""
+    sup = Supervisor(CFG)
+    sup.step(image(0.0, leak_reuse=True), 0.0)
+    lost = Sample(None, Quality.COMMS_LOST, 1.0)
+    d = sup.step(image(1.0, leak_primary=lost), 1.0, Commands(reset=frozenset({"IL-04"})))
+    assert not d.latched and d.mode.value == "LEAK_TRIP"  # an unknown zone is never dry
+    d = sup.step(image(2.0), 2.0, Commands(reset=frozenset({"IL-06"})))
+    assert d.mode.value == "LEAK_TRIP"
+    d = sup.step(image(3.0), 3.0, Commands(reset=frozenset({"IL-04"})))
+    assert d.mode.value == "DRY_COOLER_REJECT"
+
+
+def test_any_reset_clears_the_pump_failure_memory_an_empty_one_does_not() -> None:
+    sup = Supervisor(CFG, memory={"pumps_failed": ["secondary_pump_running"]})
+    d = sup.step(image(0.0, secondary_pump_running=False), 0.0, Commands(reset=frozenset()))
+    assert sup.pump_failed == {"secondary_pump_running"}
+    assert not [e for e in d.events if e.kind == "pump_reset"]
+    d = sup.step(
+        image(1.0, secondary_pump_running=False), 1.0, Commands(reset=frozenset({"IL-06"}))
+    )
+    assert not sup.pump_failed
+    assert [e.detail for e in d.events if e.kind == "pump_reset"] == [
+        {"pumps": ["secondary_pump_running"]}
+    ]

@@ -399,3 +399,86 @@ def test_a_dry_cooler_whose_outlet_does_not_follow_its_fans_is_failed() -> None:
     # a healthy outlet (well below the return) clears it
     d = sup.step(plant_like(t + 400, d, ambient_temp=amb, drycooler_out_temp=25.0), t + 400)
     assert kinds(d, "drycooler_recovered") == [{}]
+
+
+# ---- Decision.faults: the fault memory, while it holds ------------------------------------
+
+
+def test_a_healthy_plant_has_no_faults() -> None:
+    sup, t = reusing()
+    assert sup.step(live(t), t).faults == {}
+
+
+def test_a_stuck_valve_is_a_fault_until_its_retry_interval_is_over() -> None:
+    """Stuck shut while reuse wants it open: "valve" after valve_follow_s, not before; it
+    holds through the retry interval, and is gone when reuse may try again."""
+    sup, t = reusing()
+    d = None
+    first = None
+    for i in range(1, int(CFG.valve_follow_s) + 5):
+        d = sup.step(plant_like(t + i, d, reuse_valve_pos=0.0), t + i)
+        if "valve" in d.faults and first is None:
+            first = i
+    assert first is not None and CFG.valve_follow_s <= first <= CFG.valve_follow_s + 2
+    assert "not following" in " ".join(d.reject_reasons)
+    # in the reject mode the valve is told 0 % and sits there: following again, reuse still
+    # held off until the retry interval has passed since the fault
+    k = t + first + 10
+    d = sup.step(plant_like(k, d, reuse_valve_pos=0.0), k)
+    assert not sup.valve_fault and "retried" in d.faults["valve"]
+    end = t + first + CFG.valve_retry_s
+    d = sup.step(plant_like(end + 1, d, reuse_valve_pos=0.0), end + 1)
+    assert "valve" not in d.faults
+
+
+def test_failed_pumps_are_faults_by_feedback_tag_and_both_primaries_its_own() -> None:
+    sup, t = reusing()
+    d = None
+    for i in range(int(3 * CFG.pump_fail_s) + 3):
+        d = sup.step(
+            plant_like(t + i, d, primary_pump_a_running=False, primary_pump_b_running=False),
+            t + i,
+        )
+    assert d is not None
+    assert set(d.faults) == {
+        "pump:primary_pump_a_running",
+        "pump:primary_pump_b_running",
+        "primary_pumps",
+    }
+    assert all(d.faults.values()) and all("\n" not in v for v in d.faults.values())
+    d = sup.step(plant_like(t + 100, d), t + 100)  # both read running again
+    assert d.faults == {}
+
+
+def test_a_dead_dry_cooler_is_a_fault_with_its_why_and_clears() -> None:
+    sup, t = reusing()
+    d = sup.step(plant_like(t, None, drycooler_fault=True), t)
+    assert d.faults == {"drycooler": "dry cooler is no heat sink: drycooler_fault input"}
+    d = sup.step(plant_like(t + 1, d), t + 1)
+    assert d.faults == {}
+
+
+def test_hunting_is_a_fault_while_the_mode_changes_too_often() -> None:
+    """Reject requested and released every scan past the dwell: more mode changes in an hour
+    than the site allows makes "hunting"; an hour later without changes it is gone."""
+    quick = SupervisorConfig.from_site(
+        CFG_SITE.with_control(
+            min_mode_dwell_s=0.0,
+            reject_dwell_s=0.0,
+            customer_ready_dwell_s=0.0,
+            reuse_reentry_min_s=0.0,
+        )
+    )
+    sup = Supervisor(quick)
+    d = None
+    t = 0.0
+    limit = quick.timing.hunting_changes_per_h
+    for i in range(4 * limit):
+        t += 1.0
+        d = sup.step(plant_like(t, d), t, Commands(request_reject=i % 2 == 1))
+    assert d is not None and "hunting" in d.faults and str(limit) in d.faults["hunting"]
+    t += 3601.0
+    d = sup.step(plant_like(t, d), t)
+    t += 1.0
+    d = sup.step(plant_like(t, d), t)
+    assert "hunting" not in d.faults

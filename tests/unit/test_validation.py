@@ -408,3 +408,104 @@ def test_a_cut_cable_on_a_fail_state_wet_input_latches() -> None:
     assert "IL-04" in d.latched
     d = sup.step(live(1.0, leak_reuse=tags["leak_reuse"].fail_state), 1.0, Commands(reset=True))
     assert "IL-04" in d.latched
+
+
+# ---- a forced input is taken at its forced value ---------------------------------------
+
+
+def forced(value: object, at_s: float) -> Sample:
+    return Sample(value, Quality.FORCED, at_s)  # as the engineer's force replaces the reading
+
+
+def test_a_forced_supply_of_50_raises_il01_not_a_rate_fault() -> None:
+    """35 °C to a forced 50 °C in one scan is faster than any loop warms (the rate check would
+    call it a broken sensor, IL-02); forced, it is the value: IL-01 after its delay."""
+    assert SITE.interlocks.it_supply_high_c < 50.0
+    assert VCFG.max_rate_k_per_s < (50.0 - 35.0) / 1.0
+    sup = Supervisor(CFG)
+    d = None
+    for t in range(0, 5):
+        d = sup.step(live(float(t)), float(t))
+    for t in range(5, 5 + int(RULES_BY_ID["IL-01"].delay_s) + 2):
+        d = sup.step(live(float(t), it_supply_temp=forced(50.0, float(t))), float(t))
+        assert "it_supply_temp" not in d.invalid
+    assert d is not None and "IL-01" in d.active and "IL-02" not in d.active
+    assert d.outputs["drycooler_fan_cmd"].value == 100.0
+
+
+def test_a_forced_value_held_flat_past_the_frozen_window_is_not_frozen() -> None:
+    window = VCFG.frozen_s
+    frames = [(float(t), live(float(t))) for t in range(3)]
+    frames += [
+        (t, live(t, it_supply_temp=forced(30.0, t))) for t in (3.0, 3.0 + window, 4.0 + 2 * window)
+    ]
+    out = run(frames, VCFG)
+    assert all(p["it_supply_temp"] == (30.0, True, "") for p in out[3:])
+    # the same flat line from the real sensor is frozen
+    real = run(
+        [(0.0, live(0.0, it_supply_temp=30.0)), (window + 1, live(window + 1, it_supply_temp=30.0))]
+    )
+    assert real[-1]["it_supply_temp"].reason == FROZEN
+
+
+def test_a_forced_supply_is_not_judged_implausible_nor_remembered_so() -> None:
+    """Colder than the dry-cooler outlet by more than the band, checks armed: the real reading
+    is implausible (IL-02), the forced one is the engineer's value and stays valid."""
+    cold = 35.0 - BAND - 5.0
+    img = live(0.0, it_supply_temp=cold)
+    assert check(img)["it_supply_temp"].reason == IMPLAUSIBLE
+    pts, mem = validate(live(0.0, it_supply_temp=forced(cold, 0.0)), EMPTY_MEMORY, 0.0, ARMED, True)
+    assert pts["it_supply_temp"] == (cold, True, "") and not mem.implausible
+
+
+def test_the_real_signal_after_a_force_starts_anew_and_keeps_its_distrust() -> None:
+    """Forced to 50 for a while, then released to the real 35: no rate fault from the jump back
+    (the force's value never entered the real signal's memory). A sensor that held a rate
+    fault before the force still holds it after (low load: nothing can clear it)."""
+    low = {"it_power": MIN_KW / 2}
+    mem = EMPTY_MEMORY
+    for t in range(3):
+        _, mem = validate(live(float(t)), mem, float(t), ARMED, True)
+    for t in range(3, 6):
+        pts, mem = validate(live(float(t), it_supply_temp=forced(50.0, t)), mem, t, ARMED, True)
+        assert pts["it_supply_temp"].valid
+    pts, mem = validate(live(6.0), mem, 6.0, ARMED, True)
+    assert pts["it_supply_temp"].valid
+
+    jump = 35.0 - 1.5 * VCFG.max_rate_k_per_s
+    mem = EMPTY_MEMORY
+    for t, img in [(0.0, live(0.0, **low)), (1.0, live(1.0, it_supply_temp=jump, **low))]:
+        pts, mem = validate(img, mem, t, ARMED, True)
+    assert pts["it_supply_temp"].reason == RATE
+    pts, mem = validate(live(2.0, it_supply_temp=forced(30.0, 2.0), **low), mem, 2.0, ARMED, True)
+    assert pts["it_supply_temp"].valid and "it_supply_temp" in mem.rate_faulted
+    for t in (3.0, 4.0):
+        pts, mem = validate(live(t, it_supply_temp=jump + t / 100, **low), mem, t, ARMED, True)
+        assert pts["it_supply_temp"].reason == RATE  # still distrusted once released
+
+
+def test_a_forced_wet_leak_input_trips_il04_through_the_rule() -> None:
+    sup = Supervisor(CFG)
+    d = sup.step(live(0.0), 0.0)
+    d = sup.step(live(1.0, leak_reuse=forced(True, 1.0)), 1.0)
+    assert d.latched == {"IL-04"} and sup.mode is Mode.LEAK_TRIP
+    assert [e.source for e in d.events if e.kind == "trip_latched"] == ["IL-04"]
+    assert d.outputs["secondary_pump_cmd"].value is False
+    assert d.outputs["reuse_isolation_cmd"].value is False
+
+
+def test_a_forced_supervised_input_is_valid_whatever_its_fault_contact_reads() -> None:
+    cfg = SUP_CFG.validation
+    img = image(0.0, leak_reuse=forced(False, 0.0), leak_reuse_fault=True)
+    assert check(img, cfg=cfg)["leak_reuse"] == (False, True, "")
+    # the real reading on the same faulted contact is not trusted
+    assert check(image(0.0, leak_reuse_fault=True), cfg=cfg)["leak_reuse"].reason == SUPERVISION
+
+
+@pytest.mark.parametrize(
+    ("value", "reason"), [(math.nan, "nan"), (500.0, "range"), ("50", TYPE), (True, TYPE)]
+)
+def test_a_forced_value_still_needs_its_kind_and_range(value: object, reason: str) -> None:
+    """A force replaces the judgement of the signal, not the sanity of the value: a forced NaN
+    or an out-of-range number is invalid, so the supply falls to IL-02 (more cooling)."""
+    assert check(image(0.0, it_supply_temp=forced(value, 0.0)))["it_supply_temp"].reason == reason
