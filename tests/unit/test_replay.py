@@ -102,11 +102,17 @@ def record_run(
         if rec.snapshot_due(wall) or k == rebuild_at:
             rec.put_snapshot(wall, core.snapshot())
             run.snapshots.append(wall)
-        result = core.step(inp)
-        rec.put(inp, result)
         run.walls.append(wall)
-        run.modes.append(result.decision.mode.value)
-        state = step(state, result.decision.values(), DT_S)
+        try:
+            result = core.step(inp)
+        except Exception:  # as the runtime: the guarded safe values, a fallback record
+            rec.put(inp, None, fallback=True)
+            run.modes.append("fallback")
+            state = step(state, site.safe_outputs(), DT_S)
+        else:
+            rec.put(inp, result)
+            run.modes.append(result.decision.mode.value)
+            state = step(state, result.decision.values(), DT_S)
         if k % 20 == 19 and k not in hold:
             rec.drain()
     rec.close()
@@ -238,6 +244,31 @@ def test_a_core_rebuilt_mid_run_is_followed(tmp_path: Path) -> None:
     report = replay(run.site, run.rec_dir, WALL0, run.walls[-1])
     assert report.ok, report.lines()
     assert report.scans == 800 and not report.gaps
+
+
+def test_a_failed_step_is_expected_to_fail_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scan whose step raised is recorded as a fallback: replay matches it when the replayed
+    step raises too, and names it when the replayed step decides instead (a fixed bug)."""
+    real = Core.step
+
+    def broken(self: Core, inp: ScanInput) -> object:
+        if 300.0 <= inp.now_s < 303.0:  # a bug that bites for three scans
+            raise ZeroDivisionError("division by zero")
+        return real(self, inp)
+
+    monkeypatch.setattr(Core, "step", broken)
+    run = record_run(tmp_path, n=400)
+    assert run.modes[300:303] == ["fallback"] * 3
+    report = replay(run.site, run.rec_dir, WALL0, run.walls[-1])
+    assert report.ok and report.scans == 400, report.lines()
+    monkeypatch.setattr(Core, "step", real)  # the bug fixed
+    report = replay(run.site, run.rec_dir, WALL0, run.walls[-1])
+    assert report.first is not None and report.first.seq == 301
+    assert report.first.what == (
+        "the recorded step failed (safe values written); the replayed one did not",
+    )
 
 
 def test_torn_last_segment_is_reported_and_the_rest_replays(recorded: Run, tmp_path: Path) -> None:
