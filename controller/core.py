@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 
-from controller.alarms import AlarmTable, catalogue
+from controller.alarms import AlarmTable, Priority, catalogue
 from controller.authority import (
     Answer,
     Effects,
@@ -225,6 +225,10 @@ class Core:
             return alarms, replace(ans, new=acked)
         if eff.shelve is not None:
             alarm_id, until = eff.shelve
+            d = alarms.defs.get(alarm_id)
+            if d is not None and d.priority is Priority.CRITICAL:
+                # the servers' and the water's alarms are never hidden (ISA-18.2: highly managed)
+                return alarms, _refused(req, f"alarm {alarm_id!r}: critical, cannot be shelved")
             alarms, why, ev = alarms.shelve(alarm_id, until, req.principal, req.reason, wall)
             if why:
                 return alarms, _refused(req, f"alarm {alarm_id!r}: {why}")

@@ -46,17 +46,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import json
 import time
 import traceback
+from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import structlog
 
 from controller import arbitration
-from controller.arbitration import Manual, Output
+from controller.arbitration import Output
+from controller.authority import Answer, Request
+from controller.core import Core, ScanInput, ScanResult
 from controller.journal import JournalKeeper
 from controller.supervisor import Commands, Decision, Supervisor, SupervisorConfig
 from interlocks.engine import Event
@@ -67,6 +73,11 @@ from plc_io.transport import CommsHealth, LinkState, Transport
 RESEND_EVERY_S = 10.0  # every output is re-sent this often, whatever the PLC reports
 HEARTBEAT = "heartbeat"
 MAX_WAITING = 1000  # events held in memory behind a commit that has not returned
+# Operator requests: at most this many wait for the scan (more are refused "busy"), and at most
+# MAX_PER_SCAN are applied in one scan, so a flood of commands never stretches a scan.
+MAX_QUEUED = 100
+MAX_PER_SCAN = 8
+COMMAND = "command"  # the kind of the event that journals an answered request
 # the runtime logs these itself, with the PLC's reasons, once per cause (the supervisor's events
 # of the same kinds are journalled but not logged twice)
 _LOGGED_BY_RUNTIME = frozenset({"write_failed", "write_recovered"})
@@ -115,12 +126,49 @@ class Status:
     # the events that may be announced now (the journal has them); publish these, not
     # `decision.events`, which may still wait for a slow commit
     told: tuple[Event, ...] = ()
+    result: ScanResult | None = None  # the core's whole result: alarms, operator state
+    wall: float = 0.0  # wall time of the last scan
     last_scan_s: float = 0.0  # compute + I/O time of the last scan
     max_lag_s: float = 0.0  # worst event-loop lag seen
 
 
+def _bounded(x: object, limit: int = 500) -> str:
+    try:
+        text = json.dumps(x, default=str, allow_nan=True)
+    except (TypeError, ValueError, RecursionError):
+        text = repr(x)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def command_row(e: Event) -> tuple[Any, ...]:
+    """The journal's command record for a `command` event (who, when, what, old, new, why)."""
+    d = e.detail
+    args = d["args"] if isinstance(d["args"], Mapping) else {}
+    if e.source == "reset":
+        target = _bounded(args.get("rules") or "all", 200)
+    else:
+        target = next(
+            (str(args[k])[:200] for k in ("tag", "rule", "alarm", "name") if k in args), ""
+        )
+    new = d["new"] if d["accepted"] else {"requested": args}
+    return (
+        d["wall"],
+        d["id"],
+        d["principal"],
+        d["role"],
+        d["via"],
+        e.source,
+        target,
+        _bounded(d["old"]),
+        _bounded(new),
+        str(d["reason"])[:500],
+        int(bool(d["accepted"])),
+        str(d["why"]),
+    )
+
+
 class Controller:
-    """Runs the supervisor against a transport at the site's scan period."""
+    """Runs the decision core against a transport at the site's scan period."""
 
     def __init__(
         self,
@@ -128,19 +176,29 @@ class Controller:
         transport: Transport,
         *,
         journal: JournalKeeper | None = None,
+        recorder: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         offload: Offload[None] = asyncio.to_thread,
         on_scan: Callable[[Status], None] | None = None,
         log: Any = None,
+        channel: Path | None = None,
     ) -> None:
+        """`channel` is the Unix socket people's requests arrive on (none: in-process only).
+        `journal.state()` (what the last run persisted) restores latches, fault memory,
+        forces, bypasses, requests, setpoints and alarms; a state that cannot be restored
+        raises ValueError naming the part (start-up stops: never silently start empty)."""
         self.site = site
         self.transport = transport
         self.journal = journal
+        self.recorder = recorder
         self.clock = clock
+        self.wall = wall
         self.sleep = sleep
         self.offload = offload
         self.on_scan = on_scan
+        self.channel = channel
         self.log = log if log is not None else structlog.get_logger("heatloop.controller")
         self.cfg = SupervisorConfig.from_site(site)
         # a site whose safe values the guard would refuse is a configuration error, but even
@@ -149,21 +207,27 @@ class Controller:
         if corrected:
             self.log.warning("safe_values_corrected", blocked=corrected)
         latched = journal.latched() if journal else frozenset()
+        restored: dict[str, Any] = {}
         if latched is None:  # the journal could not be read: latched trips unknown
             assert journal is not None
             self.log.error("journal_unreadable", problem=journal.problem)
             latched = frozenset()
-        self.supervisor = Supervisor(self.cfg, clock(), latched)
+        elif journal is not None:
+            restored = dict(journal.state() or {})
+        self.core = self._new_core(clock(), wall(), restored, latched)
         if latched:
             self.log.warning("trip_restored", latched=sorted(latched))
-        self.commands = Commands()
-        self._reset_pending = False
         self.status = Status()
         self._last_link: LinkState | None = None
         self._resent_at = -RESEND_EVERY_S
         self._write_causes: dict[str, str] = {}  # last pass's unacknowledged outputs
         self._step_error: str | None = None  # why the decision step failed, while it does
         self._scan_error: str | None = None
+        # operator requests waiting for the scan, and answers waiting for the journal
+        self._queue: deque[tuple[Request, asyncio.Future[Answer] | None]] = deque()
+        self._answering: dict[str, asyncio.Future[Answer]] = {}
+        self._ids = itertools.count(1)
+        self._new_core_built = False
         # the journal: a commit that may still be running in its worker thread, the events it
         # carries, when it started, and the events waiting for the next commit (in order)
         self.persist_wait_s = site.scan.period_s / 2
@@ -174,28 +238,76 @@ class Controller:
         self._inflight_told = 0  # how many of its events were told early (a stalled commit)
         self._waiting: list[Event] = []
         self._waiting_told = 0
+        self._waiting_state: dict[str, Any] | None = None
         self._sent_latched: frozenset[str] | None = None
         self._persist_error: str | None = None  # handing the journal its work failed
 
-    # ---- commands from operators, engineers and the BMS (already authorised) ----
+    def _new_core(
+        self, now: float, wall: float, restored: Mapping[str, Any], latched: frozenset[str]
+    ) -> Core:
+        """A core restarted from persisted state; the latch table is the truth for latches."""
+        memory = dict(restored.get("supervisor") or {})
+        memory["latched"] = sorted(latched)
+        return Core(self.site, now, wall, {**restored, "supervisor": memory}, cfg=self.cfg)
 
-    def reset_trip(self) -> None:
-        self._reset_pending = True
+    @property
+    def supervisor(self) -> Supervisor:
+        return self.core.supervisor
 
-    def request_reject(self, on: bool) -> None:
-        self.commands = replace(self.commands, request_reject=on)
+    # ---- requests from people and the BMS ----
 
-    def set_maintenance(self, on: bool) -> None:
-        self.commands = replace(self.commands, maintenance=on)
+    async def submit(self, req: Request) -> Answer:
+        """Queue a request for the next scan; the answer comes once the journal has it."""
+        if len(self._queue) >= MAX_QUEUED:
+            return Answer(req.id, False, f"busy: {MAX_QUEUED} requests wait for the scan")
+        fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._queue.append((req, fut))
+        return await fut
 
-    def force(self, tag: str, value: Any, seconds: float, who: str) -> None:
-        manual = dict(self.commands.manual)
-        manual[tag] = Manual(value, self.clock() + seconds, who)
-        self.commands = replace(self.commands, manual=manual)
+    def request(self, cmd: str, args: Mapping[str, Any] | None = None, reason: str = "") -> str:
+        """An in-process request (the demo, tests): engineer `local`, answered in the journal."""
+        rid = f"local-{next(self._ids)}"
+        req = Request(rid, "local", "engineer", cmd, dict(args or {}), reason, via="local")
+        self._queue.append((req, None))
+        return rid
+
+    def reset_trip(self, *rules: str, reason: str = "trip reset") -> str:
+        return self.request("reset", {"rules": list(rules)}, reason)
+
+    def request_reject(self, on: bool, reason: str = "reject requested") -> str:
+        return self.request("reject", {"on": on}, reason)
+
+    def set_maintenance(self, on: bool, reason: str = "maintenance") -> str:
+        return self.request("maintenance", {"on": on}, reason)
+
+    def force(self, tag: str, value: Any, seconds: float, reason: str = "forced") -> str:
+        return self.request("force", {"tag": tag, "value": value, "minutes": seconds / 60}, reason)
 
     # ---- the loop ----
 
     async def run(self, stop: asyncio.Event) -> None:
+        server = None
+        if self.channel is not None:
+            from controller.channel import ChannelServer
+
+            # first: a second controller on the same state directory stops here
+            server = ChannelServer(
+                self.channel, self.site.roles, self.submit, self.read, log=self.log
+            )
+            await server.start()
+        try:
+            await self._run(stop)
+        finally:
+            if server is not None:
+                await server.close()
+            for _, fut in self._queue:
+                if fut is not None and not fut.done():
+                    fut.set_result(Answer("", False, "not applied: the controller is stopping"))
+            if self.recorder is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.to_thread(self.recorder.close)
+
+    async def _run(self, stop: asyncio.Event) -> None:
         await self.transport.connect()
         await self._write_safe("start")
         self.log.info("controller_started", period_s=self.site.scan.period_s)
@@ -239,32 +351,42 @@ class Controller:
     async def scan_once(self) -> Decision:
         t0 = self.clock()
         image, link_ok = await self._read()
-        now = self.clock()
-        self._restore_latches(now)
-        cmds = replace(
-            self.commands,
-            link_ok=link_ok,
-            reset=self._reset_pending,
-            write_failed=frozenset(self._write_causes),
-            degraded=self.degraded(),
+        now, wall = self.clock(), self.wall()
+        self._restore_latches(now, wall)
+        inp = ScanInput(
+            image,
+            now,
+            wall,
+            link_ok,
+            frozenset(self._write_causes),
+            self.degraded(),
+            self._take_requests(),
         )
-        self._reset_pending = False
-        decision = self._decide(image, now, cmds)
+        self._snapshot_if_due(wall)
+        result, fallback = self._decide(inp)
+        decision = result.decision
         notes: list[tuple[str, dict[str, Any]]] = []
         if link_ok:
             notes += await self._write(decision, image, now)
         # outputs first, then the journal, then anyone else (the module's theory of operation)
-        told = await self._persist(decision)
+        events = [*result.events, *self._command_events(inp, result)]
+        state = self.core.durable(now, wall) if events else None
+        told = await self._persist(events, decision.latched, state)
+        self._record(inp, result, fallback)
         for e in told:
-            if e.kind not in _LOGGED_BY_RUNTIME:
+            if e.kind == COMMAND:
+                self._answered(e)
+            elif e.kind not in _LOGGED_BY_RUNTIME:
                 self.log.info(e.kind, source=e.source, **dict(e.detail))
         for kind, kw in notes:
             getattr(self.log, "warning" if kind == "write_failed" else "info")(kind, **kw)
         st = self.status
         st.decision, st.image, st.health = decision, image, self.transport.health
+        st.result = result
+        st.wall = wall
         st.scans += 1
         st.blocked = self.supervisor.blocked_total
-        st.degraded = cmds.degraded
+        st.degraded = inp.degraded
         st.write_failed = dict(self._write_causes)
         st.told = tuple(told)
         st.last_scan_s = self.clock() - t0
@@ -274,6 +396,196 @@ class Controller:
             except Exception as e:  # a broken viewer never stops the scan
                 self.log.warning("on_scan_failed", error=f"{type(e).__name__}: {e}")
         return decision
+
+    # ---- what people read ----
+
+    async def read(self, what: str, args: Mapping[str, Any]) -> dict[str, Any]:
+        """Status, alarms and the journal for the command channel."""
+        if what == "status":
+            return self.status_view()
+        if what == "alarms":
+            return {"alarms": self._alarm_rows()}
+        if what == "journal":
+            return await asyncio.to_thread(self._read_journal, args)
+        raise ValueError(f"cmd: expected status, alarms or journal, got {what!r}")
+
+    def _alarm_rows(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "id": a.id,
+                "priority": a.priority.name.lower(),
+                "state": a.state.value,
+                "message": a.message,
+                "detail": a.detail,
+                "since_wall": a.active_since_wall,
+                "first_out": a.first_out,
+                "shelved_until": a.shelved_until,
+                "chatter_count": a.chatter_count,
+            }
+            for a in self.core.alarms.standing()
+        ]
+
+    def status_view(self) -> dict[str, Any]:
+        """The status page's data (DESIGN §13; the CLI prints it, `--json` shows it raw)."""
+        st, op = self.status, self.core.operator
+        d = st.decision
+        health = st.health
+        view: dict[str, Any] = {
+            "site": self.site.site.name,
+            "wall": st.wall,
+            "mode": d.mode.value if d else self.supervisor.mode.value,
+            "mode_since_wall": st.wall - (d.now_s - d.mode_since_s) if d else None,
+            "reject_reasons": list(d.reject_reasons) if d else [],
+            "interlocks": {
+                "active": sorted(d.active) if d else [],
+                "latched": sorted(self.supervisor.latched),
+                "bypassed": [
+                    {"rule": r, "until_wall": h.expires_wall, "who": h.who, "reason": h.reason}
+                    for r, h in sorted(op.bypasses.items())
+                ],
+            },
+            "alarms": self._alarm_rows(),
+            "outputs": {
+                k: {"value": o.value, "level": o.level.name.lower(), "why": o.why}
+                for k, o in (d.outputs.items() if d else ())
+            },
+            "invalid": dict(d.invalid) if d else {},
+            "forces": [
+                {
+                    "tag": t,
+                    "value": h.value,
+                    "until_wall": h.expires_wall,
+                    "who": h.who,
+                    "reason": h.reason,
+                    "input": t in op.input_forces,
+                }
+                for t, h in sorted({**op.forces, **op.input_forces}.items())
+            ],
+            "maintenance": op.maintenance,
+            "reject_requested": op.reject,
+            "setpoints": dict(op.setpoints),
+            "link": {
+                "state": health.state.value,
+                "last_error": health.last_error or "",
+                "requests": health.requests,
+                "failures": health.failures,
+            },
+            "scan": {
+                "count": st.scans,
+                "overruns": st.overruns,
+                "last_ms": round(st.last_scan_s * 1000.0, 2),
+                "period_s": self.site.scan.period_s,
+            },
+            "degraded": list(st.degraded),
+        }
+        return view
+
+    def _read_journal(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """The journal's newest entries (in a worker thread, on a connection of its own)."""
+        from controller.journal import Journal
+
+        since = args.get("since_wall")
+        kinds = args.get("kinds")
+        limit = args.get("limit", 100)
+        if since is not None and (
+            isinstance(since, bool) or not isinstance(since, int | float) or since != since
+        ):
+            raise ValueError(f"since_wall: expected a time in seconds, got {since!r:.60}")
+        if kinds is not None and (
+            not isinstance(kinds, list) or not all(isinstance(k, str) for k in kinds)
+        ):
+            raise ValueError(f"kinds: expected a list of event kinds, got {kinds!r:.60}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 10_000:
+            raise ValueError(f"limit: expected a whole number 1 … 10000, got {limit!r:.60}")
+        path = self.site.state_dir / "heatloop.db"
+        store = Journal(path)
+        try:
+            events = store.events(limit, since_wall=since, kinds=kinds)
+            commands = store.commands(limit, since_wall=since)
+        finally:
+            store.close()
+        return {
+            "events": [
+                {"wall": w, "kind": k, "source": src, "detail": det} for w, k, src, det in events
+            ],
+            "commands": commands,
+        }
+
+    def _take_requests(self) -> tuple[Request, ...]:
+        """At most MAX_PER_SCAN waiting requests, in arrival order."""
+        taken: list[Request] = []
+        while self._queue and len(taken) < MAX_PER_SCAN:
+            req, fut = self._queue.popleft()
+            if fut is not None:
+                if fut.done():  # the asker gave up (its connection closed): apply nothing
+                    continue
+                self._answering[req.id] = fut
+            taken.append(req)
+        return tuple(taken)
+
+    def _command_events(self, inp: ScanInput, result: ScanResult) -> list[Event]:
+        """One journal entry per answered request: who, when, what, old and new, reason."""
+        events = []
+        for req, ans in zip(inp.requests, result.answers, strict=True):
+            events.append(
+                Event(
+                    COMMAND,
+                    inp.now_s,
+                    req.cmd,
+                    {
+                        "wall": inp.wall_s,
+                        "id": req.id,
+                        "principal": req.principal,
+                        "role": req.role,
+                        "via": req.via,
+                        "args": dict(req.args),
+                        "reason": req.reason,
+                        "accepted": ans.accepted,
+                        "why": ans.why,
+                        "old": ans.old,
+                        "new": ans.new,
+                    },
+                )
+            )
+        return events
+
+    def _answered(self, e: Event) -> None:
+        """The journal has this request's entry: answer whoever waits for it, and log it."""
+        d = e.detail
+        fut = self._answering.pop(str(d["id"]), None)
+        ans = Answer(str(d["id"]), bool(d["accepted"]), str(d["why"]), d["old"], d["new"])
+        if fut is not None and not fut.done():
+            fut.set_result(ans)
+        self.log.info(
+            "command_accepted" if ans.accepted else "command_refused",
+            cmd=e.source,
+            principal=d["principal"],
+            role=d["role"],
+            via=d["via"],
+            args=d["args"],
+            reason=d["reason"],
+            why=ans.why,
+        )
+
+    def _snapshot_if_due(self, wall: float) -> None:
+        """The recorder starts every replayable window from a snapshot of the core."""
+        if self.recorder is None:
+            return
+        try:
+            if self._new_core_built or self.recorder.snapshot_due(wall):
+                self.recorder.put_snapshot(wall, self.core.snapshot())
+                self._new_core_built = False
+        except Exception as e:  # the recorder never stops a scan
+            self._note_scan_error("recorder", e)
+
+    def _record(self, inp: ScanInput, result: ScanResult, fallback: bool) -> None:
+        """Hand the scan to the flight recorder (its thread encodes and digests it)."""
+        if self.recorder is None:
+            return
+        try:
+            self.recorder.put(inp, None if fallback else result, fallback)
+        except Exception as e:  # the recorder never stops a scan
+            self._note_scan_error("recorder", e)
 
     @property
     def journal_busy(self) -> bool:
@@ -287,22 +599,38 @@ class Controller:
         if self._inflight is not None:
             await asyncio.shield(self._inflight)
             self._inflight = None
-        await self.offload(partial(self.journal.record, self._waiting, self._latched()))
+        state, self._waiting_state = self._waiting_state, None
+        await self.offload(partial(self._store, self._waiting, self._latched(), state))
         self._waiting = []
         await self.offload(self.journal.close)
+
+    def _store(
+        self, batch: list[Event], latched: frozenset[str], state: dict[str, Any] | None
+    ) -> None:
+        """The journal's work for one commit (in the worker thread): events, the latch set,
+        the durable state and the answered requests, in one transaction."""
+        assert self.journal is not None
+        events = [e for e in batch if e.kind != COMMAND]
+        commands = [command_row(e) for e in batch if e.kind == COMMAND]
+        self.journal.record(events, latched, state, commands)
 
     def _latched(self) -> frozenset[str]:
         d = self.status.decision
         return d.latched if d is not None else self.supervisor.latched
 
-    async def _persist(self, decision: Decision) -> list[Event]:
-        """Hand this scan's events and latch set to the journal; return the events that may
-        now be told, in order: those of every commit that has finished, and, once a commit has
-        stalled, those held in memory (as when the store fails: an alarm nobody sees helps
-        no one; the journal is degraded and they are persisted when it returns)."""
+    async def _persist(
+        self, events: list[Event], latched: frozenset[str], state: dict[str, Any] | None
+    ) -> list[Event]:
+        """Hand this scan's events, latch set and durable state to the journal; return the
+        events that may now be told, in order: those of every commit that has finished, and,
+        once a commit has stalled, those held in memory (as when the store fails: an alarm
+        nobody sees helps no one; the journal is degraded and they are persisted when it
+        returns)."""
         if self.journal is None:
-            return list(decision.events)
-        self._waiting += decision.events
+            return events
+        self._waiting += events
+        if state is not None:
+            self._waiting_state = state
         if len(self._waiting) > MAX_WAITING:  # a store hung for hours: keep the newest
             cut = len(self._waiting) - MAX_WAITING
             del self._waiting[:cut]
@@ -325,17 +653,17 @@ class Controller:
             told += events[already:]
         if (
             not self._waiting
-            and decision.latched == self._sent_latched
+            and self._waiting_state is None
+            and latched == self._sent_latched
             and not self.journal.problem
         ):
             return told  # nothing new for the store (a retry after a failure always goes)
         batch, already = self._waiting, self._waiting_told
         self._waiting, self._waiting_told = [], 0
-        self._sent_latched = decision.latched
+        state, self._waiting_state = self._waiting_state, None
+        self._sent_latched = latched
         try:
-            fut = asyncio.ensure_future(
-                self.offload(partial(self.journal.record, batch, decision.latched))
-            )
+            fut = asyncio.ensure_future(self.offload(partial(self._store, batch, latched, state)))
             await asyncio.wait_for(asyncio.shield(fut), timeout=self.persist_wait_s)
         except TimeoutError:
             # slow storage: let the commit finish on its own; the next scans go on
@@ -343,6 +671,8 @@ class Controller:
             self._inflight_since = self.clock()
             return told
         except Exception as e:  # the keeper never raises; handing it the work did
+            if self._waiting_state is None:
+                self._waiting_state = state
             return told + self._hand_off_failed(e, batch, already)
         self._persist_error = None
         return told + batch[already:]
@@ -371,19 +701,20 @@ class Controller:
             self._last_link = health.state
         return image, health.state is LinkState.OK
 
-    def _decide(self, image: ProcessImage, now: float, cmds: Commands) -> Decision:
-        """The supervisor's decision, or a degraded one with the guarded safe values."""
+    def _decide(self, inp: ScanInput) -> tuple[ScanResult, bool]:
+        """The core's decision, or a degraded one with the guarded safe values (and True)."""
         try:
-            decision = self.supervisor.step(image, now, cmds)
+            result = self.core.step(inp)
         except Exception as e:
-            return self._fallback(now, e)
+            return self._fallback(inp, e), True
         if self._step_error is not None:
-            back = Event("step_recovered", now, "runtime", {"was": self._step_error})
-            decision = replace(decision, events=(back, *decision.events))
+            back = Event("step_recovered", inp.now_s, "runtime", {"was": self._step_error})
+            result = replace(result, events=(back, *result.events))
             self._step_error = None
-        return decision
+        return result, False
 
-    def _fallback(self, now: float, e: Exception) -> Decision:
+    def _fallback(self, inp: ScanInput, e: Exception) -> ScanResult:
+        now = inp.now_s
         err = f"{type(e).__name__}: {e}"
         events: tuple[Event, ...] = ()
         if err != self._step_error:  # once per cause, with where it broke
@@ -392,7 +723,7 @@ class Controller:
             events = (Event("step_failed", now, "runtime", {"error": err, "at": at}),)
         self._step_error = err
         prev = self.status.decision
-        return Decision(
+        decision = Decision(
             now_s=now,
             mode=prev.mode if prev else self.supervisor.mode,
             mode_since_s=prev.mode_since_s if prev else now,
@@ -404,6 +735,15 @@ class Controller:
             blocked=(),
             reject_reasons=(f"decision step failed: {err}",),
             invalid=prev.invalid if prev else {},
+        )
+        why = f"not applied: the decision step failed ({err})"
+        return ScanResult(
+            decision=decision,
+            alarms=self.core.alarms,
+            operator=self.core.operator,
+            commands=Commands(link_ok=inp.link_ok),
+            answers=tuple(Answer(r.id, False, why) for r in inp.requests),
+            events=events,
         )
 
     async def _write(
@@ -434,7 +774,7 @@ class Controller:
             self._write_causes = failed
         return notes
 
-    def _restore_latches(self, now: float) -> None:
+    def _restore_latches(self, now: float, wall: float) -> None:
         """A journal that opened only after start-up may hold trips latched before it: restart
         the decision core with them, exactly as a controller restart would."""
         if self.journal is None or self._inflight is not None:
@@ -444,7 +784,9 @@ class Controller:
             return
         latched = self.supervisor.latched | restored
         self.log.warning("trip_restored", latched=sorted(latched), late=True)
-        self.supervisor = Supervisor(self.cfg, now, latched)
+        state = self.core.durable(now, wall)
+        self.core = self._new_core(now, wall, state, latched)
+        self._new_core_built = True  # the recorder needs a new starting point
 
     def _note_scan_error(self, where: str, e: Exception) -> None:
         err = f"{where}: {type(e).__name__}: {e}"
@@ -487,11 +829,16 @@ class Controller:
 async def run_service(site: Site, transport: Transport, *, json_logs: bool = True) -> int:
     """`heatloop run`: the controller against the site's PLC until SIGINT/SIGTERM.
 
-    A journal that cannot be opened does not stop the service: it starts degraded (reuse
-    rejected, an alarm) and keeps retrying. Only a configuration error at start exits.
+    A state database that exists but cannot be trusted (corrupt, from newer software, state
+    that cannot be restored) stops start-up with one line and exit code 2: starting empty would
+    silently forget latched trips, bypasses and alarms. A journal that cannot be opened for
+    other reasons does not stop the service: it starts degraded (reuse rejected, an alarm) and
+    keeps retrying.
     """
     import signal
+    import sys
 
+    from controller.journal import StateCorrupt
     from controller.logs import configure
 
     configure(json=json_logs)
@@ -500,6 +847,36 @@ async def run_service(site: Site, transport: Transport, *, json_logs: bool = Tru
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    journal = JournalKeeper(site.state_dir / "heatloop.db")
-    await Controller(site, transport, journal=journal).run(stop)
+    path = site.state_dir / "heatloop.db"
+    try:
+        journal = JournalKeeper(path)
+    except StateCorrupt as e:
+        print(f"heatloop: {e}", file=sys.stderr)
+        return 2
+    recorder = None
+    if site.recorder.enabled:
+        from controller.recorder import Recorder
+
+        recorder = Recorder.for_site(site)
+    try:
+        ctl = Controller(
+            site,
+            transport,
+            journal=journal,
+            recorder=recorder,
+            channel=site.state_dir / "heatloop.sock",
+        )
+    except ValueError as e:
+        print(
+            f"heatloop: {path}: the saved controller state cannot be restored ({e}); start a new "
+            "one with: heatloop run --site SITE --reset-state --reason TEXT (the old file is kept)",
+            file=sys.stderr,
+        )
+        journal.close()
+        return 2
+    try:
+        await ctl.run(stop)
+    except OSError as e:  # e.g. another controller already serves this state directory
+        print(f"heatloop: {e}", file=sys.stderr)
+        return 2
     return 0

@@ -24,6 +24,7 @@ from plc_io.transport import WriteResult
 from tests.unit.core_helpers import HEALTHY, SITE
 
 PERIOD_S = SITE.scan.period_s
+WALL0 = 1.8e9  # a wall-clock time in 2027
 # short dwells so reuse is reached in a few fake seconds
 QUICK = SITE.with_control(
     customer_ready_dwell_s=0.0, reject_dwell_s=1.0, min_mode_dwell_s=1.0, reuse_reentry_min_s=0.0
@@ -138,8 +139,10 @@ class Rig:
         journal: JournalKeeper | None = None,
         plc: MemoryPlc | None = None,
         trace: Trace | None = None,
+        wall0: float = WALL0,
     ) -> None:
         self.clock = clock or FakeClock()
+        self.wall0 = wall0  # the wall clock runs with the fake monotonic one, offset
         self.trace = trace or Trace()
         self.plc = plc or MemoryPlc(site, clock=self.clock)
         plant_ok(self.plc)
@@ -149,10 +152,14 @@ class Rig:
             self.transport,
             journal=journal,
             clock=self.clock,
+            wall=self.wall,
             sleep=self.clock.sleep,
             offload=inline,
             log=TraceLog(self.trace),
         )
+
+    def wall(self) -> float:
+        return self.wall0 + self.clock()
 
     async def scans(self, n: int) -> None:
         await self.ctl.transport.connect()
