@@ -66,6 +66,7 @@ _QIDX = {q: i + 1 for i, q in enumerate(QUALITIES)}  # 0: the tag is absent from
 F_LINK, F_FALLBACK, F_FAULTS, F_REQUESTS = 1, 2, 4, 8
 SEGMENT_RE = re.compile(r"^rec-(\d{8}T\d{6}Z)(?:-(\d+))?\.hlr$")
 DEFAULT_MAX_BYTES = 2 * 1024**3
+RETRY_SNAPSHOT_S = 10.0  # after a failed write, ask for a fresh starting snapshot this often
 # the decision code whose change can change a decision (the version fingerprint)
 DECISION_CODE = (
     "controller/core.py",
@@ -638,13 +639,18 @@ class Recorder:
             self._fail("put", e)
 
     def snapshot_due(self, wall_s: float) -> bool:
-        """Whether the scan should hand over a snapshot now (before its next step)."""
-        if self._want_snapshot or self._snap_wall is None or self._seg_wall is None:
+        """Whether the scan should hand over a snapshot now (before its next step): at the
+        start, every `snapshot_every_s`, when the segment's time is up, when the wall clock was
+        set back, and (at most every RETRY_SNAPSHOT_S) when the writer had to start a new
+        segment after a failure."""
+        if self._snap_wall is None or self._seg_wall is None:
             return True
-        return (
-            wall_s - self._snap_wall >= self.snapshot_every_s
-            or wall_s - self._seg_wall >= self.segment_s
-        )
+        since = wall_s - self._snap_wall
+        if since < 0 or wall_s < self._seg_wall:
+            return True  # the wall clock was set back: a new segment, in the ring's order
+        if self._want_snapshot and since >= min(RETRY_SNAPSHOT_S, self.snapshot_every_s):
+            return True
+        return since >= self.snapshot_every_s or wall_s - self._seg_wall >= self.segment_s
 
     def put_snapshot(self, wall_s: float, snap: Mapping[str, Any]) -> None:
         """`Core.snapshot()` before the next `put`: replay may start from here. It is encoded
@@ -652,18 +658,22 @@ class Recorder:
         try:
             if self._closed:
                 return
-            text = dumps({"wall": wall_s, "snap": snap})
+            # taken, even if dropped below: a stuck writer must not cost a snapshot every scan
+            last, self._snap_wall = self._snap_wall, wall_s
             if len(self._q) >= self.max_pending + 16:
                 self.dropped += 1
                 return
+            text = dumps({"wall": wall_s, "snap": snap})
+            seg = self._seg_wall
             new_segment = (
                 self._want_snapshot
-                or self._seg_wall is None
-                or wall_s - self._seg_wall >= self.segment_s
+                or seg is None
+                or wall_s - seg >= self.segment_s
+                or wall_s < seg
+                or (last is not None and wall_s < last)
             )
             if new_segment:
                 self._seg_wall = wall_s
-            self._snap_wall = wall_s
             self._want_snapshot = False
             self._q.append((K_SNAPSHOT, wall_s, text, new_segment))
         except Exception as e:

@@ -14,6 +14,7 @@ import struct
 import tempfile
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ from controller.authority import Request
 from controller.core import ScanInput
 from controller.recorder import (
     HEAD,
+    RETRY_SNAPSHOT_S,
     Gap,
     Header,
     Recorded,
@@ -340,7 +342,9 @@ def test_write_failure_is_counted_marked_and_recovered(tmp_path: Path) -> None:
     rec.drain()
     assert rec.lost == 4 and rec.errors == 1
     assert rec.problem is not None and "No space left on device" in rec.problem
-    assert rec.snapshot_due(inputs[8].wall_s)  # the new segment wants a starting snapshot
+    # the new segment wants a starting snapshot, but a failing disk never costs one a scan
+    assert not rec.snapshot_due(inputs[8].wall_s)
+    assert rec.snapshot_due(inputs[0].wall_s + RETRY_SNAPSHOT_S)
     record(rec, inputs[8:], drain_every=4)
     rec.close()
     assert rec.problem is None
@@ -430,3 +434,21 @@ def test_close_gives_up_on_a_hung_disk(tmp_path: Path) -> None:
     assert rec._thread is not None
     rec._thread.join(60.0)
     assert not rec._thread.is_alive()
+
+
+def test_wall_clock_set_back_starts_a_new_segment_in_order(tmp_path: Path) -> None:
+    """The wall clock stepped back an hour (an operator, NTP): a snapshot is asked for at once,
+    a new segment starts with it, and its name sorts after the older ones so the ring's order
+    stays the order of writing."""
+    rec = recorder(tmp_path, snapshot_every_s=60.0)
+    before = [scan(k) for k in range(20)]
+    record(rec, before)
+    back = [replace(scan(k), wall_s=scan(k).wall_s - 3600.0) for k in range(20, 40)]
+    assert rec.snapshot_due(back[0].wall_s)
+    record(rec, back)
+    rec.close()
+    segs = segments(tmp_path)
+    assert len(segs) == 2 and segs[1].name.endswith("-1.hlr")
+    seqs = [r.seq for r in iter_stream(tmp_path) if isinstance(r, Recorded)]
+    assert seqs == list(range(1, 41))
+    assert [type(i).__name__ for i in read_segment(segs[1])][:2] == ["Header", "Snapshot"]
