@@ -524,11 +524,11 @@ def iter_records(
 
 
 def find_snapshot(directory: Path, at_wall: float) -> Snapshot | None:
-    """The last snapshot taken at or before `at_wall` (None: there is none)."""
+    """The last snapshot taken at or before `at_wall` (None: there is none), searching the
+    newest segment first. Names are not trusted for times: after the wall clock was set back a
+    segment's name is bumped past the newest one to keep the ring in the order of writing."""
     best: Snapshot | None = None
     for p in reversed(segments(directory)):
-        if _segment_wall(p) > at_wall + 1.0:  # named to the second: it started later
-            continue
         for item in read_segment(p, records=False):
             if isinstance(item, Snapshot) and item.wall_s <= at_wall:
                 best = item

@@ -452,3 +452,5 @@ def test_wall_clock_set_back_starts_a_new_segment_in_order(tmp_path: Path) -> No
     seqs = [r.seq for r in iter_stream(tmp_path) if isinstance(r, Recorded)]
     assert seqs == list(range(1, 41))
     assert [type(i).__name__ for i in read_segment(segs[1])][:2] == ["Header", "Snapshot"]
+    snap = find_snapshot(tmp_path, back[5].wall_s)  # replay of the hour lived twice
+    assert snap is not None and (snap.path, snap.wall_s) == (segs[1], back[0].wall_s)
