@@ -26,7 +26,7 @@ import re
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
@@ -48,6 +48,7 @@ from controller.recorder import (
     software,
     utc_text,
 )
+from interlocks.engine import Event
 from plc_io.site import Site
 
 EXIT_OK, EXIT_DIFFERS, EXIT_USAGE = 0, 1, 2
@@ -192,6 +193,8 @@ class _Replayer:
         self.last_seq: int | None = None
         self.last_wall: float | None = None
         self.broken: str | None = None  # why the chain broke; None while it holds
+        self.step_error: str | None = None  # the replayed step failed last time: why
+        self.recovering: str | None = None  # this step is the first good one after that
         self.prev: dict[str, Any] | None = None  # timeline state
         self.inputs = [t.name for t in site.inputs]
         self.outputs = {t.name: t for t in site.outputs}
@@ -288,7 +291,7 @@ class _Replayer:
         if rec.fallback:
             same = result is None
         else:
-            same = result is not None and got == rec.digest
+            same = result is not None and (got == rec.digest or self._recovered(rec, result))
         r.scans += 1
         if same:
             r.matched += 1
@@ -320,9 +323,21 @@ class _Replayer:
         )
         try:
             result = self.core.step(inp)
-            return result, digest(result), ""
         except Exception as e:  # as the runtime does: the step failed, safe values written
-            return None, "", f"{type(e).__name__}: {e}"
+            self.step_error = f"{type(e).__name__}: {e}"
+            return None, "", self.step_error
+        self.recovering, self.step_error = self.step_error, None
+        return result, digest(result), ""
+
+    def _recovered(self, rec: Recorded, result: ScanResult) -> bool:
+        """The first good step after failed ones: the runtime may have put its own
+        `step_recovered` event in front of the core's events before the digest (as its journal
+        and alarms see them). Either digest is the exact decision."""
+        was = self.recovering
+        if was is None:
+            return False
+        back = Event("step_recovered", rec.now_s, "runtime", {"was": was})
+        return digest(replace(result, events=(back, *result.events))) == rec.digest
 
     def _timeline(self, wall: float, res: ScanResult) -> None:
         d = res.decision

@@ -36,11 +36,14 @@ from controller.recorder import (
     utc_text,
 )
 from controller.replay import parse_when, replay, run_replay_cli
+from controller.runtime import Controller, inline
 from controller.study import DAY_S, image_of
 from plc_io.image import Sample
+from plc_io.memory import MemoryPlc, MemoryTransport
 from plc_io.site import Site, demo_site
 from sim import faults
 from sim.plant import initial, measure, step
+from tests.unit.core_helpers import HEALTHY
 
 WALL0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 DT_S = 1.0
@@ -269,6 +272,74 @@ def test_a_failed_step_is_expected_to_fail_again(
     assert report.first.what == (
         "the recorded step failed (safe values written); the replayed one did not",
     )
+
+
+class Clock:
+    """A monotonic clock that moves when the test moves it."""
+
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+    async def sleep(self, dt: float) -> None:
+        self.t += dt
+
+
+class Quiet:
+    def __getattr__(self, _level: str) -> Callable[..., None]:
+        return lambda *a, **kw: None
+
+
+async def test_scans_recorded_by_the_runtime_replay_bit_for_bit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scan loop itself feeds the recorder (in-memory PLC, fake clocks): a leak trip, a
+    decision step that fails for two scans (safe values written, then `step_recovered`), an
+    in-process reset once dry. Every scan replays bit for bit."""
+    real = Core.step
+
+    def broken(self: Core, inp: ScanInput) -> object:
+        if 1040.0 <= inp.now_s < 1040.5:  # the same bug, when recording and when replaying
+            raise ZeroDivisionError("division by zero")
+        return real(self, inp)
+
+    monkeypatch.setattr(Core, "step", broken)
+    site = demo_site(tmp_path).with_control(
+        customer_ready_dwell_s=0.0,
+        reject_dwell_s=1.0,
+        min_mode_dwell_s=1.0,
+        reuse_reentry_min_s=0.0,
+    )
+    clock = Clock()
+    plc = MemoryPlc(site, clock=clock)
+    plc.set_many({k: v for k, v in HEALTHY.items() if k in plc.measured()})
+    transport = MemoryTransport(site, plc, clock=clock, sleep=clock.sleep)
+    rec = Recorder.for_site(site, thread=False, snapshot_every_s=30.0)
+    wall = lambda: WALL0 + clock()  # noqa: E731
+    ctl = Controller(
+        site, transport, recorder=rec, clock=clock, wall=wall, sleep=clock.sleep,
+        offload=inline, log=Quiet(),
+    )  # fmt: skip
+    await transport.connect()
+    modes = []
+    for k in range(600):
+        wobble = 0.02 * (k % 2)  # a live sensor is never perfectly still
+        plc.set_many({"it_supply_temp": 35.0 + wobble, "it_return_temp": 45.0 + wobble})
+        plc.set("leak_reuse", 200 <= k < 300)
+        if k == 320:
+            ctl.reset_trip(reason="leak dried")
+        modes.append((await ctl.scan_once()).mode.value)
+        clock.t += site.scan.period_s
+        if k % 4 == 3:
+            rec.drain()
+    rec.close()
+    assert "LEAK_TRIP" in modes and modes[-1] != "LEAK_TRIP"  # tripped, and reset
+    report = replay(site, rec.directory, WALL0, WALL0 + clock())
+    assert report.ok, report.lines()
+    assert report.scans == 600 and report.matched == 600
+    assert sum(r.fallback for r in iter_records(rec.directory)) == 2
 
 
 def test_torn_last_segment_is_reported_and_the_rest_replays(recorded: Run, tmp_path: Path) -> None:
