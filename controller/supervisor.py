@@ -461,16 +461,9 @@ class Supervisor:
         self.pump_failed = pumps
         if get("valve_fault") is not None:
             self.valve_fault = r.flag(mem, "valve_fault")
-        for key in ("valve_fault_age_s", "valve_off_s"):
-            age = r.opt_num(mem, key) if key in mem else None
-            if age is not None and not 0.0 <= age < math.inf:
-                raise ValueError(
-                    f"supervisor memory: {key} is {_short(age)}, expected seconds >= 0"
-                )
-        fault_age = r.opt_num(mem, "valve_fault_age_s") if "valve_fault_age_s" in mem else None
+        fault_age, off = (self._age(r, mem, k) for k in ("valve_fault_age_s", "valve_off_s"))
         if fault_age is not None:
             self.valve_fault_at = now_s - fault_age  # the retry clock runs on, not anew
-        off = r.opt_num(mem, "valve_off_s") if "valve_off_s" in mem else None
         if off is not None:
             self.valve_off_since = now_s - off
         if get("drycooler_failed") is not None and r.flag(mem, "drycooler_failed"):
@@ -481,6 +474,14 @@ class Supervisor:
             # a cooling outlet clears it
             self.dc_remembered = True
             self.dc_not_cooling_since = now_s - DC_FOLLOW_S
+
+    @staticmethod
+    def _age(r: _Reader, mem: Mapping[str, object], key: str) -> float | None:
+        """An age in seconds from restart memory: absent or null, or a finite number >= 0."""
+        age = r.opt_num(mem, key) if key in mem else None
+        if age is not None and not 0.0 <= age < math.inf:
+            raise ValueError(f"supervisor memory: {key} is {_short(age)}, expected seconds >= 0")
+        return age
 
     @property
     def latched(self) -> frozenset[str]:
