@@ -225,6 +225,8 @@ class ModeMachine:
             self.ready_since = None
         elif self.ready_since is None:
             self.ready_since = now_s
+        if self.changes and now_s - self.changes[0] > 3600.0:
+            self._count_changes(now_s)  # hunting ends an hour after the changes stop, too
         old = self.mode
         target = wanted(old, c)
         if target is old:
@@ -236,10 +238,14 @@ class ModeMachine:
             self.left_reuse_s = now_s
         self.since_s = now_s
         self.changes.append(now_s)
+        self._count_changes(now_s)
+        return old, self.mode
+
+    def _count_changes(self, now_s: float) -> None:
+        """Keep the last hour's mode changes; hunting is more of them than the site allows."""
         while self.changes and now_s - self.changes[0] > 3600.0:
             self.changes.popleft()
         self.hunting = len(self.changes) > self.timing.hunting_changes_per_h
-        return old, self.mode
 
 
 def mermaid_diagram() -> str:

@@ -460,7 +460,8 @@ def test_a_dead_dry_cooler_is_a_fault_with_its_why_and_clears() -> None:
 
 def test_hunting_is_a_fault_while_the_mode_changes_too_often() -> None:
     """Reject requested and released every scan past the dwell: more mode changes in an hour
-    than the site allows makes "hunting"; an hour later without changes it is gone."""
+    than the site allows makes "hunting"; with the request then left standing (no more
+    changes) it is gone an hour after the changes, without needing another mode change."""
     quick = SupervisorConfig.from_site(
         CFG_SITE.with_control(
             min_mode_dwell_s=0.0,
@@ -477,8 +478,12 @@ def test_hunting_is_a_fault_while_the_mode_changes_too_often() -> None:
         t += 1.0
         d = sup.step(plant_like(t, d), t, Commands(request_reject=i % 2 == 1))
     assert d is not None and "hunting" in d.faults and str(limit) in d.faults["hunting"]
-    t += 3601.0
-    d = sup.step(plant_like(t, d), t)
-    t += 1.0
-    d = sup.step(plant_like(t, d), t)
-    assert "hunting" not in d.faults
+    reject = Commands(request_reject=True)
+    last_change = t
+    while t < last_change + 3600.0 + 60.0:
+        t += 30.0
+        d = sup.step(plant_like(t, d), t, reject)
+        assert not [e for e in d.events if e.kind == "mode_changed"] or t < last_change + 60
+        if t < last_change + 3600.0 - 30.0:
+            assert "hunting" in d.faults, t - last_change
+    assert sup.mode is Mode.DRY_COOLER_REJECT and "hunting" not in d.faults
