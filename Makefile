@@ -3,6 +3,9 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# node-opcua, the independent OPC UA stack the HIL tests use as a second PLC stand-in
+NODE_DIR := tests/hil/nodeopcua
+NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
 .PHONY: demo test bench lint fmt docs clean
 
@@ -12,10 +15,15 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	@command -v npm >/dev/null 2>&1 || { echo "make test needs Node.js 20 and npm for the node-opcua PLC stand-in ($(NODE_DIR)): install them"; exit 1; }
+	npm ci --prefix $(NODE_DIR) --no-audit --no-fund --loglevel=error
+	touch $(NODE_STAMP)
+
 demo: $(STAMP)
 	$(BIN)/heatloop demo $(or $(ARGS),--minutes 2)
 
-test: $(STAMP)
+test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
