@@ -79,6 +79,38 @@ def canon(x: object) -> object:
     raise TypeError(f"canon: {type(x).__name__}")
 
 
+INTERNALS = (
+    "il",
+    "memory",
+    "fan_pi",
+    "fan_pi_out",
+    "last",
+    "invalid",
+    "blocked_names",
+    "refused",
+    "pump_fail_since",
+    "pump_failed",
+    "dc_failed",
+    "dc_why",
+    "dc_remembered",
+    "dc_not_cooling_since",
+    "blocked_total",
+    "was_hunting",
+    "write_failed",
+    "degraded",
+    "tank_full",
+    "valve_off_since",
+    "valve_fault",
+    "valve_fault_at",
+)
+
+
+def internals(sup: Supervisor) -> object:
+    m = sup.machine
+    machine = (m.mode, m.since_s, m.reject_clear_since, m.ready_since, m.left_reuse_s)
+    return canon([machine, list(m.changes), m.hunting, *(getattr(sup, name) for name in INTERNALS)])
+
+
 def through_json(snap: dict) -> dict:
     return json.loads(json.dumps(snap, allow_nan=True))
 
@@ -186,6 +218,7 @@ def test_a_restored_snapshot_decides_bit_for_bit_alike(warmup: int, scans: list,
             snap = sup.snapshot()
             twin, d_twin = Supervisor.from_snapshot(QUICK, through_json(snap)), d
             assert canon(through_json(twin.snapshot())) == canon(through_json(snap))
+            assert internals(twin) == internals(sup)  # the same types too: tuples, sets, enums
         now += dt
         c = with_bypass(cmds, bypass, now)
         d = sup.step(frame(now, d, changes, quals), now, c)
