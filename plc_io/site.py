@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, Validati
 
 from plc_io.plant_config import PlantConfig
 from plc_io.tags import (
+    OPCUA_EXACT_MAX,
     REQUIRED_INPUTS,
     REQUIRED_OUTPUTS,
     STRICT,
@@ -27,6 +28,7 @@ from plc_io.tags import (
     Encoding,
     ModbusTable,
     Tag,
+    opcua_type_problem,
 )
 
 _FROZEN = STRICT
@@ -327,22 +329,28 @@ def _pydantic_problems(prefix: str, err: ValidationError) -> list[Problem]:
 
 
 # An OPC UA NodeId string (OPC 10000-6 §5.3.1.10): an optional namespace index or URI, then one
-# identifier: numeric, string, GUID or opaque (base64).
+# identifier: numeric, string, GUID or opaque (base64). A string id is taken as it is, quotes and
+# dots included (Siemens: `ns=3;s="DB_Heat"."heartbeat"`); the URI of `nsu=` has a scheme
+# (RFC 3986: `urn:`, `http:`…) and no ';', and is looked up in the server's NamespaceArray at
+# every connect. No control characters anywhere (a pasted line break is a typo, not an id).
 _NODE_ID = re.compile(
-    r"^(?:ns=(?P<ns>\d{1,5});|nsu=[^;]+;)?"
+    r"^(?:ns=(?P<ns>\d{1,5});|nsu=[A-Za-z][A-Za-z0-9+.\-]*:[^;\s]+;)?"
     r"(?:i=(?P<i>\d{1,10})|s=.+|"
     r"g=[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|"
     r"b=(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?)$",
     re.S,
 )
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 NODE_ID_FORMS = (
-    "ns=<n>;i=<n> | ns=<n>;s=<text> | ns=<n>;g=<guid> | ns=<n>;b=<base64> (or nsu=<uri>;…)"
+    "ns=<n>;i=<n> | ns=<n>;s=<text> | ns=<n>;g=<guid> | ns=<n>;b=<base64> (or nsu=<uri>;… "
+    "with a URI such as urn:vendor:plc or http://…)"
 )
 
 
 def valid_node_id(text: str) -> bool:
+    """Whether `text` is a NodeId the OPC UA transport resolves (see `_NODE_ID`)."""
     m = _NODE_ID.match(text)
-    if m is None or text.endswith("b="):
+    if m is None or text.endswith("b=") or _CONTROL.search(text):
         return False
     ns, ident = m.group("ns"), m.group("i")
     return (ns is None or int(ns) <= 65535) and (ident is None or int(ident) <= 2**32 - 1)
@@ -353,6 +361,10 @@ def _check_tag(tag: Tag) -> list[Problem]:
     probs: list[Problem] = []
     if tag.opcua_node is not None and not valid_node_id(tag.opcua_node):
         probs.append(Problem(f"{p}.opcua_node", tag.opcua_node, f"a NodeId: {NODE_ID_FORMS}"))
+    if tag.opcua_type is not None and tag.range[0] < tag.range[1]:
+        why = opcua_type_problem(tag.is_bool, tag.range[0], tag.range[1], tag.opcua_type)
+        if why is not None:
+            probs.append(Problem(f"{p}.opcua_type", tag.opcua_type, why))
     if tag.is_bool and tuple(tag.range) != (0.0, 1.0):
         probs.append(Problem(f"{p}.range", list(tag.range), "[0, 1] for a bool tag"))
     if not _SNAKE.match(tag.name):
@@ -504,6 +516,16 @@ def _check_heartbeat(hb: Tag) -> list[Problem]:
                 "(above it consecutive counts are not distinct)",
             )
         )
+    if hb.opcua_type in ("Float", "Double") and hi > OPCUA_EXACT_MAX[hb.opcua_type]:
+        # the integer types are held to their range by the tag check (opcua_type_problem)
+        probs.append(
+            Problem(
+                f"{p}.range",
+                list(hb.range),
+                f"a high end ≤ {OPCUA_EXACT_MAX[hb.opcua_type]} with opcua_type "
+                f"{hb.opcua_type} (above it consecutive counts are not distinct)",
+            )
+        )
     raw_max = _RAW_MAX.get(mb.encoding)
     if raw_max is not None and hi > raw_max:
         probs.append(
@@ -594,7 +616,8 @@ CROSS_RULES = (
     "a tag's `frozen_s` > `interlocks.stale_s`",
     "`bms.port` differs from `sim.opcua_port`, and from `plc.port` when the PLC is on this host",
     "`tags.heartbeat`: scale 1, range [0, N] with N + 1 ≥ "
-    f"{HEARTBEAT_MIN_COUNTS} counts, N ≤ 2**24 with float32 and within the encoding's raw range",
+    f"{HEARTBEAT_MIN_COUNTS} counts, N ≤ 2**24 with float32 or `opcua_type` Float, within the "
+    "encoding's raw range and within the range of its `opcua_type`",
     "a `leak_*` or `*_fault` input has `fail_state = true` or `supervised_by` a fault input "
     "whose own `fail_state` is true",
 )

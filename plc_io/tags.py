@@ -94,6 +94,58 @@ REQUIRED_OUTPUTS = (
 
 Value = float | bool
 
+# The OPC UA scalar types a PLC variable may have (IEC 61131-3 BOOL, SINT, USINT/BYTE, INT,
+# UINT/WORD, DINT, UDINT/DWORD, REAL, LREAL), by the name the site file's `opcua_type` uses.
+OpcuaType = Literal[
+    "Boolean", "SByte", "Byte", "Int16", "UInt16", "Int32", "UInt32", "Float", "Double"
+]
+OPCUA_TYPES: tuple[str, ...] = (
+    "Boolean",
+    "SByte",
+    "Byte",
+    "Int16",
+    "UInt16",
+    "Int32",
+    "UInt32",
+    "Float",
+    "Double",
+)
+# The values each integer type holds (OPC 10000-3 §8: built-in types).
+OPCUA_INT_RANGE: dict[str, tuple[int, int]] = {
+    "SByte": (-(2**7), 2**7 - 1),
+    "Byte": (0, 2**8 - 1),
+    "Int16": (-(2**15), 2**15 - 1),
+    "UInt16": (0, 2**16 - 1),
+    "Int32": (-(2**31), 2**31 - 1),
+    "UInt32": (0, 2**32 - 1),
+}
+FLOAT32_MAX = 3.4028234663852886e38
+# Integers every count of which the type carries exactly (a heartbeat counter's high end).
+OPCUA_EXACT_MAX: dict[str, int] = {
+    **{k: hi for k, (_, hi) in OPCUA_INT_RANGE.items()},
+    "Float": 2**24,
+    "Double": 2**53,
+}
+
+
+def opcua_type_problem(tag_is_bool: bool, lo: float, hi: float, opcua_type: str) -> str | None:
+    """Why a tag (bool or analogue, engineering range [lo, hi]) cannot live in a variable of
+    this OPC UA type, or None. A bool tag takes Boolean or an integer type (0/1, as a flag in a
+    register); an analogue tag takes any numeric type whose range holds the tag's (an integer
+    type rounds the value: a fractional resolution is lost, never refused)."""
+    if tag_is_bool:
+        if opcua_type == "Boolean" or opcua_type in OPCUA_INT_RANGE:
+            return None
+        return f"Boolean or an integer type for a bool tag, not {opcua_type}"
+    if opcua_type == "Boolean":
+        return "a numeric type for an analogue tag, not Boolean"
+    if opcua_type in OPCUA_INT_RANGE:
+        t_lo, t_hi = OPCUA_INT_RANGE[opcua_type]
+        if not (t_lo - 0.5 < lo and hi < t_hi + 0.5):
+            return f"a type that holds range [{lo:g}, {hi:g}]; {opcua_type} holds {t_lo}…{t_hi}"
+    return None
+
+
 # Site-file values are taken strictly: `port = true` is not port 1, `safe = "yes"` is not true.
 # A float accepts an integer (TOML `3` for 3.0) but never a boolean or a string; inf and NaN are
 # refused everywhere (a threshold of inf disables its interlock).
@@ -138,6 +190,9 @@ class Tag(BaseModel):
     description: str = Field("", max_length=500)
     modbus: ModbusPoint
     opcua_node: str | None = Field(None, max_length=4096)
+    # the PLC variable's OPC UA type, checked against the node's DataType at connect (None: take
+    # the node's); outputs are written as this type
+    opcua_type: OpcuaType | None = None
     safe: Value | None = None  # outputs only: the value the PLC watchdog falls back to
     verify: bool = False  # outputs only: read back after writing
     # boolean inputs only: what the input reads when its circuit is cut / de-energised

@@ -597,3 +597,127 @@ def test_forceable_only_on_inputs() -> None:
 def test_recorder_bounds(key: str, value: str, fragment: str) -> None:
     probs = problems(edit(rf"^{key} = .*$", f"{key} = {value}"))
     assert len(probs) == 1 and probs[0].startswith(fragment), probs
+
+
+# ---- OPC UA: node ids as PLCs write them, and the variable types a tag may live in ----
+
+
+def _with_node(node: str) -> str:
+    """The demo site with it_supply_temp at `node`, written as a TOML basic string (escapes
+    kept as they are: re.sub's own escapes would turn "\\n" into a line break)."""
+    text, n = re.subn(
+        r'^(description = "Supply to the racks.*)$',
+        lambda m: f"{m.group(1)}\nopcua_node = {json.dumps(node)}",
+        demo_site_text(),
+        count=1,
+        flags=re.M,
+    )
+    assert n == 1
+    return text
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        "nsu=heatloop;i=1",  # a namespace URI has a scheme
+        "nsu=ns=2;i=5",  # an index where the URI belongs
+        "nsu=urn:a b;s=x",  # no spaces in a URI
+        "ns=2;s=DB_Heat\nheartbeat",  # a pasted line break
+        "nsu=urn:x;i=4294967296",  # beyond UInt32
+        "nsu=;i=1",
+        "nsu=urn:x",
+    ],
+)
+def test_bad_nsu_and_garbage_node_ids_are_refused_by_check(node: str) -> None:
+    text = _with_node(node)
+    probs = problems(text)
+    assert len(probs) == 1 and probs[0].startswith(
+        f"tags.it_supply_temp.opcua_node: {node!r}: expected a NodeId"
+    ), probs
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        'ns=3;s="DB_Heat"."it_supply_temp"',  # Siemens S7-1500, quotes and all
+        "ns=4;s=|var|CODESYS Control for Linux SL.Application.GVL.it_supply_temp",
+        "ns=4;s=MAIN.fSupplyTemp",  # Beckhoff TwinCAT
+        'nsu=http://www.siemens.com/simatic-s7-opcua;s="DB_Heat"."it_supply_temp"',
+        "nsu=urn:BeckhoffAutomation:Ua:PLC1;i=850",
+    ],
+)
+def test_plc_style_node_ids_pass(node: str) -> None:
+    text = _with_node(node)
+    assert loads_site(text).tag("it_supply_temp").opcua_node == node
+
+
+def _typed(tag: str, opcua_type: str) -> str:
+    return edit(rf"^(\[tags\.{tag}\])$", rf'\1\nopcua_type = "{opcua_type}"')
+
+
+@pytest.mark.parametrize(
+    ("tag", "opcua_type", "expected"),
+    [
+        # the counter runs 0 … 65535 and wraps: a Byte would refuse every count above 255
+        (
+            "heartbeat",
+            "Byte",
+            "tags.heartbeat.opcua_type: 'Byte': expected a type that holds "
+            "range [0, 65535]; Byte holds 0…255",
+        ),
+        (
+            "heartbeat",
+            "Int16",
+            "tags.heartbeat.opcua_type: 'Int16': expected a type that holds "
+            "range [0, 65535]; Int16 holds -32768…32767",
+        ),
+        ("heartbeat", "Boolean", "tags.heartbeat.opcua_type: 'Boolean': expected a numeric type"),
+        (
+            "it_supply_temp",
+            "Boolean",
+            "tags.it_supply_temp.opcua_type: 'Boolean': expected a "
+            "numeric type for an analogue tag",
+        ),
+        (
+            "leak_primary",
+            "Float",
+            "tags.leak_primary.opcua_type: 'Float': expected Boolean or an "
+            "integer type for a bool tag",
+        ),
+        ("reuse_valve_cmd", "String", "tags.reuse_valve_cmd.opcua_type: 'String': expected one of"),
+    ],
+)
+def test_an_opcua_type_that_cannot_hold_the_tag_is_refused(
+    tag: str, opcua_type: str, expected: str
+) -> None:
+    probs = problems(_typed(tag, opcua_type))
+    assert len(probs) == 1 and probs[0].startswith(expected), probs
+
+
+def test_a_float_heartbeat_counts_exactly_only_up_to_2_pow_24() -> None:
+    text = _heartbeat(
+        "[0.0, 33554432.0]", '{ table = "holding", address = 5, encoding = "int32" }'
+    ).replace("[tags.heartbeat]", '[tags.heartbeat]\nopcua_type = "Float"')
+    assert problems(text) == [
+        "tags.heartbeat.range: [0.0, 33554432.0]: expected a high end ≤ 16777216 with "
+        "opcua_type Float (above it consecutive counts are not distinct)"
+    ]
+    ok = text.replace("[0.0, 33554432.0]", "[0.0, 16777216.0]")
+    assert loads_site(ok).tag("heartbeat").opcua_type == "Float"
+
+
+@pytest.mark.parametrize(
+    ("tag", "opcua_type"),
+    [
+        ("heartbeat", "UInt16"),
+        ("heartbeat", "UInt32"),
+        ("heartbeat", "Double"),
+        ("reuse_valve_cmd", "Float"),
+        ("reuse_valve_cmd", "SByte"),  # 0…100 %, rounded to whole percent
+        ("primary_pump_a_cmd", "Boolean"),
+        ("leak_primary", "UInt16"),  # a flag in a PLC word, 0 or 1
+        ("it_supply_temp", "Int16"),
+    ],
+)
+def test_an_opcua_type_that_holds_the_tag_is_taken(tag: str, opcua_type: str) -> None:
+    assert loads_site(_typed(tag, opcua_type)).tag(tag).opcua_type == opcua_type
