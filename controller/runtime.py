@@ -477,6 +477,7 @@ class Controller:
                 "period_s": self.site.scan.period_s,
             },
             "degraded": list(st.degraded),
+            "recorder": self.recorder.stats() if self.recorder is not None else None,
         }
         return view
 
