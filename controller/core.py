@@ -247,10 +247,10 @@ def _reset_answer(
     """The interlock engine's verdict on a reset, as the answer to the person who asked."""
     wanted = rules or latched_before
     if not latched_before:
-        return _refused(req, "reset: nothing is latched")
+        return _refused(req, "nothing is latched")
     not_latched = sorted(wanted - latched_before)
     if not_latched:
-        return _refused(req, f"reset: {', '.join(not_latched)} not latched")
+        return _refused(req, f"{', '.join(not_latched)} not latched")
     refused = {
         e.source: str(e.detail.get("why", "")) for e in d.events if e.kind == "reset_refused"
     }
