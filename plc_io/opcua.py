@@ -21,6 +21,18 @@ Type check: a Good value whose variant type does not match the tag (a Boolean fo
 a Double NaN for a boolean tag, a String, an array) is bad_reply, on read and on subscription;
 an analogue tag takes any numeric scalar variant, a boolean tag only Boolean.
 
+Sessions: one at a time, always closed. A PLC has few session slots, shared with its HMI and
+SCADA, and keeps a session whose connection died until the session times out
+(`session_timeout_s`). A client that fails or is abandoned (a connect that fails after
+CreateSession, a dead link) is dropped at once and its session closed in the background
+(CloseSession within min(timeout_s, 1 s)); no connect starts until that is over. A session
+whose CloseSession did not get through (the link was dead) is taken over on a new secure channel
+with ActivateSession and closed before the next CreateSession, so the PLC never holds two of
+ours. Only a CreateSession whose answer never came leaves one to the session timeout.
+
+Trust: with a security policy the PLC's certificate is judged by `plc_io.plc_trust` on the
+endpoint list, before any session, and the secure channel is pinned to it.
+
 Status codes to quality (documented in docs/plc-io.md):
   Good*                                                   → good (then the range check)
   BadNoCommunication, BadCommunicationError, BadNotConnected, BadServerNotConnected,
@@ -37,15 +49,18 @@ import math
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import structlog
 from asyncua import Client, ua
 from asyncua.client.ua_client import UaClientState
+from asyncua.crypto import security_policies, uacrypto
 from asyncua.ua.uaerrors import UaError
 
 from plc_io.image import ProcessImage, Quality, Sample, kind_error
+from plc_io.plc_trust import PlcTrust
 from plc_io.site import Site
 from plc_io.tags import Tag, Value
 from plc_io.transport import (
@@ -139,6 +154,25 @@ def _normalise(tag: Tag, value: Value) -> bool | float:
     return v
 
 
+@dataclass(frozen=True)
+class _Orphan:
+    """A session of ours the PLC may still hold: its CloseSession did not get through."""
+
+    token: ua.NodeId
+    nonce: bytes | None
+    policy_ids: Any  # the endpoint's user token policies, needed to activate it again
+
+
+def _site_path(site: Site, path: str) -> Path:
+    """A path from the site file, relative to the site file's folder."""
+    p = Path(path)
+    return p if p.is_absolute() else site.folder / p
+
+
+# A session the PLC has already freed: nothing left to close.
+SESSION_GONE_CODES = frozenset({S.BadSessionIdInvalid, S.BadSessionClosed})
+
+
 class _Handler:
     """Subscription callbacks: remember each node's last DataValue and when it came."""
 
@@ -179,6 +213,21 @@ class OpcuaTransport:
         self._outputs = {t.name: t for t in site.outputs}
         self._out = OutputCache(site.site.name, site.outputs, _normalise)
         self._client: Client | None = None
+        # One session at a time (see "Sessions" in the module docstring): the close of an
+        # abandoned client runs in the background and no connect starts until it is over;
+        # a session whose CloseSession did not get through is taken over and closed first.
+        self._closing: asyncio.Task[None] | None = None
+        self._orphan: _Orphan | None = None
+        self._close_s = min(self.timeout_s, 1.0)
+        self._trust: PlcTrust | None = None
+        if cfg.security != "None":
+            pin = cfg.server_certificate
+            self._trust = PlcTrust(
+                site.state_dir,
+                pinned=None if pin is None else _site_path(site, pin),
+                trust_on_first_use=cfg.trust_on_first_use,
+                log=self._log,
+            )
         self._sub: Any = None
         self._nodes: dict[str, ua.NodeId] = {}  # tag -> node, for the tags that resolved
         self._by_node: dict[ua.NodeId, str] = {}
@@ -211,13 +260,18 @@ class OpcuaTransport:
         await self._ensure_connected(self._clock())
 
     async def close(self) -> None:
-        c, self._client = self._client, None
-        if c is not None:
+        """Close the session and the link. Bounded: a PLC that does not answer keeps our
+        session until `session_timeout_s`, after one attempt to take it over and close it."""
+        self._abandon()
+        task, self._closing = self._closing, None
+        if task is not None:
+            await task  # bounded by _close_s
+        if self._orphan is not None:
             try:
-                async with asyncio.timeout(self.timeout_s * 2):
-                    await c.disconnect()
-            except Exception:  # orderly close is best effort; the socket goes regardless
-                c.disconnect_socket()
+                async with asyncio.timeout(2 * self.timeout_s):
+                    await self._reclaim(self._orphan)
+            except Exception as e:  # best effort: the PLC frees it at its session timeout
+                self._log.warning("plc_session_left_open", error=f"{type(e).__name__} {e}"[:200])
 
     async def read_inputs(self) -> ProcessImage:
         now = self._clock()
@@ -370,13 +424,18 @@ class OpcuaTransport:
         if c is not None:
             self._abandon()
             self.link.lost(now, "comms: connection lost")
+        if self._closing is not None:
+            if not self._closing.done():
+                return False  # the last session is still being closed: never two at once
+            self._closing = None
         if not self.link.may_attempt(now):
             return False
-        client = Client(self.endpoint, timeout=self.timeout_s, watchdog_intervall=1.0)
-        client.session_timeout = 30_000  # an abandoned session frees itself soon on the PLC
+        client = self._new_client()
         try:
             async with asyncio.timeout(max(4 * self.timeout_s, 2.0)):
-                await self._configure(client)  # may fetch the server certificate
+                if self._orphan is not None:
+                    await self._reclaim(self._orphan)
+                await self._configure(client)  # checks the PLC's certificate, before a session
                 await client.connect(auto_reconnect=False)
                 self._client = client
                 await self._resolve(client)
@@ -384,30 +443,49 @@ class OpcuaTransport:
                     await self._subscribe(client)
         except Exception as e:  # any failure to connect is a comms fault, retried with back-off
             self._client = client
-            self._abandon()
+            self._abandon()  # closes the session it may have created (in the background)
             self.link.lost(self._clock(), f"comms: connect failed: {type(e).__name__} {e}")
             return False
         self.link.ok(self._clock())
         self._out.reconnected()  # the PLC may have lost our outputs: write them all again
         return True
 
+    def _new_client(self) -> Client:
+        client = Client(self.endpoint, timeout=self.timeout_s, watchdog_intervall=1.0)
+        # what the PLC waits before freeing a session we could not close (a dead link)
+        client.session_timeout = self.cfg.session_timeout_s * 1000
+        return client
+
     async def _configure(self, client: Client) -> None:
         cfg = self.cfg
         if cfg.security != "None":
-            policy, mode = cfg.security.split("_", 1)
+            policy_name, mode_name = cfg.security.split("_", 1)
+            policy = getattr(security_policies, f"SecurityPolicy{policy_name}")
+            mode = getattr(ua.MessageSecurityMode, mode_name)
             folder = self.site.state_dir / "opcua_client"
             folder.mkdir(parents=True, exist_ok=True)
             key, cert = Path(folder, "key.pem"), Path(folder, "cert.der")
             client.application_uri = "urn:heatloop:controller"
             await client.setup_self_signed_certificate(key, cert)
-            await client.set_security_string(f"{policy},{mode},{cert},{key}")
+            # asyncua takes whatever certificate the endpoint lists: judge it first, on a
+            # channel without a session. The secure channel is then encrypted to exactly this
+            # certificate and CreateSession must present the same one, so a man in the middle
+            # with another certificate gets no further than GetEndpoints.
+            endpoints = await client.connect_and_get_server_endpoints()
+            ep = Client.find_endpoint(endpoints, mode, policy.URI)
+            der = uacrypto.der_from_x509(uacrypto.x509_from_der(ep.ServerCertificate))
+            assert self._trust is not None  # made in __init__ whenever security is set
+            self._trust.check(der)
+            await client.set_security(policy, cert, key, server_certificate=der, mode=mode)
         if cfg.username:
             client.set_user(cfg.username)
             if self._password is not None:
                 client.set_password(self._password)
 
     def _abandon(self) -> None:
-        """Drop a client without waiting on a link that may be dead."""
+        """Drop the client now, without waiting on a link that may be dead: the transport
+        holds no client from here on, and its session is closed in the background
+        (`_close_session`); no connect starts before that is over."""
         c, self._client, self._sub = self._client, None, None
         self._latest.clear()
         if c is None:
@@ -424,7 +502,53 @@ class OpcuaTransport:
         for task in tasks:
             if task is not None and not task.done():
                 task.cancel()
-        c.disconnect_socket()
+        self._closing = asyncio.get_running_loop().create_task(self._close_session(c))
+
+    async def _close_session(self, c: Client) -> None:
+        """CloseSession within `_close_s`, then the socket. A session the PLC did not hear
+        closed is remembered as `_orphan`: the next connect takes it over and closes it."""
+        session = c.uaclient.session
+        token, nonce, ids = session.authentication_token, c._server_nonce, c._policy_ids
+        left = session.has_session
+        try:
+            protocol = c.uaclient.protocol
+            if left and protocol is not None and not protocol.is_closed:
+                c.uaclient.pre_request_hook = None  # never wait on asyncua's reconnect gate
+                async with asyncio.timeout(self._close_s):
+                    await c.uaclient.close_session(True)
+                left = False
+        except UaError as e:
+            left = getattr(e, "code", None) not in SESSION_GONE_CODES
+        except Exception:  # timeout or a dead socket: taken over at the next connect
+            pass
+        finally:
+            c.disconnect_socket()
+        if left:
+            self._orphan = _Orphan(token, nonce, ids)
+
+    async def _reclaim(self, orphan: _Orphan) -> None:
+        """Take over a session of ours that the PLC may still hold and close it, before any new
+        CreateSession (OPC UA Part 4 §6.7: ActivateSession moves a session to a new secure
+        channel). A PLC that has already freed it says so, which is as good."""
+        probe = self._new_client()
+        await self._configure(probe)
+        await probe.connect_socket()
+        try:
+            await probe.send_hello()
+            await probe.open_secure_channel()
+            probe.uaclient.session.restore_authentication_token(orphan.token)
+            probe._server_nonce = orphan.nonce
+            probe._policy_ids = orphan.policy_ids
+            try:
+                await probe.activate_session(username=self.cfg.username, password=self._password)
+                await probe.uaclient.close_session(True)
+            except UaError as e:
+                if getattr(e, "code", None) not in SESSION_GONE_CODES:
+                    raise
+            self._orphan = None
+            self._log.info("plc_session_reclaimed", session=orphan.token.to_string())
+        finally:
+            probe.disconnect_socket()
 
     async def _resolve(self, client: Client) -> None:
         self._nodes.clear()

@@ -54,6 +54,12 @@ class OpcuaClientConfig(BaseModel):
     )  # name of the environment variable holding the password
     subscribe: bool = True
     publish_interval_ms: int = Field(100, ge=10, le=10_000)
+    # how long the PLC keeps a session heatloop could not close (a dead link) before it frees it
+    session_timeout_s: float = Field(30.0, ge=5, le=3600)
+    # with security: trust the first PLC certificate seen when none is trusted yet (logged)
+    trust_on_first_use: bool = False
+    # with security: the PLC's certificate (DER or PEM), relative to the site file's folder
+    server_certificate: str | None = Field(None, min_length=1, max_length=4096)
 
 
 class PlcConfig(BaseModel):
