@@ -104,6 +104,14 @@ _OTHER_ALARMS: tuple[tuple[str, Priority, str, str], ...] = (
         "the PLC may not be doing what the controller decided",
     ),
     (
+        "PLC-SAFE-HOLD",
+        Priority.HIGH,
+        "output",
+        "The PLC holds its safe values (its watchdog tripped and stays tripped past its "
+        "hold-off): the heartbeat or the commands are not reaching it; heat reuse rejected, "
+        "cooling by the dry cooler",
+    ),
+    (
         "VALVE-FAULT",
         Priority.MEDIUM,
         "equipment",

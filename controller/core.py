@@ -46,6 +46,7 @@ _FAULT_ALARMS = {
     "primary_pumps": "PRIMARY-PUMPS",
     "drycooler": "DRYCOOLER-FAULT",
     "hunting": "HUNTING",
+    "plc_safe_hold": "PLC-SAFE-HOLD",
 }
 
 

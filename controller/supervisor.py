@@ -91,6 +91,11 @@ RULE_IDS = frozenset(r.id for r in RULES)
 SNAPSHOT_VERSION = 1
 SETPOINT_MIN_C = 10.0  # the lowest supply setpoint a request may ask for (as the site file)
 ANALOGUE_USED = ("it_supply_temp", "it_return_temp", "tank_bottom_temp", "primary_flow")
+# A tripped PLC releases its safe hold once the heartbeat has been steady for its hold-off and
+# fresh commands arrived (DESIGN §7); this many scans more and a live controller whose writes
+# land must have seen it released. Tripped for longer: the writes are not reaching the PLC.
+PLC_HOLD_SCANS = 4
+PLC_HOLD = "PLC holds its safe values (watchdog tripped)"
 
 
 @dataclass(frozen=True)
@@ -151,6 +156,9 @@ class SupervisorConfig:
     valve_retry_s: float = 3600.0  # after a valve fault, try reuse again at most this often
     outputs: tuple[Tag, ...] = ()  # requests are checked against these (range, type)
     max_force_s: float = 28800.0  # a manual or forced value may last at most this long
+    # plc_watchdog_tripped reading true longer than this: the PLC holds its safe values (the
+    # demo site's hold-off of 2 s plus PLC_HOLD_SCANS scans of 0.25 s)
+    plc_hold_s: float = 3.0
 
     @classmethod
     def from_site(cls, site: Site) -> SupervisorConfig:
@@ -203,6 +211,7 @@ class SupervisorConfig:
             valve_retry_s=c.valve_retry_s,
             outputs=site.outputs,
             max_force_s=c.max_force_s,
+            plc_hold_s=site.plc.watchdog_holdoff_s + PLC_HOLD_SCANS * site.scan.period_s,
         )
 
 
@@ -243,6 +252,8 @@ class Supervisor:
         self.valve_off_since: float | None = None  # reuse valve away from its command since
         self.valve_fault = False
         self.valve_fault_at = -math.inf
+        self.plc_tripped_since: float | None = None  # plc_watchdog_tripped read true since
+        self.plc_hold = False  # tripped for longer than plc_hold_s: the PLC holds safe values
         if memory is not None:
             self._remember(memory, now_s, latched)
 
@@ -306,6 +317,8 @@ class Supervisor:
             "valve_off_since": self.valve_off_since,
             "valve_fault": self.valve_fault,
             "valve_fault_at": self.valve_fault_at,
+            "plc_tripped_since": self.plc_tripped_since,
+            "plc_hold": self.plc_hold,
         }
 
     @classmethod
@@ -421,6 +434,8 @@ class Supervisor:
         sup.valve_off_since = r.opt_num(top, "valve_off_since")
         sup.valve_fault = r.flag(top, "valve_fault")
         sup.valve_fault_at = r.num(top, "valve_fault_at")
+        sup.plc_tripped_since = r.opt_num(top, "plc_tripped_since")
+        sup.plc_hold = r.flag(top, "plc_hold")
         return sup
 
     def restart_memory(self, now_s: float) -> dict[str, object]:
@@ -516,6 +531,7 @@ class Supervisor:
             events += self._runtime_events(cmds, now_s)
         events += self._watch_pumps(points, now_s, covers is None or bool(covers))
         events += self._watch_drycooler(points, now_s)
+        events += self._watch_plc_hold(points, now_s)
         reasons = self._reject_reasons(points, verdict.active, cmds, now_s)
         tank = points["tank_bottom_temp"].num() if "tank_bottom_temp" in points else math.nan
         if tank > cfg.sequence.tank_full_c:
@@ -645,6 +661,8 @@ class Supervisor:
             r.append("PLC link lost")
         if cmds.write_failed:
             r.append(f"outputs not acknowledged: {', '.join(sorted(cmds.write_failed))}")
+        if self.plc_hold:
+            r.append(f"{PLC_HOLD} for more than {self.cfg.plc_hold_s:g} s")
         r += [str(d) for d in cmds.degraded]
         if self._valve_held(now_s):
             r.append("reuse valve not following its command")
@@ -661,7 +679,9 @@ class Supervisor:
     def _faults(self, now_s: float) -> dict[str, str]:
         """The fault memory as it stands, one stable line each (the alarms show them)."""
         valve = self._valve_held(now_s)
-        if not (valve or self.pump_failed or self.dc_failed or self.machine.hunting):
+        if not (
+            valve or self.pump_failed or self.dc_failed or self.machine.hunting or self.plc_hold
+        ):
             return {}
         cfg = self.cfg
         faults: dict[str, str] = {}
@@ -687,6 +707,11 @@ class Supervisor:
         if self.machine.hunting:
             faults["hunting"] = (
                 f"more than {cfg.timing.hunting_changes_per_h} mode changes in an hour"
+            )
+        if self.plc_hold:
+            faults["plc_safe_hold"] = (
+                f"{PLC_HOLD} for more than {cfg.plc_hold_s:g} s: the heartbeat or the "
+                "commands are not reaching it"
             )
         return faults
 
@@ -744,6 +769,35 @@ class Supervisor:
         ]
         self.write_failed, self.degraded = frozenset(failed), tuple(degraded)
         return events
+
+    def _watch_plc_hold(self, points: Mapping[str, Point], now_s: float) -> list[Event]:
+        """Does the PLC hold its safe values? One event when the hold starts, one when it ends.
+
+        `plc_watchdog_tripped` read true for longer than `plc_hold_s` is a hold: past the
+        hold-off, a live controller's heartbeat and commands would have released it. An
+        unreadable input is no verdict: it neither starts a hold nor ends one that stands
+        (reuse stays rejected: toward cooling), and a count not yet a hold starts over, since
+        the PLC may have released and tripped again unseen.
+        """
+        p = points.get("plc_watchdog_tripped")
+        if p is None or not p.valid:
+            if not self.plc_hold:
+                self.plc_tripped_since = None
+            return []
+        tripped_s = 0.0
+        if p.value is True:
+            if self.plc_tripped_since is None:
+                self.plc_tripped_since = now_s
+            tripped_s = now_s - self.plc_tripped_since
+        else:
+            self.plc_tripped_since = None
+        hold = tripped_s > self.cfg.plc_hold_s
+        if hold == self.plc_hold:
+            return []
+        self.plc_hold = hold
+        if hold:
+            return [Event("plc_safe_hold", now_s, "plc", {"tripped_s": tripped_s})]
+        return [Event("plc_safe_hold_cleared", now_s, "plc")]
 
     def _watch_valve(self, points: Mapping[str, Point], now_s: float) -> Event | None:
         """Compare the valve's feedback with what was last written; report a stuck valve once."""

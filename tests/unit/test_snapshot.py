@@ -102,6 +102,8 @@ INTERNALS = (
     "valve_off_since",
     "valve_fault",
     "valve_fault_at",
+    "plc_tripped_since",
+    "plc_hold",
 )
 
 
@@ -139,11 +141,20 @@ image_changes = st.fixed_dictionaries(
         "ambient_temp": st.floats(-20.0, 40.0),
         "drycooler_fault": st.booleans(),
         "it_power": st.floats(0.0, 300.0),
+        "plc_watchdog_tripped": st.sampled_from([False, True, True]),
     },
 )
 # tag -> quality of its sample this scan (stale, forced, comms lost...)
 quality_changes = st.dictionaries(
-    st.sampled_from(["it_supply_temp", "it_return_temp", "leak_reuse", "tank_bottom_temp"]),
+    st.sampled_from(
+        [
+            "it_supply_temp",
+            "it_return_temp",
+            "leak_reuse",
+            "tank_bottom_temp",
+            "plc_watchdog_tripped",
+        ]
+    ),
     qualities,
     max_size=2,
 )

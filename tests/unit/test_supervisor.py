@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from controller.arbitration import Level, Manual
 from controller.journal import event_row
-from controller.modes import Mode
+from controller.modes import REUSE_MODES, Mode
 from controller.supervisor import DC_FOLLOW_S, Commands, Decision, Supervisor, SupervisorConfig
 from plc_io.image import Quality, Sample
 from tests.unit.core_helpers import CFG, live, plant_like
@@ -487,3 +487,156 @@ def test_hunting_is_a_fault_while_the_mode_changes_too_often() -> None:
         if t < last_change + 3600.0 - 30.0:
             assert "hunting" in d.faults, t - last_change
     assert sup.mode is Mode.DRY_COOLER_REJECT and "hunting" not in d.faults
+
+
+# ---- the PLC holds its safe values (its watchdog tripped and stays tripped) ---------------
+
+
+def hold_bound(site: object = CFG_SITE) -> float:
+    """DESIGN §7: a tripped PLC releases once the heartbeat has been steady for the hold-off
+    and fresh commands arrived; a few scans more and a live controller must have seen it."""
+    return site.plc.watchdog_holdoff_s + 4 * site.scan.period_s  # type: ignore[attr-defined]
+
+
+HOLD_REASON = "PLC holds its safe values (watchdog tripped)"
+
+
+def held(d: Decision) -> bool:
+    return any(r.startswith(HOLD_REASON) for r in d.reject_reasons)
+
+
+def test_the_plc_hold_bound_is_the_watchdog_hold_off_plus_four_scans() -> None:
+    site = CFG_SITE.model_copy(
+        update={
+            "plc": CFG_SITE.plc.model_copy(update={"watchdog_holdoff_s": 7.0}),
+            "scan": CFG_SITE.scan.model_copy(update={"period_s": 0.5}),
+        }
+    )
+    assert SupervisorConfig.from_site(site).plc_hold_s == 7.0 + 4 * 0.5
+    assert CFG.plc_hold_s == hold_bound()
+
+
+def test_a_plc_holding_its_safe_values_past_the_hold_off_makes_reuse_leave() -> None:
+    """Tripped through the hold-off and a few scans: a recovery in progress, reuse stays; one
+    scan beyond that: the controller's writes are not reaching the PLC, so reuse is rejected
+    with the reason, a fault (the PLC-SAFE-HOLD alarm) and one event; back to false: cleared
+    with one event, and reuse returns only after the reject dwell."""
+    sup, t0 = reusing()
+    bound, step = hold_bound(), CFG_SITE.scan.period_s
+    d = None
+    t = t0
+    while t - t0 <= bound:  # a trip the PLC releases within its hold-off: no verdict yet
+        d = sup.step(plant_like(t, d, plc_watchdog_tripped=True), t)
+        assert not held(d) and "plc_safe_hold" not in d.faults, t - t0
+        assert not kinds(d, "plc_safe_hold")
+        assert sup.mode is Mode.NORMAL_REUSE
+        t += step
+    d = sup.step(plant_like(t, d, plc_watchdog_tripped=True), t)
+    assert held(d) and sup.mode is Mode.DRY_COOLER_REJECT
+    reason = next(r for r in d.reject_reasons if r.startswith(HOLD_REASON))
+    assert f"{bound:g} s" in reason
+    assert d.faults["plc_safe_hold"].startswith(HOLD_REASON)
+    assert kinds(d, "plc_safe_hold") == [{"tripped_s": t - t0}]
+    # standing: no second event, still rejected, the fault line does not change
+    fault = d.faults["plc_safe_hold"]
+    for _ in range(20):
+        t += step
+        d = sup.step(plant_like(t, d, plc_watchdog_tripped=True), t)
+        assert held(d) and d.faults["plc_safe_hold"] == fault and not kinds(d, "plc_safe_hold")
+        assert sup.mode is Mode.DRY_COOLER_REJECT
+    t += step
+    d = sup.step(plant_like(t, d), t)
+    assert not held(d) and "plc_safe_hold" not in d.faults
+    assert kinds(d, "plc_safe_hold_cleared") == [{}]
+    t += step
+    d = sup.step(plant_like(t, d), t)
+    assert not kinds(d, "plc_safe_hold_cleared")
+    assert sup.mode is Mode.DRY_COOLER_REJECT  # the reject dwell still runs
+    while sup.mode is not Mode.NORMAL_REUSE:
+        t += 1.0
+        d = sup.step(plant_like(t, d), t)
+        assert t - t0 < 10_000.0, "reuse never came back after the hold cleared"
+
+
+def test_a_plc_that_never_releases_its_hold_is_never_reported_in_reuse() -> None:
+    """From start-up with the PLC tripped all along (the heartbeat never lands): the mode
+    never reaches a reuse mode, whatever the plant allows."""
+    sup = Supervisor(CFG, 0.0)
+    d = None
+    t = 0.0
+    while t < 2000.0:
+        d = sup.step(plant_like(t, d, plc_watchdog_tripped=True), t)
+        assert sup.mode not in REUSE_MODES, t
+        t += 1.0
+    assert held(d) and "plc_safe_hold" in d.faults
+
+
+def test_an_invalid_watchdog_input_is_no_proof_of_a_hold_and_keeps_one() -> None:
+    """Tripped but unreadable (stale, bad, of the wrong kind) is no verdict: never a hold by
+    itself, and it does not end one that stands (the reject stays: toward cooling)."""
+    bad = [
+        Sample(True, Quality.STALE, 0.0),
+        Sample(True, Quality.COMMS_LOST, 0.0),
+        Sample(float("nan"), Quality.GOOD, 0.0),
+    ]
+    for sample in bad:
+        sup, t = reusing()
+        d = None
+        for _ in range(int(4 * hold_bound()) + 5):
+            s = Sample(sample.value, sample.quality, t)
+            d = sup.step(plant_like(t, d, plc_watchdog_tripped=s), t)
+            assert not held(d) and "plc_safe_hold" not in d.faults, sample
+            t += 1.0
+        assert sup.mode is Mode.NORMAL_REUSE, sample
+        # a hold that stands is kept while the input cannot be read
+        for _ in range(int(hold_bound()) + 2):
+            d = sup.step(plant_like(t, d, plc_watchdog_tripped=True), t)
+            t += 1.0
+        assert held(d)
+        for _ in range(5):
+            s = Sample(sample.value, sample.quality, t)
+            d = sup.step(plant_like(t, d, plc_watchdog_tripped=s), t)
+            assert held(d) and not kinds(d, "plc_safe_hold_cleared"), sample
+            t += 1.0
+        d = sup.step(plant_like(t, d), t)
+        assert not held(d) and kinds(d, "plc_safe_hold_cleared") == [{}]
+
+
+def test_an_unreadable_spell_restarts_the_count_toward_a_hold() -> None:
+    """True, unreadable, true again: the hold-off is counted from the second true, since the
+    PLC may have released and tripped again in between."""
+    sup, t = reusing()
+    bound = hold_bound()
+    d = None
+    for _ in range(int(bound)):
+        d = sup.step(plant_like(t, d, plc_watchdog_tripped=True), t)
+        t += 1.0
+    d = sup.step(plant_like(t, d, plc_watchdog_tripped=Sample(True, Quality.STALE, t)), t)
+    t += 1.0
+    start = t
+    while t - start <= bound:
+        d = sup.step(plant_like(t, d, plc_watchdog_tripped=True), t)
+        assert not held(d), t - start
+        t += 1.0
+    d = sup.step(plant_like(t, d, plc_watchdog_tripped=True), t)
+    assert held(d)
+
+
+def test_a_plc_hold_raises_the_plc_safe_hold_alarm_high_until_it_clears() -> None:
+    """Through the whole core: the hold is the HIGH alarm PLC-SAFE-HOLD with the fault's line;
+    it returns to normal (unacknowledged, so still listed) once the input reads false."""
+    from controller.alarms import AlarmState, Priority
+    from controller.core import Core, ScanInput
+
+    core = Core(CFG_SITE, 0.0, 1e9)
+    t, d = 0.0, None
+    while t <= hold_bound() + 1.0:
+        r = core.step(ScanInput(plant_like(t, d, plc_watchdog_tripped=True), t, 1e9 + t, True))
+        d = r.decision
+        t += 0.25
+    alarm = r.alarms.alarms["PLC-SAFE-HOLD"]
+    assert alarm.priority is Priority.HIGH and alarm.state is AlarmState.UNACK
+    assert alarm.detail == d.faults["plc_safe_hold"]
+    r = core.step(ScanInput(plant_like(t, d), t, 1e9 + t, True))
+    assert "plc_safe_hold" not in r.decision.faults
+    assert r.alarms.alarms["PLC-SAFE-HOLD"].state is AlarmState.RTN_UNACK
