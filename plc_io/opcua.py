@@ -1,10 +1,18 @@
 """OPC UA client transport (asyncua) for PLCs that speak OPC UA: same contract as Modbus.
 
-Theory of operation. Each tag maps to `tag.opcua_node` (a NodeId string) when set, else to the
-browse path `Objects/PLC/<tag>` in namespace `site.plc.opcua.namespace`, resolved in one
-TranslateBrowsePaths call per connect. Inputs arrive by subscription (`subscribe = true`) or by
-one polled Read per scan. asyncua's own reconnect is off: this transport reconnects itself with
-`LinkMonitor`'s bounded back-off and then writes every output again, exactly like Modbus.
+Theory of operation. Each tag maps to `tag.opcua_node` (a NodeId string: `ns=<n>;…`, or
+`nsu=<uri>;…` looked up in the server's NamespaceArray at every connect, since indexes move with
+PLC firmware) when set, else to the browse path `Objects/PLC/<tag>` in namespace
+`site.plc.opcua.namespace`, resolved in one TranslateBrowsePaths call per connect; that namespace
+is looked up only when some tag has no `opcua_node`. Outputs are written as their node's own
+type: one Read of the DataType attribute of every output node per connect gives each output's
+variant type (Boolean, SByte, Byte, Int16, UInt16, Int32, UInt32, Float, Double; anything else,
+or a type other than the tag's `opcua_type`, leaves the tag unresolved with the reason). Integer
+types are rounded half away from zero and range-checked (a value the type cannot hold is never
+sent: that output fails, so the heartbeat is withheld); Float goes as the nearest float32.
+Inputs arrive by subscription (`subscribe = true`) or by one polled Read per scan. asyncua's own
+reconnect is off: this transport reconnects itself with `LinkMonitor`'s bounded back-off and
+then writes every output again, exactly like Modbus.
 
 Freshness with a subscription: the server only sends changes, and asyncua 2.1's server never
 tells a subscriber that a node was deleted (a PLC program download): a subscription trusted
@@ -19,7 +27,7 @@ dead, every input goes comms_lost and the client reconnects.
 
 Type check: a Good value whose variant type does not match the tag (a Boolean for a float tag,
 a Double NaN for a boolean tag, a String, an array) is bad_reply, on read and on subscription;
-an analogue tag takes any numeric scalar variant, a boolean tag only Boolean.
+an analogue tag takes any numeric scalar variant, a boolean tag Boolean or an integer 0/1.
 
 Sessions: one at a time, always closed. A PLC has few session slots, shared with its HMI and
 SCADA, and keeps a session whose connection died until the session times out
@@ -47,6 +55,7 @@ from __future__ import annotations
 import asyncio
 import math
 import os
+import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -62,7 +71,7 @@ from asyncua.ua.uaerrors import UaError
 from plc_io.image import ProcessImage, Quality, Sample, kind_error
 from plc_io.plc_trust import PlcTrust
 from plc_io.site import Site
-from plc_io.tags import Tag, Value
+from plc_io.tags import FLOAT32_MAX, OPCUA_INT_RANGE, Tag, Value, opcua_type_problem
 from plc_io.transport import (
     CommsHealth,
     LinkMonitor,
@@ -125,9 +134,59 @@ NUMERIC_VARIANTS = frozenset(
         ua.VariantType.UInt64,
     }
 )
-BOOL_VARIANTS = frozenset({ua.VariantType.Boolean})
+INTEGER_VARIANTS = frozenset(NUMERIC_VARIANTS - {ua.VariantType.Double, ua.VariantType.Float})
+# A boolean tag: Boolean, or an integer 0/1 (a flag in a PLC word, as on the Modbus side);
+# `kind_error` makes any other integer bad_reply, never True.
+BOOL_VARIANTS = frozenset({ua.VariantType.Boolean} | INTEGER_VARIANTS)
 # A node that is not there (deleted by a PLC program download, or never was): look it up again.
 GONE_CODES = frozenset({S.BadNodeIdUnknown, S.BadNodeIdInvalid})
+
+# The DataType NodeId (namespace 0) of a PLC variable -> the variant type its values are written
+# as: the nine scalar types a PLC declares, plus the standard subtypes that encode as them
+# (Duration is a Double, IntegerId and Counter are UInt32: OPC 10000-3 §8).
+_DATATYPE_VARIANT: dict[int, ua.VariantType] = {
+    **{
+        int(vt.value): vt
+        for vt in (
+            ua.VariantType.Boolean,
+            ua.VariantType.SByte,
+            ua.VariantType.Byte,
+            ua.VariantType.Int16,
+            ua.VariantType.UInt16,
+            ua.VariantType.Int32,
+            ua.VariantType.UInt32,
+            ua.VariantType.Float,
+            ua.VariantType.Double,
+        )
+    },
+    ua.ObjectIds.Duration: ua.VariantType.Double,
+    ua.ObjectIds.IntegerId: ua.VariantType.UInt32,
+    ua.ObjectIds.Counter: ua.VariantType.UInt32,
+}
+
+
+def datatype_variant(tag: Tag, dv: ua.DataValue) -> ua.VariantType | str:
+    """The variant type to write `tag` as, from its node's DataType attribute (a Read's
+    DataValue), checked against the tag's `opcua_type` and range; or why the tag cannot be
+    written (a type no PLC scalar maps to, a mismatch naming both types, a range the type
+    cannot hold)."""
+    if not dv.StatusCode.is_good():
+        return f"DataType not readable: {dv.StatusCode.name}"
+    dt = dv.Value.Value if dv.Value is not None else None
+    if not isinstance(dt, ua.NodeId):
+        return f"DataType attribute is not a NodeId: {dt!r}"[:200]
+    vt = _DATATYPE_VARIANT.get(dt.Identifier) if dt.NamespaceIndex == 0 else None
+    if vt is None:
+        return (
+            f"node DataType {dt.to_string()} is not one of Boolean, SByte, Byte, Int16, UInt16, "
+            "Int32, UInt32, Float, Double"
+        )
+    if tag.opcua_type is not None and tag.opcua_type != vt.name:
+        return f"opcua_type {tag.opcua_type} but the node's DataType is {vt.name}"
+    why = opcua_type_problem(tag.is_bool, tag.lo, tag.hi, vt.name)
+    if why is not None:
+        return f"node DataType {vt.name} does not fit the tag: expected {why}"
+    return vt
 
 
 def variant_error(tag: Tag, variant: ua.Variant | None) -> str | None:
@@ -137,7 +196,11 @@ def variant_error(tag: Tag, variant: ua.Variant | None) -> str | None:
     allowed = BOOL_VARIANTS if tag.is_bool else NUMERIC_VARIANTS
     if variant.VariantType not in allowed or isinstance(variant.Value, list | tuple):
         kind = "array of " if isinstance(variant.Value, list | tuple) else ""
-        want = "Boolean" if tag.is_bool else "a numeric scalar (Double, Float, Int…)"
+        want = (
+            "Boolean (or an integer 0/1)"
+            if tag.is_bool
+            else "a numeric scalar (Double, Float, Int…)"
+        )
         return f"{tag.name}: variant {kind}{variant.VariantType.name}, expected {want}"
     return kind_error(tag, variant.Value)
 
@@ -152,6 +215,34 @@ def _normalise(tag: Tag, value: Value) -> bool | float:
     if not math.isfinite(v):
         raise ValueError(f"{tag.name}: value {value!r} is not a finite number")
     return v
+
+
+def typed_value(tag: Tag, vt: ua.VariantType, value: bool | float) -> bool | int | float:
+    """A normalised output value as the node's variant type holds it. Integer types round half
+    away from zero (a fractional resolution is lost); a value the type cannot hold raises
+    ValueError ("out of range for UInt16: …") and is never sent."""
+    name = vt.name
+    if vt is ua.VariantType.Boolean:
+        if not tag.is_bool:  # refused at connect already (datatype_variant); never 1.0 -> True
+            raise ValueError(f"an analogue value {value!r} for a Boolean node")
+        return bool(value)
+    if tag.is_bool:
+        if vt in INTEGER_VARIANTS:
+            return int(bool(value))  # a flag in a PLC word: 0 or 1
+        raise ValueError(f"a boolean for a {name} node")
+    v = float(value)
+    if vt is ua.VariantType.Double:
+        return v
+    if vt is ua.VariantType.Float:
+        if not abs(v) <= FLOAT32_MAX:
+            raise ValueError(f"out of range for Float: {v!r} beyond ±{FLOAT32_MAX:.7g}")
+        # what the PLC will hold: the nearest float32 (about 7 significant digits)
+        return float(struct.unpack("<f", struct.pack("<f", v))[0])
+    lo, hi = OPCUA_INT_RANGE[name]
+    n = int(math.copysign(math.floor(abs(v) + 0.5), v))
+    if not lo <= n <= hi:
+        raise ValueError(f"out of range for {name}: {v:g} is outside {lo}…{hi}, not sent")
+    return n
 
 
 @dataclass(frozen=True)
@@ -231,8 +322,14 @@ class OpcuaTransport:
         self._sub: Any = None
         self._nodes: dict[str, ua.NodeId] = {}  # tag -> node, for the tags that resolved
         self._by_node: dict[ua.NodeId, str] = {}
-        self._ns = 0
+        self._ns: int | None = None  # index of [plc.opcua] namespace, when a tag needs it
         self._unresolved: dict[str, str] = {}  # tag -> why it has no node
+        # outputs: the variant type each is written as (its node's DataType, read at connect)
+        self._vtypes: dict[str, ua.VariantType] = {}
+        # tags with a node but no usable type yet (DataType unreadable, mismatched): retried
+        # with the look-ups of `_reresolve`; each is also in `_unresolved` with the reason
+        self._typing: dict[str, ua.NodeId] = {}
+        self._no_uri: set[str] = set()  # nsu= tags whose URI the server did not list
         self._latest: dict[str, tuple[ua.DataValue, float]] = {}  # subscription: dv, arrival
         self._image = ProcessImage()
         self._subscribed_at = 0.0
@@ -336,22 +433,26 @@ class OpcuaTransport:
         """Write these outputs in one Write request, then verify; see `write_in_order`, which
         calls this for the commands and then for the heartbeat alone."""
         out = self._out
-        send = [t for t in tags if t.name in self._nodes]
+        send: list[Tag] = []
+        dvs: list[ua.DataValue] = []
         for t in tags:
             if t.name not in self._nodes:
                 failed[t.name] = f"bad_reply: {self._unresolved.get(t.name, 'no node')}"
                 out.unsent([t.name])
+                continue
+            # written as the node's own type: a PLC answers BadTypeMismatch to anything else
+            vt = self._vtypes[t.name]
+            try:
+                value = typed_value(t, vt, out.desired[t.name])
+            except ValueError as e:  # a value the PLC variable cannot hold is never sent
+                failed[t.name] = str(e)
+                out.unsent([t.name])
+                self.link.cause(f"write {t.name}", str(e))
+                continue
+            send.append(t)
+            dvs.append(ua.DataValue(ua.Variant(value, vt)))
         if not send:
             return []
-        dvs = [
-            ua.DataValue(
-                ua.Variant(
-                    out.desired[t.name],
-                    ua.VariantType.Boolean if t.is_bool else ua.VariantType.Double,
-                )
-            )
-            for t in send
-        ]
         try:
             results = await self._call(
                 self._client_or_raise().uaclient.write_attributes(
@@ -380,6 +481,9 @@ class OpcuaTransport:
                 self.link.cause(f"write {t.name}", st.name)
                 if st.value & 0xFFFF0000 in GONE_CODES:
                     self._gone.add(t.name)
+                elif st.value & 0xFFFF0000 == S.BadTypeMismatch:
+                    # the variable's type changed (a PLC program download): read it again
+                    self._retype(t.name, f"write as {self._vtypes[t.name].name}: {st.name}")
         verify = [self._outputs[n] for n in written if self._outputs[n].verify]
         if verify:
             await self._verify(verify, failed)
@@ -400,11 +504,13 @@ class OpcuaTransport:
         for i, t in enumerate(tags):
             dv = dvs[i] if i < len(dvs) else None
             got = dv.Value.Value if dv is not None and dv.Value is not None else None
+            vt = self._vtypes[t.name]
             ok = (
                 dv is not None
                 and quality_of(dv.StatusCode) is Quality.GOOD
-                and variant_error(t, dv.Value) is None
-                and _normalise(t, got) == self._out.desired[t.name]
+                and dv.Value.VariantType == vt
+                and not isinstance(got, list | tuple)
+                and got == typed_value(t, vt, self._out.desired[t.name])  # what was sent
             )
             if not ok:
                 failed[t.name] = f"verify: PLC holds {got!r}"[:200]
@@ -551,31 +657,116 @@ class OpcuaTransport:
             probe.disconnect_socket()
 
     async def _resolve(self, client: Client) -> None:
+        """Find every tag's node and every output's type (at each connect: a PLC firmware or
+        program download may move namespace indexes, node ids and types). The namespace
+        array is read once; `[plc.opcua] namespace` is needed only by tags without
+        `opcua_node`, so a PLC that lacks it serves every tag that has its own node."""
         self._nodes.clear()
         self._unresolved.clear()
         self._gone.clear()
-        ns = await client.get_namespace_index(self.cfg.namespace)
-        by_path: list[Tag] = []
+        self._vtypes.clear()
+        self._typing.clear()
+        self._no_uri.clear()
+        uris = list(await client.get_namespace_array())
+        by_path = [t for t in self.site.tags if not t.opcua_node]
+        self._ns = self._namespace_index(uris) if by_path else None
+        found: dict[str, ua.NodeId | str] = {}
         for t in self.site.tags:
             if t.opcua_node:
-                try:
-                    self._nodes[t.name] = ua.NodeId.from_string(t.opcua_node)
-                except (ValueError, UaError) as e:
-                    self._unresolved[t.name] = f"bad opcua_node {t.opcua_node!r}: {e}"
-            else:
-                by_path.append(t)
-        self._ns = ns
-        if by_path:
-            found = await self._translate(client, by_path)
-            for t in by_path:
-                got = found[t.name]
-                if isinstance(got, ua.NodeId):
-                    self._nodes[t.name] = got
-                else:
-                    self._unresolved[t.name] = got
+                found[t.name] = self._parse_node(t, uris)
+        if by_path and self._ns is None:
+            why = self._no_namespace(uris)
+            found.update(dict.fromkeys((t.name for t in by_path), why))
+        elif by_path:
+            found.update(await self._translate(client, by_path))
+        await self._adopt(client, found, call=False)
         for name, why in self._unresolved.items():
             self.link.cause(f"node {name}", why)
         self._by_node = {n: k for k, n in self._nodes.items()}
+
+    def _namespace_index(self, uris: Sequence[str]) -> int | None:
+        try:
+            return list(uris).index(self.cfg.namespace)
+        except ValueError:
+            return None
+
+    def _no_namespace(self, uris: Sequence[str]) -> str:
+        shown = ", ".join(repr(u) for u in uris)[:300]
+        return (
+            f"no opcua_node, and plc.opcua.namespace {self.cfg.namespace!r} is not in the "
+            f"PLC's NamespaceArray ({shown})"
+        )
+
+    def _parse_node(self, tag: Tag, uris: Sequence[str]) -> ua.NodeId | str:
+        """The tag's `opcua_node` as a NodeId, an `nsu=` URI looked up in `uris` (indexes may
+        move with PLC firmware; the URI does not); or why there is none."""
+        text = tag.opcua_node or ""
+        try:
+            node = ua.NodeId.from_string(text)
+        except (ValueError, UaError) as e:
+            return f"bad opcua_node {text!r}: {e}"
+        uri = getattr(node, "NamespaceUri", None)
+        if isinstance(node, ua.ExpandedNodeId) and getattr(node, "ServerIndex", None):
+            return f"opcua_node {text!r}: a node on another server (srv=) is not supported"
+        if uri is None:
+            return ua.NodeId(node.Identifier, node.NamespaceIndex, node.NodeIdType)
+        if uri not in uris:
+            self._no_uri.add(tag.name)
+            shown = ", ".join(repr(u) for u in uris)[:300]
+            return f"{text!r}: namespace {uri!r} is not in the PLC's NamespaceArray ({shown})"
+        self._no_uri.discard(tag.name)
+        return ua.NodeId(node.Identifier, list(uris).index(uri), node.NodeIdType)
+
+    def _needs_type(self, name: str) -> bool:
+        """Outputs are written as their node's type; an input with `opcua_type` is checked."""
+        return name in self._outputs or self.site.tag(name).opcua_type is not None
+
+    async def _adopt(
+        self, client: Client, found: Mapping[str, ua.NodeId | str], *, call: bool = True
+    ) -> list[str]:
+        """Take looked-up nodes: those that need a type get it from one Read of their DataType
+        attribute (`datatype_variant`); a node without a usable type, or a tag without a
+        node, is unresolved with the reason. Returns the tags that now have a node."""
+        typed = [
+            n for n, got in found.items() if isinstance(got, ua.NodeId) and self._needs_type(n)
+        ]
+        types: dict[str, ua.VariantType | str] = {}
+        if typed:
+            request = client.uaclient.read_attributes(
+                [found[n] for n in typed], ua.AttributeIds.DataType
+            )
+            dvs = await (self._call(request) if call else request)
+            if len(dvs) != len(typed):
+                raise PlcError("exception", f"{len(dvs)} DataType results for {len(typed)} nodes")
+            for name, dv in zip(typed, dvs, strict=True):
+                types[name] = datatype_variant(self.site.tag(name), dv)
+        adopted: list[str] = []
+        for name, got in found.items():
+            vt = types.get(name)
+            if isinstance(got, ua.NodeId) and isinstance(vt, str):
+                self._typing[name] = got  # the node is there; its type is read again later
+                got = f"{self.site.tag(name).opcua_node or 'Objects/PLC/' + name}: {vt}"
+            if isinstance(got, str):
+                self._nodes.pop(name, None)
+                self._vtypes.pop(name, None)
+                self._unresolved[name] = got
+                continue
+            self._typing.pop(name, None)
+            self._nodes[name] = got
+            if isinstance(vt, ua.VariantType) and name in self._outputs:
+                self._vtypes[name] = vt
+            self._unresolved.pop(name, None)
+            adopted.append(name)
+        return adopted
+
+    def _retype(self, name: str, why: str) -> None:
+        """An output the PLC refused as mistyped: unresolved until its DataType is read again."""
+        node = self._nodes.pop(name, None)
+        self._vtypes.pop(name, None)
+        if node is not None:
+            self._typing[name] = node
+        self._unresolved[name] = f"{why}; DataType to be read again"
+        self.link.cause(f"node {name}", self._unresolved[name])
 
     async def _translate(self, client: Client, tags: Sequence[Tag]) -> dict[str, ua.NodeId | str]:
         """Browse-path results by tag name: the node, or why there is none."""
@@ -592,33 +783,46 @@ class OpcuaTransport:
         return out
 
     async def _reresolve(self) -> None:
-        """Look up again the browse paths of tags whose node went away or never resolved (a
-        PLC program download may delete nodes and create them under new ids). Tags that
-        resolve join `_gone`, so their monitored item is (re)created once they answer."""
-        tags = [
+        """Look up again what is missing: browse paths of tags whose node went away or never
+        resolved (a PLC program download may delete nodes and create them under new ids),
+        `nsu=` URIs and the namespace the PLC did not list, and the DataType of nodes whose
+        type was unreadable or refused. Inputs that resolve join `_gone`, so their monitored
+        item is (re)created once they answer."""
+        by_path = [
             t
             for t in self.site.tags
             if not t.opcua_node and (t.name in self._gone or t.name in self._unresolved)
         ]
-        if not tags:
+        if not (by_path or self._typing or self._no_uri):
             return
         client = self._client_or_raise()
+        found: dict[str, ua.NodeId | str] = dict(self._typing)
         try:
-            found = await self._call(self._translate(client, tags))
+            if self._no_uri or (by_path and self._ns is None):
+                uris = await self._call(client.get_namespace_array())
+                for name in list(self._no_uri):
+                    found[name] = self._parse_node(self.site.tag(name), uris)
+                if self._ns is None:
+                    self._ns = self._namespace_index(uris)
+            if by_path and self._ns is not None:
+                found.update(await self._call(self._translate(client, by_path)))
+            old = dict(self._nodes)
+            was_unresolved = set(self._unresolved)
+            adopted = await self._adopt(client, found)
         except PlcError:
             return  # comms drops the link; a refused lookup is retried next period
-        for name, got in found.items():
-            if isinstance(got, ua.NodeId):
-                old = self._nodes.get(name)
-                self._nodes[name] = got
-                if self._unresolved.pop(name, None) is not None:
-                    self.link.cause(f"node {name}", None)
-                    self._gone.add(name)
-                if old is not None and old != got:
-                    self._by_node.pop(old, None)
-                self._by_node[got] = name
-                if name in self._outputs:
-                    self._gone.discard(name)  # written by node id: nothing to recreate
+        for name in found:
+            why = self._unresolved.get(name)
+            self.link.cause(f"node {name}", why)
+        for name in adopted:
+            got = self._nodes[name]
+            if name in was_unresolved:
+                self._gone.add(name)
+            if old.get(name) is not None and old[name] != got:
+                self._by_node.pop(old[name], None)
+            self._by_node[got] = name
+            if name in self._outputs:
+                self._gone.discard(name)  # written by node id: nothing to recreate
 
     async def _subscribe(self, client: Client) -> None:
         params = ua.CreateSubscriptionParameters()

@@ -26,7 +26,7 @@ from sim import plant
 from sim.faults import FaultError
 from sim.plc_faults import PLC_FAULT_NAMES, CommsFaults, PlcFaultValueError
 from sim.plc_modbus import ModbusMap, PlcModbusServer, PlcModbusStore
-from sim.plc_opcua import PlcOpcua
+from sim.plc_opcua import NAMESPACE, PlcOpcua
 from sim.plc_watchdog import Watchdog, WatchdogEvent
 from sim.scenario import Scenario
 
@@ -51,6 +51,7 @@ class SimPlc:
         host: str = "127.0.0.1",
         modbus_port: int | None = None,
         opcua_port: int | None = None,
+        opcua_namespace: str = NAMESPACE,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if not (math.isfinite(speed) and speed > 0):
@@ -77,8 +78,15 @@ class SimPlc:
         self._modbus = PlcModbusServer(
             PlcModbusStore(self._map, site.plc.unit_id, self), host, self.modbus_port
         )
+        # `opcua_namespace`: a PLC whose own namespace is not urn:heatloop:plc (tags at their
+        # `opcua_node` ids then; see sim.plc_opcua)
         self._opcua = PlcOpcua(
-            self, site.tags, sorted(plant.truth(self._state)), host, self.opcua_port
+            self,
+            site.tags,
+            sorted(plant.truth(self._state)),
+            host,
+            self.opcua_port,
+            namespace=opcua_namespace,
         )
         self._task: asyncio.Task[None] | None = None
         self._wake_fut: asyncio.Future[None] | None = None

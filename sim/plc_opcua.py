@@ -3,7 +3,11 @@ instrument (fault methods, true plant values). Security None, bound where told (
 a test instrument, never a production endpoint.
 
 Node ids are strings in namespace `urn:heatloop:plc`: `PLC.<tag>`, `Sim`, `Sim.InjectFault`,
-`Sim.ClearFault`, `Sim.ClearAllFaults`, `Sim.Plant`, `Sim.Plant.<name>`.
+`Sim.ClearFault`, `Sim.ClearAllFaults`, `Sim.Plant`, `Sim.Plant.<name>`. A tag that sets
+`opcua_node` is served at that id instead (an `nsu=` URI becomes a namespace of the server), and
+one that sets `opcua_type` as a variable of that type (else Double, or Boolean for a bool tag):
+a typed PLC layout, which takes a write only of the variable's own variant type, as a real
+server does (a Double for a Float variable is BadTypeMismatch).
 
 Client writes are intercepted per item in front of asyncua's attribute write service (an internal
 API of asyncua 2.1; pinned, and tests/hil exercises it), so each item gets its own status: an
@@ -96,8 +100,10 @@ class PlcOpcua:
         plant_names: list[str],
         bind_host: str,
         port: int,
+        namespace: str = NAMESPACE,
     ) -> None:
         self.host = host
+        self.namespace = namespace
         self.tags = tags
         self.plant_names = plant_names
         self.bind_host = bind_host
@@ -106,6 +112,7 @@ class PlcOpcua:
         self.ns = 0
         self._plc_nodes: dict[str, ua.NodeId] = {}
         self._plc_vt: dict[str, ua.VariantType] = {}
+        self._tag_nodes: dict[str, ua.NodeId] = {}  # tags served at their own `opcua_node`
         self._plant_nodes: dict[str, tuple[ua.NodeId, ua.VariantType]] = {}
         self._outputs: dict[ua.NodeId, Tag] = {}
         self._read_only: set[ua.NodeId] = set()
@@ -126,8 +133,11 @@ class PlcOpcua:
         server.set_server_name("heatloop simulated PLC")
         server.set_security_policy([ua.SecurityPolicyType.NoSecurity])
         server.allow_remote_admin(False)
-        ns = await server.register_namespace(NAMESPACE)
+        ns = await server.register_namespace(self.namespace)
         self.ns = ns
+        self._tag_nodes = {
+            t.name: await self._node_id(server, t.opcua_node) for t in self.tags if t.opcua_node
+        }
         objects = server.nodes.objects
 
         self._plc_folder = await objects.add_folder(
@@ -169,11 +179,16 @@ class PlcOpcua:
         good 0.0)."""
         ns, plc = self.ns, self._plc_folder
         for tag in self.tags:
-            vt = ua.VariantType.Boolean if tag.is_bool else ua.VariantType.Double
-            nid = ua.NodeId(f"PLC.{tag.name}", ns)
+            # the tag's `opcua_type` when it states one (a typed PLC layout), else as always
+            default = ua.VariantType.Boolean if tag.is_bool else ua.VariantType.Double
+            vt = ua.VariantType[tag.opcua_type] if tag.opcua_type else default
+            nid = self._tag_nodes.get(tag.name) or ua.NodeId(f"PLC.{tag.name}", ns)
             init: Value = values.get(tag.name, False if tag.is_bool else 0.0)
             var = await plc.add_variable(
-                nid, ua.QualifiedName(tag.name, ns), ua.Variant(_typed(init, vt), vt)
+                nid,
+                ua.QualifiedName(tag.name, nid.NamespaceIndex),
+                ua.Variant(_typed(init, vt), vt),
+                datatype=ua.NodeId(vt.value),
             )
             if tag.description:
                 await var.write_attribute(
@@ -188,6 +203,22 @@ class PlcOpcua:
                 self._outputs[nid] = tag
             else:
                 self._read_only.add(nid)
+
+    @staticmethod
+    async def _node_id(server: Server, text: str) -> ua.NodeId:
+        """A tag's `opcua_node` as a node of this server: an `nsu=` URI is registered as a
+        namespace, an `ns=<n>` index is made to exist (placeholder namespaces before it)."""
+        node = ua.NodeId.from_string(text)
+        uri = getattr(node, "NamespaceUri", None)
+        if uri is not None:
+            uris = await server.get_namespace_array()
+            idx = uris.index(uri) if uri in uris else await server.register_namespace(uri)
+        else:
+            idx = node.NamespaceIndex
+            while len(await server.get_namespace_array()) <= idx:
+                n = len(await server.get_namespace_array())
+                await server.register_namespace(f"urn:heatloop:sim:ns{n}")
+        return ua.NodeId(node.Identifier, idx, node.NodeIdType)
 
     async def _delete_plc_nodes(self) -> None:
         """The `nodes_deleted` fault: every `Objects/PLC/<tag>` goes, as in a PLC program
@@ -331,14 +362,17 @@ class PlcOpcua:
         if self.host.faults.write_refusal(tag.modbus.table.value) is not None:
             return ua.StatusCodes.BadDeviceFailure, 0.0  # the `write_refused` PLC fault
         variant = wv.Value.Value if wv.Value is not None else None
-        if variant is None or variant.Value is None:
+        if variant is None or variant.Value is None or isinstance(variant.Value, list):
+            return ua.StatusCodes.BadTypeMismatch, 0.0
+        # as a real server: only the variable's own type (a Double for a Float is refused)
+        if variant.VariantType != self._plc_vt[tag.name]:
             return ua.StatusCodes.BadTypeMismatch, 0.0
         if tag.is_bool:
-            if variant.VariantType != ua.VariantType.Boolean:
-                return ua.StatusCodes.BadTypeMismatch, 0.0
-            return ua.StatusCodes.Good, bool(variant.Value)
-        if variant.VariantType != ua.VariantType.Double:
-            return ua.StatusCodes.BadTypeMismatch, 0.0
+            if variant.VariantType == ua.VariantType.Boolean:
+                return ua.StatusCodes.Good, bool(variant.Value)
+            if variant.Value not in (0, 1):  # a flag in an integer variable
+                return ua.StatusCodes.BadOutOfRange, False
+            return ua.StatusCodes.Good, variant.Value == 1
         v = float(variant.Value)
         if not (math.isfinite(v) and tag.lo <= v <= tag.hi):
             return ua.StatusCodes.BadOutOfRange, 0.0
@@ -455,9 +489,28 @@ class _Unset:
 _UNSET = _Unset()
 
 
+_INT_LIMITS = {
+    ua.VariantType.SByte: (-(2**7), 2**7 - 1),
+    ua.VariantType.Byte: (0, 2**8 - 1),
+    ua.VariantType.Int16: (-(2**15), 2**15 - 1),
+    ua.VariantType.UInt16: (0, 2**16 - 1),
+    ua.VariantType.Int32: (-(2**31), 2**31 - 1),
+    ua.VariantType.UInt32: (0, 2**32 - 1),
+}
+
+
 def _typed(value: Any, vt: ua.VariantType) -> Any:
+    """A value as a variable of type `vt` holds it. Integer types round half away from zero
+    and saturate at the type's ends, as a PLC's REAL_TO_INT conversions do; NaN becomes 0."""
     if vt == ua.VariantType.Boolean:
         return bool(value)
-    if vt == ua.VariantType.UInt32:
-        return int(value)
+    limits = _INT_LIMITS.get(vt)
+    if limits is not None:
+        v = float(value)
+        lo, hi = limits
+        if math.isnan(v):
+            return 0
+        if math.isinf(v):
+            return hi if v > 0 else lo
+        return int(min(max(math.copysign(math.floor(abs(v) + 0.5), v), lo), hi))
     return float(value)
