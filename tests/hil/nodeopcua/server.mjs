@@ -18,6 +18,7 @@
 // each, answered by one line "json <object>" on stdout:
 //   {"cmd": "get"}                      values, commanded and applied outputs, watchdog, sessions
 //   {"cmd": "set", "values": {...}}     set input values (as the PLC's field inputs)
+//   {"cmd": "reset"}                    session counts start again from the sessions open now
 //   {"cmd": "fault", "name": "refuse_subscriptions" | "ignore_subscriptions" | "none"}
 //     refuse: CreateSubscription answers BadTooManySubscriptions; ignore: it is never answered.
 import fs from "node:fs";
@@ -255,7 +256,14 @@ readline.createInterface({ input: process.stdin }).on("line", (line) => {
                 tag.value = value;
             }
             answer(state());
+        } else if (req.cmd === "reset") {
+            const open = server.currentSessionCount;
+            Object.assign(sessions, { open, max_open: open, created: 0, closed: {}, refused: 0 });
+            answer(state());
         } else if (req.cmd === "fault") {
+            if (!["none", "refuse_subscriptions", "ignore_subscriptions"].includes(req.name)) {
+                throw new Error(`fault ${req.name}: unknown`);
+            }
             fault = req.name;
             answer(state());
         } else throw new Error(`unknown cmd ${JSON.stringify(req.cmd)}`);
