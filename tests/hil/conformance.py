@@ -10,12 +10,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from typing import Any
 
+from controller.core import Core, ScanInput, ScanResult
+from interlocks.engine import Event
+from plc_io.image import ProcessImage
 from plc_io.memory import MemoryPlc, MemoryTransport
 from plc_io.modbus import ModbusTransport
 from plc_io.opcua import OpcuaTransport
 from plc_io.site import Site, demo_site
+from plc_io.transport import LinkState
 
 
 def free_port() -> int:
@@ -155,3 +160,59 @@ class Rig:
             self.proxy.delay_s = 0.0
         if self.plc is not None:
             self.plc.clear_all()
+
+
+class Controller:
+    """The runtime's scan over a rig's transport, without the runtime: read the inputs, step
+    the decision core, write its outputs (everything again while the PLC reports its watchdog
+    tripped: the PLC releases its hold only on fresh commands), and feed what was not
+    acknowledged into the next scan, as `controller.runtime` does.
+
+    `heartbeat`, when set, is written as the heartbeat every scan instead of the transport's
+    counter: a controller whose heartbeat does not move. `watchdog` feeds the in-memory PLC,
+    which has none of its own (an object with `watchdog_tripped`)."""
+
+    def __init__(self, site: Site, transport: Any, watchdog: Any = None) -> None:
+        self.clock = time.monotonic
+        self.wall = time.time
+        self.core = Core(site, self.clock(), self.wall())
+        self.t = transport
+        self.watchdog = watchdog
+        self.plc: Any = None  # the in-memory PLC the watchdog's state is written into
+        self.heartbeat: float | None = None
+        self.write_failed: frozenset[str] = frozenset()
+        self.events: list[Event] = []
+        self.image: ProcessImage | None = None  # the last one read
+
+    async def scan(self) -> ScanResult:
+        """One scan; returns the core's decision, alarms and events."""
+        if self.watchdog is not None and self.plc is not None:
+            self.plc.set("plc_watchdog_tripped", self.watchdog.watchdog_tripped)
+        img = self.image = await self.t.read_inputs()
+        link_ok = self.t.health.state is LinkState.OK
+        r = self.core.step(ScanInput(img, self.clock(), self.wall(), link_ok, self.write_failed))
+        self.events += r.events
+        tripped = img["plc_watchdog_tripped"]
+        if tripped.quality.usable and tripped.value is True:
+            self.t.resend_all()
+        values = {k: v for k, v in r.decision.values().items() if k != "heartbeat"}
+        if self.heartbeat is not None:
+            values["heartbeat"] = self.heartbeat
+        w = await self.t.write_outputs(values)
+        self.write_failed = frozenset(w.failed)
+        return r
+
+    async def scan_until(self, done: Any, within_s: float, period_s: float = 0.05) -> ScanResult:
+        """Scan every `period_s` until `done(result)`; the last result (an assertion names the
+        last decision if it never came)."""
+        deadline = time.monotonic() + within_s
+        while True:
+            r = await self.scan()
+            if done(r):
+                return r
+            d = r.decision
+            assert time.monotonic() < deadline, (
+                f"not within {within_s} s: mode {d.mode.value}, reasons {d.reject_reasons}, "
+                f"faults {dict(d.faults)}"
+            )
+            await asyncio.sleep(period_s)

@@ -20,13 +20,16 @@ import pytest
 import pytest_asyncio
 from structlog.testing import capture_logs
 
+from controller.alarms import AlarmState
+from controller.core import ScanResult
+from controller.modes import REUSE_MODES
 from plc_io.image import ProcessImage, Quality
 from plc_io.transport import LinkState, UnknownTagError
 
 try:  # tests/hil may or may not be a package
-    from tests.hil.conformance import Rig, conformance_site
+    from tests.hil.conformance import Controller, Rig, conformance_site
 except ImportError:
-    from conformance import Rig, conformance_site  # type: ignore[no-redef]
+    from conformance import Controller, Rig, conformance_site  # type: ignore[no-redef]
 
 pytestmark = [pytest.mark.hil, pytest.mark.asyncio(loop_scope="module")]
 
@@ -442,6 +445,88 @@ async def test_a_refused_coil_block_withholds_the_heartbeat_and_the_watchdog_tri
         r = await t.write_outputs(LEAK_TRIP)
         assert "heartbeat" in r.written and not r.failed
         assert plc.outputs()["secondary_pump_cmd"] is False
+    finally:
+        await t.close()
+        await own.close()
+
+
+# ---- the controller knows when the PLC holds its safe values ----
+
+PLC_HOLD = "PLC holds its safe values (watchdog tripped)"
+
+
+def plc_holds(r: ScanResult) -> bool:
+    return any(x.startswith(PLC_HOLD) for x in r.decision.reject_reasons)
+
+
+def watchdog_reads(ctl: Controller, tripped: bool) -> bool:
+    """The controller's last image reads the PLC's watchdog as `tripped` (and good)."""
+    assert ctl.image is not None
+    s = ctl.image["plc_watchdog_tripped"]
+    return s.quality is Quality.GOOD and s.value is tripped
+
+
+@pytest.mark.parametrize("how", ["writes refused", "heartbeat stopped"])
+async def test_a_controller_whose_writes_never_reach_the_plc_rejects_reuse_for_its_hold(
+    rig: Rig, how: str
+) -> None:
+    """The PLC refuses every write, or the heartbeat the controller writes no longer moves: the
+    PLC watchdog trips and holds the safe values, and the controller, reading
+    plc_watchdog_tripped past the hold-off plus four scans, rejects reuse for that reason
+    (never a reuse mode), with the fault, the PLC-SAFE-HOLD alarm and one event; once the
+    writes land again the PLC releases and the hold clears with one event."""
+    site = conformance_site(watchdog_s=1.0, watchdog_holdoff_s=0.3)
+    site = site.model_copy(update={"scan": site.scan.model_copy(update={"period_s": 0.25})})
+    own = Rig(rig.kind, site)  # a PLC of its own, with a short watchdog
+    await own.start()
+    t = own.transport()
+    try:
+        await t.connect()
+        plc = own.plc
+        wd = MemoryWatchdog(plc, site) if own.kind == "memory" else plc
+        ctl = Controller(site, t, wd if own.kind == "memory" else None)
+        ctl.plc = plc
+        bound_s = site.plc.watchdog_holdoff_s + 4 * site.scan.period_s
+        assert ctl.core.cfg.plc_hold_s == bound_s
+        settle_s = site.plc.watchdog_s + site.plc.watchdog_holdoff_s + 5.0  # generous
+
+        # writes that land: the PLC, tripped since it powered up, releases its safe hold
+        r = await ctl.scan_until(lambda r: watchdog_reads(ctl, False), settle_s)
+        assert not plc_holds(r) and "plc_safe_hold" not in r.decision.faults
+        assert not wd.watchdog_tripped
+
+        ctl.events.clear()
+        if how == "writes refused":
+            plc.inject("write_refused", "", 4.0)
+        else:
+            ctl.heartbeat = float(plc.commanded()["heartbeat"])
+        r = await ctl.scan_until(plc_holds, site.plc.watchdog_s + bound_s + settle_s)
+        d = r.decision
+        assert watchdog_reads(ctl, True) and wd.watchdog_tripped
+        safe, held = site.safe_outputs(), plc.outputs()
+        assert {n: held[n] for n in safe if n != "heartbeat"} == pytest.approx(
+            {n: v for n, v in safe.items() if n != "heartbeat"}
+        )
+        assert d.mode not in REUSE_MODES
+        reason = next(x for x in d.reject_reasons if x.startswith(PLC_HOLD))
+        assert reason == f"{PLC_HOLD} for more than {bound_s:g} s"
+        assert d.faults["plc_safe_hold"].startswith(PLC_HOLD)
+        assert r.alarms.alarms["PLC-SAFE-HOLD"].state is AlarmState.UNACK
+        starts = [e for e in ctl.events if e.kind == "plc_safe_hold"]
+        assert len(starts) == 1 and starts[0].detail["tripped_s"] > bound_s
+        for _ in range(5):  # it stands, and is not reported again
+            await asyncio.sleep(0.05)
+            r = await ctl.scan()
+            assert plc_holds(r) and r.decision.mode not in REUSE_MODES
+        assert [e.kind for e in ctl.events].count("plc_safe_hold") == 1
+
+        # the writes land again: the PLC releases and the hold clears, once
+        if how == "writes refused":
+            plc.clear("write_refused")
+        ctl.heartbeat = None
+        r = await ctl.scan_until(lambda r: not plc_holds(r), settle_s)
+        assert watchdog_reads(ctl, False) and "plc_safe_hold" not in r.decision.faults
+        assert [e.kind for e in ctl.events].count("plc_safe_hold_cleared") == 1
     finally:
         await t.close()
         await own.close()
