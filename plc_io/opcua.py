@@ -330,6 +330,9 @@ class OpcuaTransport:
         # with the look-ups of `_reresolve`; each is also in `_unresolved` with the reason
         self._typing: dict[str, ua.NodeId] = {}
         self._no_uri: set[str] = set()  # nsu= tags whose URI the server did not list
+        # outputs the PLC refused as mistyped: that type is not taken again until it changes
+        # (a PLC program download) or the link reconnects
+        self._refused_vt: dict[str, ua.VariantType] = {}
         self._latest: dict[str, tuple[ua.DataValue, float]] = {}  # subscription: dv, arrival
         self._image = ProcessImage()
         self._subscribed_at = 0.0
@@ -667,6 +670,7 @@ class OpcuaTransport:
         self._vtypes.clear()
         self._typing.clear()
         self._no_uri.clear()
+        self._refused_vt.clear()
         uris = list(await client.get_namespace_array())
         by_path = [t for t in self.site.tags if not t.opcua_node]
         self._ns = self._namespace_index(uris) if by_path else None
@@ -739,7 +743,11 @@ class OpcuaTransport:
             if len(dvs) != len(typed):
                 raise PlcError("exception", f"{len(dvs)} DataType results for {len(typed)} nodes")
             for name, dv in zip(typed, dvs, strict=True):
-                types[name] = datatype_variant(self.site.tag(name), dv)
+                vt = datatype_variant(self.site.tag(name), dv)
+                if isinstance(vt, ua.VariantType) and self._refused_vt.get(name) == vt:
+                    # a steady reason, not a resolve-and-refuse cycle every period
+                    vt = f"node DataType {vt.name}, but the PLC refused a write as {vt.name}"
+                types[name] = vt
         adopted: list[str] = []
         for name, got in found.items():
             vt = types.get(name)
@@ -752,6 +760,7 @@ class OpcuaTransport:
                 self._unresolved[name] = got
                 continue
             self._typing.pop(name, None)
+            self._refused_vt.pop(name, None)
             self._nodes[name] = got
             if isinstance(vt, ua.VariantType) and name in self._outputs:
                 self._vtypes[name] = vt
@@ -760,9 +769,12 @@ class OpcuaTransport:
         return adopted
 
     def _retype(self, name: str, why: str) -> None:
-        """An output the PLC refused as mistyped: unresolved until its DataType is read again."""
+        """An output the PLC refused as mistyped: unresolved until its DataType reads as
+        another type (or the next connect)."""
         node = self._nodes.pop(name, None)
-        self._vtypes.pop(name, None)
+        vt = self._vtypes.pop(name, None)
+        if vt is not None:
+            self._refused_vt[name] = vt
         if node is not None:
             self._typing[name] = node
         self._unresolved[name] = f"{why}; DataType to be read again"

@@ -249,6 +249,18 @@ class PlcOpcua:
         dv = ua.DataValue(ua.Variant(_typed(value, vt), vt), SourceTimestamp=ts, ServerTimestamp=ts)
         await self.server.write_attribute_value(nid, dv)
 
+    async def retype(self, name: str, vt: ua.VariantType) -> None:
+        """A PLC program download that declares tag `name`'s variable with another type (same
+        node id): its DataType and value change, and writes must now be of type `vt`."""
+        assert self.server is not None
+        nid = self._plc_nodes[name]
+        self._plc_vt[name] = vt
+        await self._untyped(nid)
+        dt = ua.DataValue(ua.Variant(ua.NodeId(vt.value)))
+        await self.server.write_attribute_value(nid, dt, ua.AttributeIds.DataType)
+        self._last.pop(nid, None)
+        await self.publish_plc(self.host.outputs(), self.host.opcua_fault_status())
+
     async def _untyped(self, nid: ua.NodeId) -> None:
         """asyncua refuses a value of another variant type than the node holds, even from the
         server itself (BadTypeMismatch); it checks against the value held, so forget that one

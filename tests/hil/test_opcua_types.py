@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from asyncua import ua
 from structlog.testing import capture_logs
 
 from plc_io.image import ProcessImage, Quality
@@ -315,3 +316,43 @@ async def test_an_unknown_namespace_uri_is_named_and_the_rest_works(plc: SimPlc)
         len(lines) == 1
         and "'urn:nobody:plc' is not in the PLC's NamespaceArray" in (lines[0]["cause"])
     ), logs
+
+
+async def test_a_variable_redeclared_with_another_type_is_read_again(plc: SimPlc) -> None:
+    """A PLC program download turns the valve's REAL into an LREAL under the same node id:
+    the write refused as mistyped is not retried blindly; the DataType is read again within
+    a verification period and the command lands as the new type (where the site does not
+    state `opcua_type`); where it does, the output stays refused, naming both types."""
+    untyped = make_site(types={k: v for k, v in TYPES.items() if k != "reuse_valve_cmd"})
+    t, typed = transport(untyped, plc), transport(SITE, plc)
+    await t.connect()
+    await typed.connect()
+    try:
+        assert not await released(t, plc, COMMANDS)
+        await plc._opcua.retype("reuse_valve_cmd", ua.VariantType.Double)
+        r = await t.write_outputs({**COMMANDS, "reuse_valve_cmd": 42.3})
+        assert r.failed["reuse_valve_cmd"] == "exception: BadTypeMismatch", r.failed
+        assert "heartbeat" in r.failed
+        deadline = time.monotonic() + SITE.plc.stale_after_s + 3.0
+        while time.monotonic() < deadline:
+            await t.read_inputs()  # the verification period reads the DataType again
+            r = await t.write_outputs({**COMMANDS, "reuse_valve_cmd": 42.3})
+            if not r.failed:
+                break
+            await asyncio.sleep(0.1)
+        assert not r.failed, r.failed
+        assert plc.commanded()["reuse_valve_cmd"] == 42.3  # an LREAL holds it exactly
+        want = "opcua_type Float but the node's DataType is Double"
+        deadline = time.monotonic() + SITE.plc.stale_after_s + 3.0
+        while time.monotonic() < deadline:
+            r = await typed.write_outputs({**COMMANDS, "reuse_valve_cmd": 40.0})
+            if want in r.failed.get("reuse_valve_cmd", ""):
+                break
+            await typed.read_inputs()
+            await asyncio.sleep(0.1)
+        assert want in r.failed["reuse_valve_cmd"], r.failed
+        assert plc.commanded()["reuse_valve_cmd"] == 42.3  # nothing sent as a Float
+    finally:
+        await t.close()
+        await typed.close()
+        await plc._opcua.retype("reuse_valve_cmd", ua.VariantType.Float)
