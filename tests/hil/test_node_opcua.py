@@ -209,9 +209,14 @@ class NodePlc:
 
 
 def nodeopcua_site_text(
-    endpoint: str, state_dir: Path, security: str = "None", **opcua: Any
+    endpoint: str,
+    state_dir: Path,
+    security: str = "None",
+    declare_types: bool = True,
+    **opcua: Any,
 ) -> str:
-    """The demo site on OPC UA: every tag by `nsu=` id and `opcua_type`, quick watchdog."""
+    """The demo site on OPC UA: every tag by `nsu=` id, with its `opcua_type` if
+    `declare_types` (else the transport takes each node's DataType), quick watchdog."""
     text = demo_site_text()
     for section, key, value in (
         ("plc", "transport", "opcua"),
@@ -230,7 +235,8 @@ def nodeopcua_site_text(
         assert text.count(header) == 1, header
         text = text.replace(
             header,
-            f"{header}opcua_node = 'nsu={URI};{node_id(t, k)}'\nopcua_type = \"{plc_type(t)}\"\n",
+            f"{header}opcua_node = 'nsu={URI};{node_id(t, k)}'\n"
+            + (f'opcua_type = "{plc_type(t)}"\n' if declare_types else ""),
         )
     keys = {"endpoint": endpoint, "security": security, **opcua}
     text += "\n[plc.opcua]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in keys.items())
@@ -301,8 +307,8 @@ async def transport(site: Site, clock: Clock | None = None) -> AsyncIterator[Opc
         await tx.close()
 
 
-def site_for(plc: NodePlc, folder: Path, **opcua: Any) -> Site:
-    text = nodeopcua_site_text(plc.endpoint, folder / "state", **opcua)
+def site_for(plc: NodePlc, folder: Path, declare_types: bool = True, **opcua: Any) -> Site:
+    text = nodeopcua_site_text(plc.endpoint, folder / "state", declare_types=declare_types, **opcua)
     return load_site(write_site(folder, text))
 
 
@@ -323,13 +329,18 @@ async def connected(tx: OpcuaTransport, clock: Clock | None = None, within_s: fl
 
 # ---- tests ----
 
+DECLARED = pytest.mark.parametrize(
+    "declare_types", [True, False], ids=["opcua_type-declared", "DataType-read-at-connect"]
+)
 
+
+@DECLARED
 async def test_inputs_read_good_through_nsu_ids_and_plc_types(
-    fresh: NodePlc, tmp_path: Path
+    fresh: NodePlc, tmp_path: Path, declare_types: bool
 ) -> None:
     """Every input, by `nsu=` id on a namespace at index 4, of a PLC's own type, reads good
     with the value the PLC holds (a Float carries float32 precision, nothing more)."""
-    site = site_for(fresh, tmp_path)
+    site = site_for(fresh, tmp_path, declare_types)
     assert fresh.state()["namespace_index"] == 2 + len(DECOYS)  # not 2, where a naive client looks
     async with transport(site) as tx:
         assert await connected(tx), tx.health.last_error
@@ -339,7 +350,7 @@ async def test_inputs_read_good_through_nsu_ids_and_plc_types(
             s = img[t.name]
             assert s.quality is Quality.GOOD, (t.name, s, tx.health.last_error)
             want = state["values"][t.name]
-            assert s.value == (bool(want) if t.is_bool else float(want)), (t.name, s.value, want)
+            assert s.value == as_plc_holds(t, want), (t.name, s.value, want)
             if t.name not in ("plc_watchdog_tripped", "plc_watchdog_trips"):
                 assert s.value == as_plc_holds(t, input_value(t)), t.name
         # a change at the PLC arrives too (not a value cached at connect)
@@ -352,10 +363,14 @@ async def test_inputs_read_good_through_nsu_ids_and_plc_types(
         fresh.ask(cmd="set", values={"it_supply_temp": input_value(tag)})
 
 
-async def test_typed_writes_land_in_the_plc_variables(fresh: NodePlc, tmp_path: Path) -> None:
+@DECLARED
+async def test_typed_writes_land_in_the_plc_variables(
+    fresh: NodePlc, tmp_path: Path, declare_types: bool
+) -> None:
     """Every output lands as the PLC's own type (Float, Double, UInt16, Byte, Boolean): no
-    BadTypeMismatch, and the stand-in holds each value as that type holds it."""
-    site = site_for(fresh, tmp_path)
+    BadTypeMismatch, and the stand-in holds each value as that type holds it; whether the site
+    file declares the types or the transport reads each node's DataType at connect."""
+    site = site_for(fresh, tmp_path, declare_types)
     # Not the safe values, so a landed write is told apart from the power-up image.
     values: dict[str, float | bool] = {
         "reuse_valve_cmd": 42.7,
@@ -394,6 +409,12 @@ async def test_heatloop_run_releases_the_watchdog_and_a_kill_trips_it(
     text = nodeopcua_site_text(fresh.endpoint, tmp_path / "state", session_timeout_s=5.0)
     path = write_site(tmp_path, text)
     site = load_site(path)
+    # No controller yet: the PLC holds its safe state (a write of an earlier test may have
+    # released it; with no heartbeat since, its watchdog trips within watchdog_s).
+    deadline = time.monotonic() + WATCHDOG_S + 5.0
+    while not fresh.state()["tripped"]:
+        assert time.monotonic() < deadline, "the watchdog holds released with no controller"
+        await asyncio.sleep(0.1)
     ctl = ControllerProc(path, "controller")
     try:
         deadline = time.monotonic() + 30.0
