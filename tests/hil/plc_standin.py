@@ -17,13 +17,26 @@ from asyncua.common.utils import ServiceError
 from asyncua.crypto import cert_gen
 from asyncua.server.internal_session import SessionState
 from asyncua.server.uaprocessor import UaProcessor
-from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from plc_io.site import Site
 
+try:  # tests/hil may or may not be a package
+    from tests.hil.conftest import fast_site
+except ImportError:
+    from conftest import fast_site  # type: ignore[no-redef]
+
 NAMESPACE = "urn:heatloop:plc"
 SERVER_URI = "urn:heatloop:test:plc"
+
+
+def opcua_site(folder: Path, port: int, **opcua: object) -> Site:
+    """The fast demo site over OPC UA to 127.0.0.1:`port`, its state under `folder`."""
+    site = fast_site()
+    cfg = site.plc.opcua.model_copy(update={"endpoint": f"opc.tcp://127.0.0.1:{port}/", **opcua})
+    # a short back-off, so ten failed connects take seconds
+    plc = site.plc.model_copy(update={"transport": "opcua", "reconnect_max_s": 0.2, "opcua": cfg})
+    return site.model_copy(update={"plc": plc, "folder": folder})
 
 
 class PlcStandIn:
@@ -34,6 +47,7 @@ class PlcStandIn:
 
     def __init__(self, site: Site, port: int, *, max_sessions: int = 2) -> None:
         self.site = site
+        self.port = port
         self.url = f"opc.tcp://127.0.0.1:{port}/"
         self.max_sessions = max_sessions
         self.fault: str | None = None
@@ -42,6 +56,7 @@ class PlcStandIn:
         self.refused = 0  # CreateSession requests answered BadTooManySessions
         self.peak = 0  # most sessions open at once
         self.server = Server()
+        self.cert_path: Path | None = None
 
     def live(self) -> int:
         sessions = self.server.iserver._external_sessions.values()
@@ -56,6 +71,7 @@ class PlcStandIn:
         await server.set_application_uri(SERVER_URI)
         if cert_dir is not None:
             key, cert = cert_dir / "plc-key.pem", cert_dir / "plc-cert.der"
+            self.cert_path = cert
             await cert_gen.setup_self_signed_certificate(
                 key, cert, SERVER_URI, "127.0.0.1", [ExtendedKeyUsageOID.SERVER_AUTH], {}
             )
@@ -78,9 +94,9 @@ class PlcStandIn:
         return self
 
     def cert_der(self) -> bytes:
-        cert = self.server.certificate
-        assert cert is not None
-        return cert.public_bytes(Encoding.DER)
+        """The certificate this PLC presents (DER)."""
+        assert self.cert_path is not None, "started without security"
+        return self.cert_path.read_bytes()
 
     async def stop(self) -> None:
         await self.server.stop()

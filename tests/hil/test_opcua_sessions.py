@@ -17,27 +17,22 @@ import pytest
 import pytest_asyncio
 
 from plc_io.opcua import OpcuaTransport
-from plc_io.site import Site
 from plc_io.transport import LinkState
 
 try:  # tests/hil may or may not be a package
-    from tests.hil.conftest import fast_site, free_port, wait_for
-    from tests.hil.plc_standin import PlcStandIn, keep_sessions_like_a_plc
+    from tests.hil.conftest import free_port, wait_for
+    from tests.hil.plc_standin import PlcStandIn, keep_sessions_like_a_plc, opcua_site
 except ImportError:
-    from conftest import fast_site, free_port, wait_for  # type: ignore[no-redef]
-    from plc_standin import PlcStandIn, keep_sessions_like_a_plc  # type: ignore[no-redef]
+    from conftest import free_port, wait_for  # type: ignore[no-redef]
+    from plc_standin import (  # type: ignore[no-redef]
+        PlcStandIn,
+        keep_sessions_like_a_plc,
+        opcua_site,
+    )
 
 pytestmark = [pytest.mark.hil]
 
 ATTEMPTS = 10
-
-
-def opcua_site(folder: Path, port: int, **opcua: object) -> Site:
-    site = fast_site()
-    cfg = site.plc.opcua.model_copy(update={"endpoint": f"opc.tcp://127.0.0.1:{port}/", **opcua})
-    # a short back-off, so ten failed connects take seconds
-    plc = site.plc.model_copy(update={"transport": "opcua", "reconnect_max_s": 0.2, "opcua": cfg})
-    return site.model_copy(update={"plc": plc, "folder": folder})
 
 
 @pytest_asyncio.fixture
@@ -68,7 +63,7 @@ async def test_failed_connects_never_hold_more_than_one_session(
     ours, never refuses one, and once the fault clears the link comes up with one session,
     which close() closes."""
     plc.fault = fault
-    t = OpcuaTransport(opcua_site(tmp_path, int(plc.url.rsplit(":", 1)[1].strip("/"))))
+    t = OpcuaTransport(opcua_site(tmp_path, plc.port))
     try:
         await attempts(t, plc, ATTEMPTS, bound_s=90)
         assert plc.refused == 0, f"{plc.refused} connects refused BadTooManySessions"
@@ -94,7 +89,7 @@ async def test_a_dead_link_leaves_no_second_session(plc: PlcStandIn, tmp_path: P
     """A link that dies under a connected client (here: the transport's socket cut without a
     CloseSession reaching the PLC) leaves a session the PLC keeps; the reconnect takes it over
     and closes it before creating its own, so the PLC never holds two."""
-    port = int(plc.url.rsplit(":", 1)[1].strip("/"))
+    port = plc.port
     t = OpcuaTransport(opcua_site(tmp_path, port))
     try:
         await wait_for_link(t)
