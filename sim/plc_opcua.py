@@ -313,7 +313,8 @@ class PlcOpcua:
         self._last[nid] = marker  # unequal to any value: the true value returns on clear
         if kind == 2:
             variant = ua.Variant("21.5", ua.VariantType.String)
-        elif self._plc_vt[name] == ua.VariantType.Boolean:
+        elif any(t.is_bool for t in self.tags if t.name == name):
+            # by the tag's kind, not the variable's type: a bool tag in a UInt16 takes 0/1
             variant = ua.Variant(math.nan, ua.VariantType.Double)
         else:
             variant = ua.Variant(True, ua.VariantType.Boolean)

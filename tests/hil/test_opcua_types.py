@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from asyncua import ua
+from asyncua import Client, ua
 from structlog.testing import capture_logs
 
 from plc_io.image import ProcessImage, Quality
@@ -356,3 +356,34 @@ async def test_a_variable_redeclared_with_another_type_is_read_again(plc: SimPlc
         await t.close()
         await typed.close()
         await plc._opcua.retype("reuse_valve_cmd", ua.VariantType.Float)
+
+
+async def test_the_simulated_plc_takes_only_each_variables_own_type(plc: SimPlc) -> None:
+    """As a real server: a Double for a REAL, a Boolean for a WORD flag, a Float for a WORD
+    are BadTypeMismatch; the variable's own type is taken (what the transport now sends)."""
+    ns = plc._opcua.ns
+    async with Client(f"opc.tcp://127.0.0.1:{plc.opcua_port}/", timeout=2) as c:
+
+        async def write(tag: str, variant: ua.Variant) -> str:
+            node = ua.NodeId(f"PLC.{tag}", ns)
+            (st,) = await c.uaclient.write_attributes(
+                [node], [ua.DataValue(variant)], ua.AttributeIds.Value
+            )
+            return st.name
+
+        dt = await c.get_node(ua.NodeId("PLC.reuse_valve_cmd", ns)).read_data_type_as_variant_type()
+        assert dt is ua.VariantType.Float
+        assert await write("reuse_valve_cmd", ua.Variant(0.0, ua.VariantType.Double)) == (
+            "BadTypeMismatch"
+        )
+        assert await write("customer_isolation_cmd", ua.Variant(False)) == "BadTypeMismatch"
+        assert await write("heartbeat", ua.Variant(5.0, ua.VariantType.Float)) == (
+            "BadTypeMismatch"
+        )
+        assert await write("reuse_valve_cmd", ua.Variant(0.0, ua.VariantType.Float)) == "Good"
+        assert await write("customer_isolation_cmd", ua.Variant(0, ua.VariantType.UInt16)) == (
+            "Good"
+        )
+        assert await write("customer_isolation_cmd", ua.Variant(2, ua.VariantType.UInt16)) == (
+            "BadOutOfRange"
+        )
