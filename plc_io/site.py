@@ -340,7 +340,7 @@ def _pydantic_problems(prefix: str, err: ValidationError) -> list[Problem]:
 # (RFC 3986: `urn:`, `http:`…) and no ';', and is looked up in the server's NamespaceArray at
 # every connect. No control characters anywhere (a pasted line break is a typo, not an id).
 _NODE_ID = re.compile(
-    r"^(?:ns=(?P<ns>\d{1,5});|nsu=[A-Za-z][A-Za-z0-9+.\-]*:[^;\s]+;)?"
+    r"^(?:ns=(?P<ns>\d{1,5});|nsu=[^;\s=]+;)?"
     r"(?:i=(?P<i>\d{1,10})|s=.+|"
     r"g=[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}|"
     r"b=(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?)$",
@@ -349,7 +349,8 @@ _NODE_ID = re.compile(
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 NODE_ID_FORMS = (
     "ns=<n>;i=<n> | ns=<n>;s=<text> | ns=<n>;g=<guid> | ns=<n>;b=<base64> (or nsu=<uri>;… "
-    "with a URI such as urn:vendor:plc or http://…)"
+    "with the namespace URI as the server lists it, e.g. urn:vendor:plc, http://… or "
+    "CODESYSSPV3/3S/IecVarAccess: no spaces, ';' or '=')"
 )
 
 

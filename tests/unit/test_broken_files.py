@@ -45,8 +45,8 @@ SITES = {
     "site_opcua_node_garbage.toml": "tags.it_supply_temp.opcua_node: 'PLC!it_supply_temp': "
     "expected a NodeId",
     "site_heartbeat_scaled.toml": "tags.heartbeat.modbus.scale: 0.5: expected 1",
-    "site_opcua_nsu_no_scheme.toml": "tags.it_supply_temp.opcua_node: "
-    "'nsu=heatloop-plc;s=it_supply_temp': expected a NodeId",
+    "site_opcua_nsu_space.toml": "tags.it_supply_temp.opcua_node: "
+    "'nsu=urn:heatloop plc;s=it_supply_temp': expected a NodeId",
     "site_opcua_type_byte_heartbeat.toml": "tags.heartbeat.opcua_type: 'Byte': expected a type "
     "that holds range [0, 65535]; Byte holds 0…255",
     "site_leak_without_fail_state.toml": "tags.leak_reuse.fail_state: None: expected true",

@@ -289,6 +289,7 @@ def test_garbage_opcua_node_is_refused(node: str) -> None:
         "ns=2;s=PLC.it_supply_temp",
         "i=2253",
         "nsu=urn:heatloop:plc;s=PLC/x",
+        "nsu=CODESYSSPV3/3S/IecVarAccess;s=|var|CODESYS Control.Application.PLC_PRG.heartbeat",
         "ns=3;g=09087e75-8e5e-499b-954f-f2a9603db28a",
         "ns=1;b=M/RbKBsRVkePCePcx24oRA==",
     ],
@@ -619,7 +620,6 @@ def _with_node(node: str) -> str:
 @pytest.mark.parametrize(
     "node",
     [
-        "nsu=heatloop;i=1",  # a namespace URI has a scheme
         "nsu=ns=2;i=5",  # an index where the URI belongs
         "nsu=urn:a b;s=x",  # no spaces in a URI
         "ns=2;s=DB_Heat\nheartbeat",  # a pasted line break
