@@ -409,11 +409,12 @@ async def test_heatloop_run_releases_the_watchdog_and_a_kill_trips_it(
     text = nodeopcua_site_text(fresh.endpoint, tmp_path / "state", session_timeout_s=5.0)
     path = write_site(tmp_path, text)
     site = load_site(path)
-    # No controller yet: the PLC holds its safe state (a write of an earlier test may have
-    # released it; with no heartbeat since, its watchdog trips within watchdog_s).
-    deadline = time.monotonic() + WATCHDOG_S + 5.0
-    while not fresh.state()["tripped"]:
-        assert time.monotonic() < deadline, "the watchdog holds released with no controller"
+    # No controller yet: the PLC holds its safe state and has heard no heartbeat for
+    # watchdog_s, so nothing but this controller can release it (writes of an earlier test
+    # may have, and its watchdog then trips within watchdog_s).
+    deadline = time.monotonic() + 2 * WATCHDOG_S + 5.0
+    while not ((s := fresh.state())["tripped"] and s["silent_s"] > WATCHDOG_S):
+        assert time.monotonic() < deadline, f"the PLC holds released with no controller: {s}"
         await asyncio.sleep(0.1)
     ctl = ControllerProc(path, "controller")
     try:
@@ -428,7 +429,7 @@ async def test_heatloop_run_releases_the_watchdog_and_a_kill_trips_it(
         end = time.monotonic() + 3 * WATCHDOG_S
         while time.monotonic() < end:
             s = fresh.state()
-            assert not s["tripped"] and s["trips"] == trips, s
+            assert not s["tripped"] and s["trips"] == trips, f"{s}\n{ctl.tail()}"
             beats.add(s["heartbeat"])
             await asyncio.sleep(0.1)
         assert len(beats) >= 3, beats

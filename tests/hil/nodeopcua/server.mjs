@@ -232,6 +232,7 @@ function state() {
         tripped: wd.tripped,
         trips: wd.trips,
         heartbeat: wd.last_heartbeat,
+        silent_s: now() - wd.last_change_s, // since the heartbeat last changed
         namespace_index: ns.index,
         sessions: { ...sessions, open: server.currentSessionCount },
         fault,
