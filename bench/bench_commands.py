@@ -24,40 +24,22 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from bench.bench_journal import Quiet, Stamped
 from controller.channel import ChannelServer, NoController, call
 from controller.journal import JournalKeeper
 from controller.recorder import Recorder
 from controller.runtime import Controller
-from plc_io.memory import MemoryPlc, MemoryTransport
+from plc_io.memory import MemoryPlc
 from plc_io.site import Site, demo_site
-from plc_io.tags import Value
-from plc_io.transport import WriteResult
 from tests.unit.core_helpers import HEALTHY
 
 SCANS = 480
 BURST_AT = 80  # scans in, the burst starts
 BURST = 1000
 CLIENTS = 8
-
-
-class Stamped(MemoryTransport):
-    """Notes when each write pass was acknowledged."""
-
-    written_at: float = 0.0
-
-    async def write_outputs(self, values: Mapping[str, Value]) -> WriteResult:
-        result = await super().write_outputs(values)
-        self.written_at = time.perf_counter()
-        return result
-
-
-class Quiet:
-    def __getattr__(self, _level: str) -> Callable[..., None]:
-        return lambda *a, **kw: None
 
 
 def _burst(sock: Path) -> Counter[str]:

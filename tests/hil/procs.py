@@ -374,6 +374,15 @@ async def reach_reuse(ctl: ControllerProc, probe: ModbusProbe) -> None:
     )
 
 
+async def leak_trip(ctl: ControllerProc, probe: ModbusProbe, faults: SimFaults) -> None:
+    """From reuse, a leak in the reuse zone: the controller in LEAK_TRIP within IL-04's time."""
+    from interlocks.rules import RULES_BY_ID
+
+    await reach_reuse(ctl, probe)
+    await faults.inject("leak", "reuse", 1.0)
+    await ctl.wait_mode("LEAK_TRIP", RULES_BY_ID["IL-04"].response_s + SCAN_S + 1.0)
+
+
 def journal_latched(state_dir: Path) -> set[str]:
     db = sqlite3.connect(f"file:{state_dir / 'heatloop.db'}?mode=ro", uri=True)
     try:

@@ -36,6 +36,7 @@ from tests.hil.procs import (
     SimFaults,
     SimServer,
     journal_latched,
+    leak_trip,
     matches,
     poll_until,
     reach_reuse,
@@ -142,9 +143,7 @@ async def test_latched_leak_trip_survives_kill9_and_needs_a_reset(
 ) -> None:
     state = tmp_path / "state"
     ctl = controllers(state)
-    await reach_reuse(ctl, probe)
-    await faults.inject("leak", "reuse", 1.0)
-    await ctl.wait_mode("LEAK_TRIP", RULES_BY_ID["IL-04"].response_s + SCAN_S + 1.0)
+    await leak_trip(ctl, probe, faults)
     await ctl.wait_event(lambda e: e.get("event") == "trip_latched", 1.0, "trip_latched")
     # order, not time: by the time anyone is told, the PLC holds the isolation and the latch
     # is on disk (outputs first, then the journal, then the log)

@@ -20,17 +20,15 @@ from typing import Any
 
 import pytest
 
-from interlocks.rules import RULES_BY_ID
 from tests.hil.conftest import ModbusProbe
 from tests.hil.procs import (
     ISOLATION,
-    SCAN_S,
     ControllerProc,
     SimFaults,
     cli,
+    leak_trip,
     matches,
     poll_until,
-    reach_reuse,
     read_outputs,
     status,
 )
@@ -80,9 +78,7 @@ async def test_reset_is_refused_while_wet_and_accepted_once_dry_journalled_with_
 ) -> None:
     state = tmp_path / "state"
     ctl = controllers(state)
-    await reach_reuse(ctl, probe)
-    await faults.inject("leak", "reuse", 1.0)
-    await ctl.wait_mode("LEAK_TRIP", RULES_BY_ID["IL-04"].response_s + SCAN_S + 1.0)
+    await leak_trip(ctl, probe, faults)
 
     wet = await run_cli(ctl.site_path, "reset", "--reason", "leak found and fixed")
     assert wet.returncode == 2, wet
