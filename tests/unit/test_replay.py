@@ -48,7 +48,7 @@ from tests.unit.core_helpers import HEALTHY
 WALL0 = 1_800_000_000.0  # 2027-01-15T08:00:00Z
 DT_S = 1.0
 LEAK_AT, DRY_AT, RESET_AT, ACK_AT = 600, 700, 760, 620  # scan indexes (seconds at DT_S)
-N_SCANS = 1500
+N_SCANS = 3600  # one recorded hour
 
 
 @dataclass
