@@ -5,8 +5,9 @@ state directory and its command channel on a real Unix socket: (a) neither comma
 recorder; (b) the recorder on, and 1,000 requests sent at once by 8 client threads of another
 process through the socket while the scan runs. Measured per scan (wall time, the journal's
 commit in its worker thread as in production): from the scan's start to the outputs
-acknowledged by the PLC, and the whole scan, which also waits up to half a period for the
-journal (an accepted request is answered only once it is on disk). Reported: p50 and p99 of
+acknowledged by the PLC, and the whole scan, which waits for the journal (at most half a
+period) only when it carries the plant's events; an accepted request is answered once its
+record is on disk, at a later scan if need be. Reported: p50 and p99 of
 each, the loaded/plain ratio of the p99s (target ≤ 1.1), and what became of the 1,000
 requests. The channel's rate limits and the per-scan limit keep a flood out of the scan.
 

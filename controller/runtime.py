@@ -662,10 +662,15 @@ class Controller:
         batch, already = self._waiting, self._waiting_told
         self._waiting, self._waiting_told = [], 0
         state, self._waiting_state = self._waiting_state, None
+        # The plant's events and a changed latch set are told in the scan that raised them, so
+        # that scan waits for the commit (at most persist_wait_s). A batch that only answers
+        # people's requests holds no scan: its answers go out when the commit is done.
+        urgent = latched != self._sent_latched or any(e.kind != COMMAND for e in batch)
         self._sent_latched = latched
         try:
             fut = asyncio.ensure_future(self.offload(partial(self._store, batch, latched, state)))
-            await asyncio.wait_for(asyncio.shield(fut), timeout=self.persist_wait_s)
+            wait_s = self.persist_wait_s if urgent else 0.0
+            await asyncio.wait_for(asyncio.shield(fut), timeout=wait_s)
         except TimeoutError:
             # slow storage: let the commit finish on its own; the next scans go on
             self._inflight, self._inflight_events, self._inflight_told = fut, batch, already
