@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 from controller.arbitration import NOT_FORCEABLE, Manual, check_setpoint, shown, value_problem
 from interlocks.rules import RULES_BY_ID, Rule
 from plc_io.image import ProcessImage, Quality, Sample
+from plc_io.site import is_safety_input
 from plc_io.tags import Tag
 
 if TYPE_CHECKING:
@@ -629,6 +630,12 @@ def _force(
         raise _Refused(f"args.value: {shown(value)}: expected {why}")
     # an analogue value is stored as a float, as the codec and the sample carry it
     v: object = value if tag.is_bool else float(value)  # type: ignore[arg-type]
+    if is_input and _hides_a_trip(tag, v):
+        raise _Refused(
+            f"args.value: {shown(value)}: expected {str(tag.fail_state).lower()} for "
+            f"{tag.name}: a leak or fault input may be forced only to its trip state, never "
+            "to hide one"
+        )
     duration = _duration_s(args["minutes"], limits.max_force_s, "max_force_s")
     old_held = held.get(tag.name)
     new_held = Held(v, now_wall, _expiry(now_wall, duration), who, reason)
@@ -757,6 +764,11 @@ def prune(
     return (_replace(state, **changes) if changes else state), ended
 
 
+def _hides_a_trip(tag: Tag, value: object) -> bool:
+    """A leak or fault input forced to anything but the state its cut wire reads (the trip)."""
+    return is_safety_input(tag) and tag.fail_state is not None and value != tag.fail_state
+
+
 def _hold_problem(kind: str, key: str, h: Held, limits: Limits) -> str:
     granted_s = h.expires_wall - h.granted_wall
     if kind == "bypass":
@@ -776,6 +788,8 @@ def _hold_problem(kind: str, key: str, h: Held, limits: Limits) -> str:
     why = value_problem(tag, h.value)
     if why:
         return f"value {shown(h.value)}: expected {why}"
+    if kind == "input_force" and _hides_a_trip(tag, h.value):
+        return "a leak or fault input may be forced only to its trip state"
     if granted_s > limits.max_force_s:
         return f"longer than max_force_s {limits.max_force_s:g} s"
     return ""

@@ -393,6 +393,18 @@ def test_a_force_of_a_forceable_input_goes_to_the_input_forces() -> None:
     assert s == EMPTY and ans.old is True
 
 
+@pytest.mark.parametrize("tag", ["leak_reuse", "leak_primary"])
+def test_a_leak_input_may_be_forced_wet_but_never_dry(tag: str) -> None:
+    """Forcing a leak input to its trip state tests the trip; forcing it dry would hide one."""
+    refused(EMPTY, req("force", {"tag": tag, "value": False, "minutes": 10}), tag, "trip state")
+    s, _, _ = accepted(EMPTY, req("force", {"tag": tag, "value": True, "minutes": 10}))
+    assert s.input_forces[tag].value is True
+    # a dry force restored from an older state is ended at start-up, with why
+    dry = OperatorState(input_forces={tag: Held(False, WALL, WALL + 60, "a", "r")})
+    kept, ended = prune(dry, LIMITS)
+    assert kept == EMPTY and "trip state" in ended[0][3]
+
+
 def test_a_bypass_stands_until_ended_and_needs_no_reason_to_end() -> None:
     s, ans, _ = accepted(EMPTY, req("bypass", {"rule": "IL-06", "minutes": 30}, who="bob"))
     h = s.bypasses["IL-06"]
