@@ -454,6 +454,8 @@ def status_lines(st: Mapping[str, object]) -> list[str]:
     reasons = _list(st.get("reject_reasons"))
     if reasons:
         out.append("not reusing heat: " + "; ".join(str(r) for r in reasons))
+    elif st.get("waiting"):
+        out.append(f"not reusing heat yet: {st['waiting']}")
     flags = []
     if st.get("maintenance"):
         flags.append("MAINTENANCE on")

@@ -64,6 +64,7 @@ from controller.arbitration import Output
 from controller.authority import Answer, Request
 from controller.core import Core, ScanInput, ScanResult
 from controller.journal import JournalKeeper
+from controller.modes import Mode
 from controller.supervisor import Commands, Decision, Supervisor, SupervisorConfig
 from interlocks.engine import Event
 from plc_io.image import ProcessImage, Quality
@@ -436,6 +437,7 @@ class Controller:
             "mode": d.mode.value if d else self.supervisor.mode.value,
             "mode_since_wall": st.wall - (d.now_s - d.mode_since_s) if d else None,
             "reject_reasons": list(d.reject_reasons) if d else [],
+            "waiting": self._waiting_for_reuse(),
             "interlocks": {
                 "active": sorted(d.active) if d else [],
                 "latched": sorted(self.supervisor.latched),
@@ -480,6 +482,23 @@ class Controller:
             "recorder": self.recorder.stats() if self.recorder is not None else None,
         }
         return view
+
+    def _waiting_for_reuse(self) -> str | None:
+        """In DRY_COOLER_REJECT with no cause left: what the mode machine still waits for."""
+        d = self.status.decision
+        if d is None or d.mode is not Mode.DRY_COOLER_REJECT or d.reject_reasons:
+            return None
+        m = self.supervisor.machine
+        t, now = m.timing, d.now_s
+        if m.reject_clear_since is None:
+            return None
+        left = max(
+            t.reject_dwell_s - (now - m.reject_clear_since),
+            t.reuse_reentry_min_s - (now - m.left_reuse_s),
+            t.min_dwell_s - (now - m.since_s),
+            0.0,
+        )
+        return f"no reject cause; reuse resumes in about {left:.0f} s (dwell times against hunting)"
 
     def _read_journal(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """The journal's newest entries (in a worker thread, on a connection of its own)."""

@@ -220,3 +220,15 @@ async def test_a_journal_that_cannot_open_still_answers_but_stays_degraded(
     d = rig.ctl.status.decision
     assert d is not None and any("journal" in r for r in d.reject_reasons)
     assert rig.ctl.supervisor.mode is not Mode.NORMAL_REUSE
+
+
+async def test_status_says_what_reuse_still_waits_for_when_no_cause_is_left() -> None:
+    rig = Rig()
+    await rig.until_mode(Mode.DRY_COOLER_REJECT)
+    st = rig.ctl.status_view()
+    assert st["reject_reasons"] == [] and "reuse resumes in about" in st["waiting"]
+    from controller.cli import status_lines
+
+    assert any("reuse resumes in about" in line for line in status_lines(st))
+    await rig.until_mode(Mode.NORMAL_REUSE)
+    assert rig.ctl.status_view()["waiting"] is None
