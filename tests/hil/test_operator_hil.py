@@ -168,8 +168,9 @@ async def test_a_force_expires_on_time_also_across_a_kill9_of_the_controller(
         lambda e: e.get("event") == "force_expired", minutes * 60 + 10.0, "force_expired"
     )
     t_expired = time.time()
-    # on time: not before the expiry, and within a few scans and the log's way to us after it
-    assert t_forced + minutes * 60 - 1.0 <= t_expired <= t_forced + minutes * 60 + 5.0
+    # on time: not before the expiry (granted a moment before the CLI returned), and after it
+    # within a few scans and the log line's way to us on a loaded machine
+    assert t_forced + minutes * 60 - 1.0 <= t_expired <= t_forced + minutes * 60 + 10.0
     st = await asyncio.to_thread(status, again.site_path)
     assert st["forces"] == [] and st["outputs"]["drycooler_fan_cmd"]["level"] != "manual"
 
