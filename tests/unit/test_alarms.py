@@ -529,7 +529,7 @@ def test_snapshot_round_trip_is_exact(t: AlarmTable) -> None:
 
 
 class Model:
-    """ISA-18.2 as docs/operation.md states it, written plainly: one dict per alarm, a full history."""
+    """ISA-18.2 as docs/operation.md states it, plainly: one dict per alarm, a full history."""
 
     def __init__(self) -> None:
         self.order = list(DEFS)
