@@ -260,7 +260,9 @@ class Controller:
     async def submit(self, req: Request) -> Answer:
         """Queue a request for the next scan; the answer comes once the journal has it."""
         if len(self._queue) >= MAX_QUEUED:
-            return Answer(req.id, False, f"busy: {MAX_QUEUED} requests wait for the scan")
+            return Answer(
+                req.id, False, f"busy: {MAX_QUEUED} requests wait for the scan", kind="busy"
+            )
         fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._queue.append((req, fut))
         return await fut
@@ -562,6 +564,7 @@ class Controller:
                         "reason": req.reason,
                         "accepted": ans.accepted,
                         "why": ans.why,
+                        "kind": ans.kind,
                         "old": ans.old,
                         "new": ans.new,
                     },
@@ -573,7 +576,14 @@ class Controller:
         """The journal has this request's entry: answer whoever waits for it, and log it."""
         d = e.detail
         fut = self._answering.pop(str(d["id"]), None)
-        ans = Answer(str(d["id"]), bool(d["accepted"]), str(d["why"]), d["old"], d["new"])
+        ans = Answer(
+            str(d["id"]),
+            bool(d["accepted"]),
+            str(d["why"]),
+            d["old"],
+            d["new"],
+            str(d.get("kind", "")),
+        )
         if fut is not None and not fut.done():
             fut.set_result(ans)
         self.log.info(
@@ -767,7 +777,7 @@ class Controller:
             alarms=self.core.alarms,
             operator=self.core.operator,
             commands=Commands(link_ok=inp.link_ok),
-            answers=tuple(Answer(r.id, False, why) for r in inp.requests),
+            answers=tuple(Answer(r.id, False, why, kind="state") for r in inp.requests),
             events=events,
         )
 
