@@ -87,10 +87,22 @@ class SimConfig(BaseModel):
 
 
 class BmsConfig(BaseModel):
+    """The BMS OPC UA server (DESIGN §9): closed by default, every opening named here."""
+
     model_config = _FROZEN
+    enabled: bool = True  # `heatloop run` starts the BMS server process
     host: str = Field("0.0.0.0", min_length=1, max_length=253)
     port: int = Field(4840, ge=1, le=65535)
+    # a None (unencrypted) endpoint, read-only for everyone
     allow_none_security: bool = False
+    # anonymous sessions, read-only
+    allow_anonymous: bool = False
+    # an unknown client certificate goes to trusted/ (logged) instead of rejected/
+    trust_on_first_use: bool = False
+    max_sessions: int = Field(20, ge=1, le=1000)
+    # a faster sampling / publishing interval a client asks for is revised up to these
+    min_sampling_ms: int = Field(100, ge=10, le=60_000)
+    min_publishing_ms: int = Field(100, ge=10, le=60_000)
 
 
 class StateConfig(BaseModel):

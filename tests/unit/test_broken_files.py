@@ -63,6 +63,9 @@ SITES = {
     "site_role_bad_user.toml": "roles.viewer.0: '-rf /': expected a POSIX user name",
     "site_forceable_output.toml": "tags.reuse_valve_cmd.forceable: True: expected only on an input",
     "site_recorder_hours_0.toml": "recorder.hours: 0.0: expected a number ≥ 1",
+    "site_bms_max_sessions_0.toml": "bms.max_sessions: 0: expected a number ≥ 1",
+    "site_bms_anonymous_yes.toml": "bms.allow_anonymous: 'yes': expected true or false",
+    "site_bms_sampling_5ms.toml": "bms.min_sampling_ms: 5: expected a number ≥ 10",
 }
 SCENARIOS = {
     "scenario_bom.toml": "a byte-order mark at the start; save as UTF-8 without BOM",
