@@ -537,7 +537,10 @@ def space(site: Site) -> Space:
                 Point((*base, name), node_id_of((*base, name)), "Boolean", False, None, None,
                       None, "read", desc, ("interlock", r.id, key))
             )  # fmt: skip
-        text = f"{r.id}: {r.hazard}. Cause: {r.cause_text}. Action: {r.effect_text}. {bypass}."
+        text = (
+            f"{r.id}: {r.hazard}. Cause: {r.cause_text}. Action: {r.effect_text}. "
+            f"{bypass[:1].upper()}{bypass[1:]}."
+        )
         points.append(
             Point((*base, "Description"), node_id_of((*base, "Description")), "String", False,
                   None, None, None, "read", f"What {r.id} protects against and how",

@@ -17,6 +17,7 @@ from pydantic import BaseModel
 
 from controller.alarms import catalogue, catalogue_markdown
 from controller.authority import permission_table_markdown
+from controller.bms_space import points_markdown, space
 from controller.modes import TRANSITIONS, mermaid_diagram
 from controller.supervisor import SupervisorConfig
 from interlocks.rules import RULES, conditions, effect_cell, matrix_columns
@@ -156,6 +157,7 @@ def blocks(site: Site | None = None) -> dict[str, str]:
         "site-rules": site_rules_markdown(),
         "permissions": permission_table_markdown(),
         "alarms": catalogue_markdown(catalogue(RULES, site.inputs, site.outputs)),
+        "bms-points": points_markdown(space(site)).rstrip("\n"),
     }
 
 
@@ -163,10 +165,13 @@ def render(text: str, generated: dict[str, str]) -> str:
     for name, body in generated.items():
         pat = re.compile(rf"(<!-- generated:{name} -->).*?(<!-- /generated:{name} -->)", re.DOTALL)
         text = pat.sub(lambda m, b=body: f"{m.group(1)}\n{b}\n{m.group(2)}", text)
+        # docs/bms.md's form: `<!-- generated: NAME -->` ... `<!-- end generated -->`
+        pat = re.compile(rf"(<!-- generated: {name} -->).*?(<!-- end generated -->)", re.DOTALL)
+        text = pat.sub(lambda m, b=body: f"{m.group(1)}\n{b}\n{m.group(2)}", text)
     return text
 
 
-GENERATED_FILES = ("operation.md", "site-file.md")
+GENERATED_FILES = ("operation.md", "site-file.md", "bms.md")
 
 
 def main() -> int:
