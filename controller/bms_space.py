@@ -297,9 +297,9 @@ class _Reader:
         missing = [k for k in keys if k not in v]
         if missing:
             raise self.fail(f"{path}.{missing[0]}", None, "a value (the key is missing)")
-        extra = sorted(str(k) for k in v if k not in keys)
+        extra = [k for k in v if k not in keys]
         if extra:
-            raise self.fail(f"{path}.{extra[0]}", v[extra[0]], "no such key")
+            raise self.fail(f"{path}.{extra[0]}", v[extra[0]], f"only the keys {', '.join(keys)}")
         return v
 
     def array(self, v: object, path: str) -> list[Any]:
