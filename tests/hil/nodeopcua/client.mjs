@@ -129,7 +129,10 @@ async function ensureCert(cm, o) {
     return { pem: client.certificateFile, der };
 }
 
+// "s=…" and "nsu=urn:heatloop;s=…" (as docs/bms.md lists them) become "ns=<index>;s=…".
 function resolve(id, nsIndex) {
+    const prefix = `nsu=${NAMESPACE_URI};`;
+    if (id.startsWith(prefix)) id = id.slice(prefix.length);
     if (id.startsWith("s=") || id.startsWith("i=")) return `ns=${nsIndex};${id}`;
     return id;
 }
