@@ -4,7 +4,9 @@ initialised, never started: no socket) and carries every point; the points list 
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -184,3 +186,68 @@ def test_export_needs_no_opc_ua_stack(tmp_path: Path) -> None:
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)
     assert len(list(tmp_path.iterdir())) == 2
+
+
+NODEOPCUA = Path(__file__).resolve().parent.parent / "hil" / "nodeopcua"
+# Loads the standard nodeset and ours into a node-opcua address space (an independent
+# implementation) and reports what it made of each node id given.
+_LOAD = r"""
+import { AddressSpace } from "node-opcua-address-space";
+import { generateAddressSpace } from "node-opcua-address-space/nodeJS.js";
+import { nodesets } from "node-opcua-nodesets";
+const [file, ids] = [process.argv[1], JSON.parse(process.argv[2])];
+const space = AddressSpace.create();
+await generateAddressSpace(space, [nodesets.standard, file]);
+const ns = space.getNamespaceIndex("urn:heatloop");
+const prop = (n, name) => (n.getPropertyByName ? n.getPropertyByName(name) : null);
+const out = {};
+for (const id of ids) {
+  const n = space.findNode(`ns=${ns};s=${id}`);
+  if (!n) { out[id] = null; continue; }
+  const r = { browseName: n.browseName.name, nodeClass: n.nodeClass };
+  if (n.dataType) r.dataType = space.findNode(n.dataType).browseName.name;
+  if (n.valueRank !== undefined) r.valueRank = n.valueRank;
+  const eur = prop(n, "EURange");
+  if (eur) { const v = eur.readValue().value.value; r.range = [v.low, v.high]; }
+  const eu = prop(n, "EngineeringUnits");
+  if (eu) r.unitId = eu.readValue().value.value.unitId;
+  const args = prop(n, "InputArguments");
+  if (args) r.args = args.readValue().value.value.map((a) => a.name);
+  out[id] = r;
+}
+console.log(JSON.stringify(out));
+space.dispose();
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("node") is None or not (NODEOPCUA / "node_modules").is_dir(),
+    reason="node-opcua not installed (make test runs npm ci in tests/hil/nodeopcua)",
+)
+def test_the_nodeset_loads_into_node_opcua(site: Site, tmp_path: Path) -> None:
+    """An integrator's tool is not asyncua: the same file loads into node-opcua's address
+    space, with every point's type, rank, range and unit as the space says."""
+    sp = space(site)
+    xml, _ = export(site, tmp_path)
+    ids = [p.node_id for p in sp.points] + [m.node_id for m in sp.methods] + ["HeatLoop"]
+    run = subprocess.run(
+        ["node", "--input-type=module", "-e", _LOAD, str(xml), json.dumps(ids)],
+        cwd=NODEOPCUA,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["HeatLoop"] == {"browseName": "HeatLoop", "nodeClass": 1}  # an Object
+    for p in sp.points:
+        r = got[p.node_id]
+        assert r is not None, p.node_id
+        assert (r["browseName"], r["nodeClass"], r["dataType"]) == (p.path[-1], 2, p.type)
+        assert r["valueRank"] == (1 if p.array else -1)
+        assert r.get("range") == (None if p.range is None else list(p.range)), p.node_id
+        assert r.get("unitId") == (None if p.unece is None else p.unece[0]), p.node_id
+    for m in sp.methods:
+        r = got[m.node_id]
+        assert r["nodeClass"] == 4  # a Method
+        assert r.get("args", []) == [n for n, _, _ in m.inputs]
