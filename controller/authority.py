@@ -29,6 +29,7 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING
 
 from controller.arbitration import NOT_FORCEABLE, Manual, check_setpoint, shown, value_problem
+from controller.sequences import BMS_REQUESTS
 from interlocks.rules import RULES_BY_ID, Rule
 from plc_io.image import ProcessImage, Quality, Sample
 from plc_io.site import is_safety_input
@@ -108,6 +109,24 @@ MAX_NAME = 200  # request id, principal
 MAX_ALARM_ID = 100
 MAX_LIST = 200  # alarms in one acknowledgement, rules in one reset
 MAX_SHELVE_S = 86400.0
+# The bounded setpoints a person or the BMS may set: name -> (unit, what it does). Bounds:
+# `Limits.setpoints`. The BMS-level ones (controller.sequences.BMS_REQUESTS) steer an output
+# only where the mode's sequence leaves it room.
+SETPOINTS: Mapping[str, tuple[str, str]] = MappingProxyType(
+    {
+        "supply_setpoint_c": (
+            "°C",
+            "IT supply temperature the dry-cooler fans hold (the site's it_supply_setpoint_c "
+            "until set)",
+        ),
+        "secondary_pump_speed_pct": (
+            "%",
+            "secondary pump speed while the tank charges in a reuse mode (BMS level: the "
+            "sequence's speed until set; interlocks, forces and a failed dry cooler win over it)",
+        ),
+    }
+)
+
 # The supply setpoint a request may ask for: at least SETPOINT_MIN_C, and never within
 # SETPOINT_MARGIN_K of the IL-01 limit (the values controller/supervisor.py applies).
 SETPOINT_MIN_C = 10.0
@@ -204,6 +223,10 @@ class Answer:
     why: str = ""  # refusal: one line naming the field, the value and what was expected
     old: object = None  # JSON-able old and new value (journalled)
     new: object = None
+    # a refusal's class, so a protocol can answer with its own code (the BMS: an OPC UA status):
+    # "denied" (the role may not), "range", "type", "state" (not now: e.g. the cause stands),
+    # "busy", "invalid" (anything else malformed); "" when accepted
+    kind: str = ""
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -212,6 +235,7 @@ class Answer:
             "why": self.why,
             "old": self.old,
             "new": self.new,
+            "kind": self.kind,
         }
 
 
@@ -365,7 +389,8 @@ class Limits:
                     "supply_setpoint_c": (
                         SETPOINT_MIN_C,
                         site.interlocks.it_supply_high_c - SETPOINT_MARGIN_K,
-                    )
+                    ),
+                    **{name: (lo, hi) for name, (_, lo, hi) in BMS_REQUESTS.items()},
                 }
             ),
         )
@@ -386,7 +411,11 @@ NO_EFFECTS = Effects()
 
 
 class _Refused(Exception):
-    """A refusal inside `apply`: its text is the answer's `why`."""
+    """A refusal inside `apply`: its text is the answer's `why`, `kind` its class."""
+
+    def __init__(self, why: str, kind: str = "invalid") -> None:
+        super().__init__(why)
+        self.kind = kind
 
 
 def _finite_number(x: object) -> bool:
@@ -455,7 +484,7 @@ def apply(
         new, answer, effects = _apply(state, req, limits, now_wall)
         return new, Answer(rid, True, "", answer[0], answer[1]), effects
     except _Refused as r:
-        return state, Answer(rid, False, str(r)), NO_EFFECTS
+        return state, Answer(rid, False, str(r), kind=r.kind), NO_EFFECTS
     except Exception as e:  # a bug must not take the scan down: refuse, change nothing
         return (
             state,
@@ -477,7 +506,7 @@ def _apply(
         )
     if role not in PERMISSIONS[cmd]:
         needs = " or ".join(r.value for r in Role if r in PERMISSIONS[cmd])
-        raise _Refused(f"role {role.value} may not {cmd.value}; needs {needs}")
+        raise _Refused(f"role {role.value} may not {cmd.value}; needs {needs}", "denied")
     if not isinstance(req.id, str) or len(req.id) > MAX_NAME:
         raise _Refused(f"id: {shown(req.id)}: expected a string of at most {MAX_NAME} characters")
     who = _text(req.principal, "principal", MAX_NAME)
@@ -560,7 +589,8 @@ def _setpoint(
     lo, hi = limits.setpoints[name]
     why = check_setpoint(value, lo, hi, name)
     if why:
-        raise _Refused(f"args.value: {shown(value)}: expected {why}")
+        kind = "range" if _finite_number(value) else "type"
+        raise _Refused(f"args.value: {shown(value)}: expected {why}", kind)
     v = float(value)  # type: ignore[arg-type]  # a finite number, checked
     old = state.setpoints.get(name)
     return _replace(state, setpoints={**state.setpoints, name: v}), (old, v), NO_EFFECTS
@@ -813,6 +843,7 @@ def to_commands(state: OperatorState, now_s: float, now_wall: float) -> dict[str
         "maintenance": state.maintenance,
         "request_reject": state.reject,
         "supply_setpoint_c": state.setpoints.get("supply_setpoint_c"),
+        "bms": {n: v for n, v in state.setpoints.items() if n in BMS_REQUESTS},
     }
 
 

@@ -73,8 +73,8 @@ class ScanResult:
     events: tuple[Event, ...]  # the decision's, then expiries, commands and alarms
 
 
-def _refused(req: Request, why: str) -> Answer:
-    return Answer(req.id, False, why)
+def _refused(req: Request, why: str, kind: str = "state") -> Answer:
+    return Answer(req.id, False, why, kind=kind)
 
 
 class Core:
@@ -220,7 +220,7 @@ class Core:
             unknown = [] if ids is None else [i for i in ids if i not in alarms.defs]
             if unknown:
                 shown = ", ".join(repr(u)[:60] for u in unknown[:5])
-                return alarms, _refused(req, f"alarms: unknown alarm id {shown}")
+                return alarms, _refused(req, f"alarms: unknown alarm id {shown}", "invalid")
             alarms, acked, _, ev = alarms.acknowledge(ids, req.principal, wall)
             events += ev
             return alarms, replace(ans, new=acked)
@@ -261,7 +261,7 @@ def _reset_answer(
         why = "; ".join(f"{rid} refused: {w}" for rid, w in sorted(mine.items()))
         if done:
             why += f" ({', '.join(done)} reset)"
-        return Answer(req.id, False, why, sorted(latched_before), sorted(d.latched))
+        return Answer(req.id, False, why, sorted(latched_before), sorted(d.latched), "state")
     return Answer(req.id, True, "", sorted(latched_before), sorted(d.latched))
 
 

@@ -72,6 +72,32 @@ def reuse_valve_pct(tank_bottom_c: float, cfg: SequenceConfig) -> float:
     return cfg.valve_min_pct + (100.0 - cfg.valve_min_pct) * frac
 
 
+# What the BMS may ask of the actuators (the BMS level of DESIGN §4's priority array):
+# setpoint name -> (output, lo, hi). The sequence yields such an output to a BMS request only
+# where its own value is a default (`bms_room`); interlocks, forces and the guard win over it.
+BMS_REQUESTS: Mapping[str, tuple[str, float, float]] = {
+    # the customer side's flow while the tank charges: any speed keeps the servers cooled (the
+    # dry cooler, in series after the HX, trims what the HX does not take); 30 % is the least
+    # that keeps the pump off its minimum-flow limit
+    "secondary_pump_speed_pct": ("secondary_pump_speed_cmd", 30.0, 100.0),
+}
+
+
+def bms_room(mode: Mode, out: Mapping[str, Value], hx_first: bool = False) -> frozenset[str]:
+    """The outputs of `mode_outputs`' result whose value a BMS request may replace this scan.
+
+    The secondary pump's speed, while the sequence runs that pump to charge the tank in a reuse
+    mode. Never when the HX is the sink of last resort (`hx_first`: full speed is then what
+    keeps the servers cool), never while the pump is stopped."""
+    if hx_first or mode not in BMS_MODES or out.get("secondary_pump_cmd") is not True:
+        return frozenset()
+    return BMS_ROOM
+
+
+BMS_MODES = (Mode.NORMAL_REUSE, Mode.BUFFER_FULL, Mode.CUSTOMER_OFFLINE)
+BMS_ROOM = frozenset({"secondary_pump_speed_cmd"})
+
+
 HX_FIRST_MODES = (
     Mode.NORMAL_REUSE,
     Mode.BUFFER_FULL,

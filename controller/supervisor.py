@@ -32,7 +32,7 @@ from controller.arbitration import (
     shown,
 )
 from controller.modes import Conditions, Mode, ModeMachine, Timing
-from controller.sequences import PI, SequenceConfig, mode_outputs
+from controller.sequences import BMS_REQUESTS, PI, SequenceConfig, bms_room, mode_outputs
 from interlocks.engine import Event, InterlockState, evaluate, reset_covers
 from interlocks.rules import (
     RULES,
@@ -110,6 +110,9 @@ class Commands:
     manual: Mapping[str, Manual] = field(default_factory=dict)
     bypasses: Mapping[str, float] = field(default_factory=dict)  # rule id -> expiry
     supply_setpoint_c: float | None = None
+    # BMS requests by setpoint name (controller.sequences.BMS_REQUESTS), e.g.
+    # {"secondary_pump_speed_pct": 60.0}: the BMS level of the priority array
+    bms: Mapping[str, float] = field(default_factory=dict)
     link_ok: bool = True
     # outputs the PLC did not acknowledge in the previous scan (heartbeat included)
     write_failed: frozenset[str] = frozenset()
@@ -585,6 +588,20 @@ class Supervisor:
                 )
             else:
                 setpoint = float(cmds.supply_setpoint_c)
+        bms_ok: dict[str, Value] = {}
+        for name, v in cmds.bms.items():
+            target = BMS_REQUESTS.get(name) if isinstance(name, str) else None
+            if target is None:
+                refusals.append(
+                    Refusal(str(name), v, f"expected one of {', '.join(sorted(BMS_REQUESTS))}")
+                )
+                continue
+            output, lo, hi = target
+            why = check_setpoint(v, lo, hi, name)
+            if why:
+                refusals.append(Refusal(name, v, f"expected {why}"))
+            else:
+                bms_ok[output] = float(v)
         if refusals or self.refused:
             events += self._refusal_events(refusals, now_s)
         error = values["it_supply_temp"] - setpoint
@@ -596,22 +613,33 @@ class Supervisor:
             self.fan_pi = self.fan_pi.track(float(last_fan.value), error, now_s)
         fan_pct, self.fan_pi = self.fan_pi.update(error, now_s)
         self.fan_pi_out = fan_pct
+        hx_first = (
+            self.dc_failed
+            and tank_is_sink(points, 0.0)
+            and reuse_circuit_safe(points, cfg.thresholds)
+        )
         seq = mode_outputs(
             self.machine.mode,
             values,
             fan_pct,
             cfg.sequence,
             self.tank_full,
-            hx_first=self.dc_failed
-            and tank_is_sink(points, 0.0)
-            and reuse_circuit_safe(points, cfg.thresholds),
+            hx_first=hx_first,
             customer_ok=cond.customer_ready and customer_sink(points, cfg.thresholds),
         )
         if "primary_pump_a_running" in self.pump_failed:
             seq["primary_pump_b_cmd"] = True  # duty to the standby
+        if bms_ok:
+            # the BMS level wins only where the sequence's value is a default (DESIGN §4)
+            room = bms_room(self.machine.mode, seq, hx_first)
+            bms = {o: v for o, v in bms_ok.items() if o in room}
+            for o in bms:
+                del seq[o]
+        else:
+            bms = {}
 
         forced = {k: (f.value, ",".join(f.by)) for k, f in verdict.forced.items()}
-        outputs = arbitrate(cfg.safe, now_s, interlock=forced, manual=manual, sequence=seq)
+        outputs = arbitrate(cfg.safe, now_s, interlock=forced, manual=manual, sequence=seq, bms=bms)
         running = {
             fb: (points[fb].value if fb in points and points[fb].valid else None)
             for fb in ("primary_pump_a_running", "primary_pump_b_running")

@@ -21,6 +21,7 @@ from controller.authority import (
     MAX_SHELVE_S,
     PERMISSIONS,
     READS,
+    SETPOINTS,
     Answer,
     Cmd,
     Effects,
@@ -38,6 +39,7 @@ from controller.authority import (
     remaining_s,
     to_commands,
 )
+from controller.sequences import BMS_REQUESTS
 from controller.supervisor import Commands, Supervisor
 from interlocks.rules import RULES
 from plc_io.image import Quality, Sample
@@ -759,13 +761,14 @@ def test_request_from_json_refuses_a_malformed_object_naming_the_field(
 
 
 def test_an_answer_is_plain_json() -> None:
-    a = Answer("r1", False, "args.on: 'yes': expected true or false")
+    a = Answer("r1", False, "args.on: 'yes': expected true or false", kind="type")
     assert json.loads(json.dumps(a.to_json())) == {
         "id": "r1",
         "accepted": False,
         "why": "args.on: 'yes': expected true or false",
         "old": None,
         "new": None,
+        "kind": "type",
     }
 
 
@@ -872,3 +875,36 @@ def test_apply_never_raises_and_a_refusal_changes_nothing(
     for h in new.bypasses.values():
         assert h.expires_wall - h.granted_wall <= SITE.interlocks.max_bypass_s
     assert prune(new, LIMITS)[1] == []
+
+
+@pytest.mark.parametrize(
+    ("r", "kind"),
+    [
+        (req("setpoint", {"name": "supply_setpoint_c", "value": 30}, role="viewer"), "denied"),
+        (req("reset", {"rules": []}, role="operator"), "denied"),
+        (req("setpoint", {"name": "supply_setpoint_c", "value": 9.99}), "range"),
+        (req("setpoint", {"name": "secondary_pump_speed_pct", "value": 100.5}), "range"),
+        (req("setpoint", {"name": "secondary_pump_speed_pct", "value": "60"}), "type"),
+        (req("setpoint", {"name": "supply_setpoint_c", "value": math.nan}), "type"),
+        (req("setpoint", {"name": "fan", "value": 30}), "invalid"),
+        (req("reject", {"on": "yes"}), "invalid"),
+        (req("ack", {"alarms": []}), "invalid"),
+    ],
+)
+def test_a_refusal_says_its_class_so_a_protocol_can_answer_with_its_own_code(
+    r: Request, kind: str
+) -> None:
+    refused(EMPTY, r)
+    assert apply(EMPTY, r, LIMITS, WALL)[1].kind == kind
+    assert accepted(EMPTY, req("reject", {"on": True}))[1].kind == ""
+
+
+def test_every_bms_request_is_a_bounded_setpoint_with_a_unit() -> None:
+    assert set(BMS_REQUESTS) <= set(LIMITS.setpoints) and set(SETPOINTS) == set(LIMITS.setpoints)
+    for name, (_, lo, hi) in BMS_REQUESTS.items():
+        assert LIMITS.setpoints[name] == (lo, hi)
+        s, _, _ = accepted(EMPTY, req("setpoint", {"name": name, "value": lo}, role="operator"))
+        assert s.setpoints == {name: lo}
+        # the supervisor gets it as a BMS-level request, by name
+        assert to_commands(s, 0.0, WALL)["bms"] == {name: lo}
+        refused(EMPTY, req("setpoint", {"name": name, "value": lo - 0.01}), f"[{lo:g}, {hi:g}]")

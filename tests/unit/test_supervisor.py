@@ -6,6 +6,8 @@ asserts the whole decision a user would see: reject reasons, events, outputs and
 
 from __future__ import annotations
 
+import math
+
 from controller.arbitration import Level, Manual
 from controller.journal import event_row
 from controller.modes import REUSE_MODES, Mode
@@ -640,3 +642,62 @@ def test_a_plc_hold_raises_the_plc_safe_hold_alarm_high_until_it_clears() -> Non
     r = core.step(ScanInput(plant_like(t, d), t, 1e9 + t, True))
     assert "plc_safe_hold" not in r.decision.faults
     assert r.alarms.alarms["PLC-SAFE-HOLD"].state is AlarmState.RTN_UNACK
+
+
+# ---- the BMS level of the priority array ----------------------------------------------------
+
+
+def test_a_bms_speed_request_wins_while_the_tank_charges_and_the_sequence_holds_it_otherwise() -> (
+    None
+):
+    sup, t = reusing()
+    d = sup.step(plant_like(t, None), t)
+    seq_speed = CFG.sequence.secondary_speed_pct
+    assert d.outputs["secondary_pump_speed_cmd"].level is Level.SEQUENCE
+    assert d.values()["secondary_pump_speed_cmd"] == seq_speed
+    bms = Commands(bms={"secondary_pump_speed_pct": 55.0})
+    d = sup.step(plant_like(t + 1, d), t + 1, bms)
+    out = d.outputs["secondary_pump_speed_cmd"]
+    assert (out.value, out.level) == (55.0, Level.BMS)
+    # the pump itself stays the sequence's: the BMS only trims its speed
+    assert d.outputs["secondary_pump_cmd"].level is Level.SEQUENCE
+    # withdrawn: the sequence's speed again
+    d = sup.step(plant_like(t + 2, d), t + 2)
+    assert d.values()["secondary_pump_speed_cmd"] == seq_speed
+
+
+def test_no_bms_request_overrides_an_interlock_or_a_dead_dry_cooler() -> None:
+    bms = Commands(bms={"secondary_pump_speed_pct": 40.0})
+    sup, t = reusing()
+    d = None
+    for i in range(30):  # a reuse-zone leak: IL-05 stops the reuse circuit and latches
+        d = sup.step(live(t + i, leak_reuse=True), t + i, bms)
+    assert d is not None and sup.mode is Mode.LEAK_TRIP
+    assert all(o.level is not Level.BMS for o in d.outputs.values())
+    assert d.values()["secondary_pump_cmd"] is False
+    # the HX as the sink of last resort runs the secondary pump at full speed, whatever asked
+    sup, t = reusing()
+    d = None
+    for i in range(15):
+        d = sup.step(near_full(t + i, d, drycooler_fault=i >= 5), t + i, bms)  # type: ignore[arg-type]
+    assert d is not None
+    assert d.outputs["secondary_pump_speed_cmd"] == (100.0, Level.SEQUENCE, "")
+
+
+def test_a_bms_request_out_of_bounds_or_unknown_is_refused_once_and_never_used() -> None:
+    sup, t = reusing()
+    d = None
+    refusals = []
+    for i, bms in enumerate(
+        [{"secondary_pump_speed_pct": 5.0}] * 3
+        + [{"fan": 10.0}]
+        + [{"secondary_pump_speed_pct": math.nan}]
+    ):
+        d = sup.step(plant_like(t + i, d), t + i, Commands(bms=bms))  # type: ignore[arg-type]
+        refusals += kinds(d, "command_refused")
+        assert d.outputs["secondary_pump_speed_cmd"].level is Level.SEQUENCE
+    assert [r["tag"] for r in refusals] == [
+        "secondary_pump_speed_pct",
+        "fan",
+        "secondary_pump_speed_pct",
+    ]

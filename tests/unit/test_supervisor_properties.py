@@ -15,11 +15,13 @@ from dataclasses import replace
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.arbitration import Manual
+from controller.arbitration import Level, Manual
+from controller.sequences import BMS_REQUESTS
 from controller.supervisor import Commands, Decision, Supervisor
 from tests.unit.core_helpers import CFG, SITE, plant_like
 
 OUTPUTS = {t.name: t for t in SITE.outputs}
+BMS_OUTPUTS = {output for output, _, _ in BMS_REQUESTS.values()}
 FAN_MIN = CFG.sequence.fan_min_pct
 # short dwells, so each example reaches reuse in a few scans and its requests meet every
 # sequence, not only start-up's
@@ -74,6 +76,7 @@ def commands(draw: st.DrawFn) -> Commands:
         maintenance=draw(st.integers(0, 4)) == 0,
         manual=draw(manuals),
         supply_setpoint_c=draw(setpoints),
+        bms=draw(st.dictionaries(st.sampled_from([*BMS_REQUESTS, "fan", ""]), anything)),
     )
 
 
@@ -94,6 +97,11 @@ def assert_outputs_sane(d: Decision) -> None:
         and v["reuse_isolation_cmd"] is True
     )
     assert float(v["drycooler_fan_cmd"]) >= FAN_MIN or hx_open, "no heat sink left"
+    # the BMS level wins only on what it may steer, and only while the sequence runs the pump
+    for name, out in d.outputs.items():
+        if out.level is Level.BMS:
+            assert name in BMS_OUTPUTS, (name, out)
+            assert d.outputs["secondary_pump_cmd"] == (True, Level.SEQUENCE, ""), d.outputs
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
