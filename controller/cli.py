@@ -736,6 +736,92 @@ def add_operator_commands(sub: argparse._SubParsersAction[argparse.ArgumentParse
     s.add_argument("--export", default=None, help="write the replayed scans to this CSV file")
 
 
+def _bms_password(from_stdin: bool) -> str:
+    """The new user's password: one line on stdin, or asked twice on the terminal."""
+    if from_stdin:
+        line = sys.stdin.readline()
+        return line.removesuffix("\n").removesuffix("\r")
+    import getpass
+
+    first = getpass.getpass("password (at least 12 characters): ")
+    if getpass.getpass("password again: ") != first:
+        raise UsageError("bms user: passwords do not match; nothing changed")
+    return first
+
+
+def cmd_bms_user(args: argparse.Namespace) -> int:
+    """Add, replace or remove a BMS user; only a salted scrypt hash is stored (0600)."""
+    from controller.bms_users import (
+        UsersError,
+        add_user,
+        check_name,
+        check_role,
+        remove_user,
+        users_path,
+    )
+
+    site = load_site(args.site)
+    path = users_path(site)
+    try:
+        check_name(args.name)
+        if args.remove:
+            if not remove_user(path, args.name):
+                raise UsageError(f"bms user: no such user {args.name!r} in {path}")
+            print(f"removed {args.name} from {path}")
+            return EXIT_OK
+        if args.role is None:
+            raise UsageError("bms user: --role: expected viewer, operator or engineer")
+        check_role(args.role, "--role")
+        replaced = add_user(path, args.name, args.role, _bms_password(args.password_stdin))
+    except UsersError as e:
+        raise UsageError(f"bms user: {e}") from None
+    except OSError as e:
+        raise UsageError(f"bms user: {path}: cannot write: {e.strerror or e}") from None
+    # the running BMS server reads the file again on its next login: no restart
+    print(f"{'replaced' if replaced else 'added'} {args.name} ({args.role}) in {path}")
+    return EXIT_OK
+
+
+def cmd_bms_export(args: argparse.Namespace) -> int:
+    """NodeSet2 XML and the points list of the BMS address space, for the integrator."""
+    site = load_checked_site(args.site)
+    from controller.bms_export import ExportError, export
+
+    try:
+        paths = export(site, Path(args.out) if args.out is not None else Path.cwd())
+    except ExportError as e:
+        raise UsageError(f"bms export: {e}") from None
+    for p in paths:
+        print(p)
+    return EXIT_OK
+
+
+def add_bms_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    bms = sub.add_parser("bms", help="the BMS OPC UA server: users, integration files")
+    bms_sub = bms.add_subparsers(dest="bms_command", required=True)
+    s = bms_sub.add_parser(
+        "user",
+        help="add, replace or remove a BMS user (only a salted hash is stored)",
+        description="Add or replace a BMS user in <state dir>/bms_users.json (mode 0600); the "
+        "running server picks the change up without a restart. Passwords: at least 12 "
+        "characters.",
+    )
+    s.add_argument("--site", required=True, help="site file (TOML)")
+    s.add_argument("name", help="user name: 1-64 of A-Z a-z 0-9 . _ @ -")
+    s.add_argument("--role", default=None, help="viewer, operator or engineer")
+    s.add_argument(
+        "--password-stdin", action="store_true", help="read the password from one line of stdin"
+    )
+    s.add_argument("--remove", action="store_true", help="remove the user")
+    s.set_defaults(func=cmd_bms_user)
+    s = bms_sub.add_parser(
+        "export", help="write the NodeSet2 XML and the points list (CSV) of the address space"
+    )
+    s.add_argument("--site", required=True, help="site file (TOML)")
+    s.add_argument("--out", default=None, help="output folder (default: the current one)")
+    s.set_defaults(func=cmd_bms_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="heatloop", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -796,6 +882,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_sim_serve)
     add_operator_commands(sub)
+    add_bms_commands(sub)
     return p
 
 
