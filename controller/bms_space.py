@@ -67,7 +67,7 @@ LEVELS = ("interlock", "manual", "sequence", "bms", "safe", "guard")
 
 STATUS_POINTS: tuple[tuple[str, str, bool, str, str], ...] = (
     # browse name, type, array, snapshot key, description
-    ("Mode", "String", False, "mode", "Operating mode, one of the mode names"),
+    ("Mode", "String", False, "mode", "Operating mode: " + ", ".join(m.value for m in Mode)),
     ("ModeSince", "DateTime", False, "mode_since", "When the current mode was entered (UTC)"),
     (
         "TripLatched",
@@ -479,18 +479,6 @@ def _tag_point(folder: str, tag: Any, feed: str, access: str, description: str) 
     )
 
 
-# TEMPORARY until controller.authority.SETPOINTS and its bounds land: the interface's names.
-_FALLBACK_SETPOINTS: Mapping[str, tuple[str, str]] = {
-    "supply_setpoint_c": ("°C", "IT supply temperature setpoint"),
-    "secondary_pump_speed_pct": ("%", "Secondary pump speed while the reuse circuit charges"),
-}
-_FALLBACK_BOUNDS: Mapping[str, tuple[float, float]] = {"secondary_pump_speed_pct": (0.0, 100.0)}
-
-
-def _setpoint_catalogue() -> Mapping[str, tuple[str, str]]:
-    return getattr(authority, "SETPOINTS", _FALLBACK_SETPOINTS)
-
-
 def space(site: Site) -> Space:
     """The address space of this site."""
     points: list[Point] = []
@@ -505,7 +493,9 @@ def space(site: Site) -> Space:
         if t.name == "heartbeat":  # the watchdog's counter: no meaning to a BMS
             continue
         what = t.description or t.name
-        points.append(_tag_point("Outputs", t, "output", "read", f"{what} (as last written)"))
+        points.append(
+            _tag_point("Outputs", t, "output", "read", f"{what}; as last written to the PLC")
+        )
         lvl = f"{t.name}_level"
         points.append(
             Point(("Outputs", lvl), node_id_of(("Outputs", lvl)), "String", False, None, None,
@@ -519,8 +509,8 @@ def space(site: Site) -> Space:
                   unece(unit), rng, "read", desc, ("energy", name))
         )  # fmt: skip
     limits = authority.Limits.from_site(site).setpoints
-    for name, (unit, desc) in _setpoint_catalogue().items():
-        lo, hi = limits[name] if name in limits else _FALLBACK_BOUNDS[name]
+    for name, (unit, desc) in authority.SETPOINTS.items():
+        lo, hi = limits[name]
         points.append(
             Point(("Setpoints", name), node_id_of(("Setpoints", name)), "Double", False, unit,
                   unece(unit), (float(lo), float(hi)), "write", desc, ("setpoint", name))

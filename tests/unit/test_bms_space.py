@@ -124,11 +124,13 @@ def test_setpoints_are_the_only_writable_points_with_the_authority_bounds(
 ) -> None:
     bounds = authority.Limits.from_site(site).setpoints
     sps = {p.path[1]: p for p in sp.points if p.path[0] == "Setpoints"}
-    assert set(sps) == {"supply_setpoint_c", "secondary_pump_speed_pct"}
+    assert (
+        list(sps) == list(authority.SETPOINTS) == ["supply_setpoint_c", "secondary_pump_speed_pct"]
+    )
     for name, p in sps.items():
         assert p.access == "write" and p.type == "Double" and p.feed == ("setpoint", name)
-        if name in bounds:  # the lead's bounds (a fallback stands in until they land)
-            assert p.range == tuple(bounds[name])
+        assert p.range == tuple(bounds[name])
+        assert (p.unit, p.description) == authority.SETPOINTS[name]
     assert sps["supply_setpoint_c"].unit == "°C"
     assert sps["secondary_pump_speed_pct"].unit == "%"
     # the supply setpoint can never be asked at or above the IL-01 trip limit
