@@ -187,7 +187,7 @@ class Space:
     modes: tuple[str, ...]
 
     def __post_init__(self) -> None:
-        _check_unique(self)
+        _check(self)
 
     def point(self, node_id: str) -> Point:
         for p in self.points:
@@ -440,9 +440,19 @@ def node_id_of(path: tuple[str, ...]) -> str:
     return ".".join((ROOT, *path))
 
 
-def _check_unique(sp: Space) -> None:
+def _check(sp: Space) -> None:
     """Every node (variable, method, condition, folder, object) has its own node id and browse
-    path. A clash (a tag `x_level` beside the output `x`'s level sibling) raises ValueError."""
+    path. A clash (a tag `x_level` beside the output `x`'s level sibling) raises ValueError.
+    Only a setpoint is writable: whatever document arrives, no other variable becomes a write
+    path (an output never is)."""
+    for p in sp.points:
+        if p.access == "write" and not (
+            len(p.path) == 2 and p.path[0] == "Setpoints" and p.feed == ("setpoint", p.path[1])
+        ):
+            raise ValueError(
+                f"BMS address space: variable {'/'.join(p.path)} access 'write': expected "
+                "'read' (only Setpoints/<name> fed by that setpoint is writable)"
+            )
     where: dict[str, str] = {node_id_of(o): f"object {'/'.join(o)}" for o in sp.objects()}
     names = [(p.node_id, f"variable {'/'.join(p.path)}") for p in sp.points]
     names += [(m.node_id, f"method {m.name}") for m in sp.methods]

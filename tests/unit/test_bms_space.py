@@ -307,6 +307,9 @@ def _set(path, value):
         (_set(["conditions", 0, "priority"], "urgent"), "space.conditions[0].priority"),
         (_set(["conditions", 0, "source"], "Elsewhere"), "condition IL-01 source"),
         (_set(["modes"], "STARTUP"), "space.modes"),
+        # no document makes an output (or anything but a setpoint) writable
+        (_set(["points", 40, "access"], "write"), "access 'write': expected 'read'"),
+        (_set(["points", 6, "access"], "write"), "Telemetry/it_supply_temp access 'write'"),
         (_set(["site"], None), "space.site"),
     ],
 )
