@@ -91,9 +91,14 @@ def _x(tag: str) -> str:
     return f"{{{UAX}}}{tag}"
 
 
+# Characters XML 1.0 cannot carry at all (ElementTree would write them and break the file); a
+# description from the site file may hold one through a TOML escape such as "\u0007".
+_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
+
+
 def _text(parent: ET.Element, tag: str, text: str) -> ET.Element:
     el = ET.SubElement(parent, tag)
-    el.text = text
+    el.text = _NOT_XML.sub("\ufffd", text)
     return el
 
 
