@@ -242,6 +242,12 @@ class Controller:
         self._waiting_state: dict[str, Any] | None = None
         self._sent_latched: frozenset[str] | None = None
         self._persist_error: str | None = None  # handing the journal its work failed
+        # Called after every scan with its status, after everything else: each must return at
+        # once (the BMS link only notes the told events and wakes its own task); one that
+        # raises is logged and the scan goes on.
+        self.scan_hooks: list[Callable[[Status], None]] = []
+        self.bms_view: Callable[[], dict[str, Any]] | None = None  # the BMS link's state
+        self.started = asyncio.Event()  # set once the start-up write is done
 
     def _new_core(
         self, now: float, wall: float, restored: Mapping[str, Any], latched: frozenset[str]
@@ -305,7 +311,9 @@ class Controller:
                 await server.close()
             for _, fut in self._queue:
                 if fut is not None and not fut.done():
-                    fut.set_result(Answer("", False, "not applied: the controller is stopping"))
+                    fut.set_result(
+                        Answer("", False, "not applied: the controller is stopping", kind="state")
+                    )
             if self.recorder is not None:
                 with contextlib.suppress(Exception):
                     await asyncio.to_thread(self.recorder.close)
@@ -314,6 +322,7 @@ class Controller:
         await self.transport.connect()
         await self._write_safe("start")
         self.log.info("controller_started", period_s=self.site.scan.period_s)
+        self.started.set()
         try:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._scan_loop(stop))
@@ -397,6 +406,11 @@ class Controller:
             try:
                 self.on_scan(st)
             except Exception as e:  # a broken viewer never stops the scan
+                self.log.warning("on_scan_failed", error=f"{type(e).__name__}: {e}")
+        for hook in self.scan_hooks:
+            try:
+                hook(st)
+            except Exception as e:  # a broken listener never stops the scan
                 self.log.warning("on_scan_failed", error=f"{type(e).__name__}: {e}")
         return decision
 
@@ -482,8 +496,18 @@ class Controller:
             },
             "degraded": list(st.degraded),
             "recorder": self.recorder.stats() if self.recorder is not None else None,
+            "bms": self._bms_view(),
         }
         return view
+
+    def _bms_view(self) -> dict[str, Any]:
+        off = {"state": "off", "pid": None, "restarts": 0, "last_error": "", "endpoint": None}
+        if self.bms_view is None:
+            return {**off, "dropped": 0}
+        try:
+            return self.bms_view()
+        except Exception as e:  # the status page never fails on the BMS link
+            return {**off, "dropped": 0, "last_error": f"{type(e).__name__}: {e}"}
 
     def _waiting_for_reuse(self) -> str | None:
         """In DRY_COOLER_REJECT with no cause left: what the mode machine still waits for."""
@@ -909,9 +933,58 @@ async def run_service(site: Site, transport: Transport, *, json_logs: bool = Tru
         )
         journal.close()
         return 2
+    link_task = start_bms_link(site, ctl, stop, json_logs=json_logs)
     try:
         await ctl.run(stop)
     except OSError as e:  # e.g. another controller already serves this state directory
         print(f"heatloop: {e}", file=sys.stderr)
         return 2
+    finally:
+        stop.set()
+        await stop_bms_link(link_task)
     return 0
+
+
+def start_bms_link(
+    site: Site, ctl: Controller, stop: asyncio.Event, *, json_logs: bool = True, log: Any = None
+) -> asyncio.Task[None] | None:
+    """The BMS server process beside the scan, when the site enables it (DESIGN §9).
+
+    A task of its own, outside the scan's task group: nothing the link does (a child that
+    cannot bind its port, dies, stalls) reaches the scan; it starts once the controller has
+    started (a second controller on the same state directory stops before it spawns anything).
+    """
+    if not getattr(site.bms, "enabled", True):
+        return None
+    from controller.bms_link import BmsLink
+
+    link = BmsLink(site, ctl, log=log, json_logs=json_logs)
+    ctl.bms_view = link.status_view
+
+    async def run() -> None:
+        started = asyncio.ensure_future(ctl.started.wait())
+        stopped = asyncio.ensure_future(stop.wait())
+        try:
+            await asyncio.wait({started, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            started.cancel()
+            stopped.cancel()
+        if not stop.is_set():
+            await link.run(stop)
+
+    return asyncio.create_task(run(), name="bms-link")
+
+
+async def stop_bms_link(task: asyncio.Task[None] | None) -> None:
+    """Wait for the link to let its child go (EOF, at most 2 s, then SIGKILL); never raises."""
+    if task is None:
+        return
+    try:
+        async with asyncio.timeout(10.0):
+            await asyncio.shield(task)
+    except TimeoutError:
+        task.cancel()
+        with contextlib.suppress(BaseException):
+            await task
+    except Exception:  # the link logs its own failures
+        pass
