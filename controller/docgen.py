@@ -1,6 +1,7 @@
 """Generated parts of the docs: the mode diagram and the cause-and-effect matrix.
 
-Each lives between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` in a Markdown file;
+Each lives between `<!-- generated:NAME -->` and `<!-- /generated:NAME -->` in a Markdown file
+(in docs/bms.md: `<!-- generated: NAME -->` and `<!-- end generated -->`);
 `python -m controller.docgen` rewrites them from the tables in code, and a test fails when the
 docs and the tables disagree.
 """
