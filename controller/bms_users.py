@@ -450,7 +450,10 @@ class BmsUserManager:
         allow_anonymous: bool,
         log: Any = None,
         clock: Callable[[], float] = time.monotonic,
+        peer: Callable[[], object] | None = None,
     ) -> None:
+        """`peer`, if given, names the remote address of the connection being served (asyncua
+        does not tell `get_user`); it is added to every login log line."""
         from asyncua.crypto.permission_rules import User, UserRole
 
         self._user_cls, self._user_role = User, UserRole
@@ -458,11 +461,21 @@ class BmsUserManager:
         self.allow_anonymous = allow_anonymous
         self.log = log if log is not None else structlog.get_logger("heatloop.bms")
         self.clock = clock
+        self.peer = peer
         self.limiter = LoginLimiter()
         self._lock_logged: set[str] = set()
 
+    def _remote(self) -> dict[str, str]:
+        if self.peer is None:
+            return {}
+        try:
+            remote = self.peer()
+        except Exception:  # the address is a courtesy in a log line, never a reason to fail
+            return {}
+        return {} if remote is None else {"remote": str(remote)[:100]}
+
     def _refuse(self, user: str | None, why: str, **fields: Any) -> None:
-        self.log.warning("bms_login_refused", user=user, why=why, **fields)
+        self.log.warning("bms_login_refused", user=user, why=why, **fields, **self._remote())
         return None
 
     def get_user(
@@ -515,7 +528,7 @@ class BmsUserManager:
                 **({"locked_for_s": LOCKOUT_S} if locks else {}),
             )
         self.limiter.succeeded(shown)
-        self.log.info("bms_login", user=shown, role=role)
+        self.log.info("bms_login", user=shown, role=role, **self._remote())
         # never UserRole.Admin: asyncua's Admin ignores AccessLevel
         return self._user_cls(role=self._user_role.User, name=shown)
 

@@ -641,3 +641,18 @@ def test_cli_bms_export_writes_both_files(
     assert main(["bms", "export", "--site", str(site), "--out", str(tmp_path / "afile")]) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.strip().splitlines()) == 1 and "bms export" in err
+
+
+def test_login_lines_name_the_remote_address_when_known(tmp_path: Path) -> None:
+    m, log, _ = manager(tmp_path)
+    m.peer = lambda: ("192.0.2.7", 50123)
+    m.get_user(None, "alice", "wrong password!", CERT)
+    m.get_user(None, "alice", PW, CERT)
+    assert log.events("bms_login_refused")[-1]["remote"] == "('192.0.2.7', 50123)"
+    assert log.events("bms_login")[-1]["remote"] == "('192.0.2.7', 50123)"
+
+    def broken() -> object:
+        raise RuntimeError("no connection")
+
+    m.peer = broken
+    assert m.get_user(None, "alice", PW, CERT) is not None
