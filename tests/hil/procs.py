@@ -92,9 +92,12 @@ def write_site(
     state_dir: Path,
     roles: dict[str, list[str]] | None = None,
     keys: tuple[tuple[str, str, Any], ...] = (),
+    bms: bool = False,
 ) -> Path:
     """The demo site with free ports, a state dir of its own, a quick watchdog and dwell times;
-    `roles` maps a role to its OS users (default: the user running the tests is engineer)."""
+    `roles` maps a role to its OS users (default: the user running the tests is engineer).
+    `bms`: `heatloop run` starts its BMS server process (on 127.0.0.1:`ports.bms`); off by
+    default, so a test that does not look at the BMS does not pay for an OPC UA server."""
     text = demo_site_text()
     if roles is None:
         roles = {"engineer": [getpass.getuser()]}
@@ -105,6 +108,8 @@ def write_site(
         ("plc", "watchdog_s", WATCHDOG_S),
         ("plc", "watchdog_holdoff_s", HOLDOFF_S),
         ("sim", "opcua_port", ports.opcua),
+        ("bms", "enabled", bms),
+        ("bms", "host", "127.0.0.1"),
         ("bms", "port", ports.bms),
         ("state", "dir", str(state_dir)),
         *(("control", k, v) for k, v in CONTROL.items()),
@@ -120,6 +125,7 @@ def write_site(
         ports.bms,
     )
     assert site.state_dir == state_dir and site.plc.watchdog_s == WATCHDOG_S
+    assert site.bms.enabled is bms
     assert site.scan.period_s == SCAN_S and site.sim.step_s == STEP_S
     return path
 
