@@ -37,6 +37,7 @@ import json
 import math
 import os
 import re
+import stat
 import time
 import unicodedata
 from collections import deque
@@ -348,6 +349,11 @@ class UserStore:
         try:
             self._users = read_users(self.path)
             self.error = None
+            if key and len(key) == 4 and stat.S_IMODE(os.stat(self.path).st_mode) & 0o077:
+                # the hashes are salted scrypt, but readable hashes invite offline guessing
+                self._log.warning(
+                    "bms_users_file_readable_by_others", path=str(self.path), expected="0600"
+                )
             if self._users:
                 self._log.info("bms_users_loaded", path=str(self.path), users=len(self._users))
             else:

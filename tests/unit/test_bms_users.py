@@ -656,3 +656,16 @@ def test_login_lines_name_the_remote_address_when_known(tmp_path: Path) -> None:
 
     m.peer = broken
     assert m.get_user(None, "alice", PW, CERT) is not None
+
+
+def test_a_users_file_others_can_read_is_flagged(tmp_path: Path) -> None:
+    path = tmp_path / "bms_users.json"
+    add_user(path, "alice", "operator", PW)
+    path.chmod(0o644)
+    log = ListLog()
+    store = UserStore(path, log=log)
+    assert store.check("alice", PW) == "operator"  # still works: the hashes are salted
+    assert store.role("alice") == "operator"
+    assert len(log.events("bms_users_file_readable_by_others")) == 1
+    add_user(path, "alice", "operator", PW)  # rewriting makes it 0600 again
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
