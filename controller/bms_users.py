@@ -18,8 +18,9 @@ Everything that reads the file is paranoid because a login runs on the server's 
   password is looked at (asyncua 2.1.0 accepts such a session even with no None policy;
   there the client certificate is `b""`);
 - 5 failed logins for one name within 60 s refuse that name for 60 s without running scrypt,
-  so guessing cannot pin the CPU; an unknown name costs the same scrypt as a known one, so
-  timing does not tell which names exist;
+  and all names together get at most `CHECKS_PER_S` password checks per second, so guessing
+  cannot pin the CPU or starve the server's event loop; an unknown name costs the same scrypt
+  as a known one, so timing does not tell which names exist; refusal log lines are bounded;
 - every session gets asyncua's `UserRole.User`, never `Admin` (Admin ignores AccessLevel); the
   heatloop role is looked up again at each use with `role_of`, so removing a user or changing
   a role takes effect on open sessions too.
@@ -80,6 +81,13 @@ MAX_FAILURES = 5
 FAIL_WINDOW_S = 60.0
 LOCKOUT_S = 60.0
 MAX_TRACKED_NAMES = 10_000
+
+# all names together: at most this many password checks (scrypt) per second, so a flood of
+# logins under fresh names cannot keep the server's event loop busy (it must stay responsive)
+CHECKS_PER_S = 4.0
+CHECKS_BURST = 8
+LOG_BURST = 20  # refusal log lines per window; the rest are counted in the next line
+LOG_WINDOW_S = 10.0
 
 ANONYMOUS = "(anonymous)"  # cannot be a user name (parentheses), so never found in the file
 
@@ -470,6 +478,21 @@ class BmsUserManager:
         self.peer = peer
         self.limiter = LoginLimiter()
         self._lock_logged: set[str] = set()
+        self._tokens = float(CHECKS_BURST)
+        self._tokens_at = clock()
+        self._log_times: deque[float] = deque()
+        self._suppressed = 0
+
+    def _may_check(self, now: float) -> bool:
+        """Token bucket over all password checks (CHECKS_PER_S, burst CHECKS_BURST)."""
+        self._tokens = min(
+            float(CHECKS_BURST), self._tokens + (now - self._tokens_at) * CHECKS_PER_S
+        )
+        self._tokens_at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
 
     def _remote(self) -> dict[str, str]:
         if self.peer is None:
@@ -481,6 +504,17 @@ class BmsUserManager:
         return {} if remote is None else {"remote": str(remote)[:100]}
 
     def _refuse(self, user: str | None, why: str, **fields: Any) -> None:
+        """One log line per refusal, at most LOG_BURST per LOG_WINDOW_S (the rest counted)."""
+        now = self.clock()
+        while self._log_times and now - self._log_times[0] > LOG_WINDOW_S:
+            self._log_times.popleft()
+        if len(self._log_times) >= LOG_BURST:
+            self._suppressed += 1
+            return None
+        self._log_times.append(now)
+        if self._suppressed:
+            fields["suppressed_before"] = self._suppressed
+            self._suppressed = 0
         self.log.warning("bms_login_refused", user=user, why=why, **fields, **self._remote())
         return None
 
@@ -523,6 +557,8 @@ class BmsUserManager:
                 self._refuse(shown, f"locked for {LOCKOUT_S:g} s after failed logins")
             return None
         self._lock_logged.discard(shown)
+        if not self._may_check(now):
+            return self._refuse(shown, "too many logins at once; try again in a second")
         role = self.store.check(shown, password if isinstance(password, str) else "")
         if role is None:
             if self.store.error is not None:

@@ -669,3 +669,22 @@ def test_a_users_file_others_can_read_is_flagged(tmp_path: Path) -> None:
     assert len(log.events("bms_users_file_readable_by_others")) == 1
     add_user(path, "alice", "operator", PW)  # rewriting makes it 0600 again
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_a_flood_of_fresh_names_gets_a_bounded_number_of_password_checks(
+    tmp_path: Path, scrypt_calls: list[Any]
+) -> None:
+    """Per-name lockout does not help against a new name each time: all names together get
+    at most CHECKS_PER_S checks per second (burst CHECKS_BURST), so the event loop stays free."""
+    m, log, clock = manager(tmp_path)
+    scrypt_calls.clear()
+    for i in range(1000):
+        assert m.get_user(None, f"spray{i}", "wrong password!", CERT) is None
+    assert len(scrypt_calls) == bu.CHECKS_BURST
+    assert len(log.events("bms_login_refused")) == bu.LOG_BURST, "the log is bounded too"
+    clock.t += 1.0  # a second later: CHECKS_PER_S more
+    assert m.get_user(None, "alice", PW, CERT) is not None
+    clock.t += bu.LOG_WINDOW_S + 1
+    m.get_user(None, "nobody", "wrong password!", CERT)
+    last = log.events("bms_login_refused")[-1]
+    assert last["suppressed_before"] == 1000 - bu.LOG_BURST
