@@ -84,8 +84,8 @@ MAX_TRACKED_NAMES = 10_000
 
 # all names together: at most this many password checks (scrypt) per second, so a flood of
 # logins under fresh names cannot keep the server's event loop busy (it must stay responsive)
-CHECKS_PER_S = 4.0
-CHECKS_BURST = 8
+CHECKS_PER_S = 5.0
+CHECKS_BURST = 20
 LOG_BURST = 20  # refusal log lines per window; the rest are counted in the next line
 LOG_WINDOW_S = 10.0
 
