@@ -41,6 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import structlog
 
+from controller.alarms import AlarmState
 from controller.authority import Answer, Request
 from interlocks.engine import Event
 from interlocks.rules import RULES
@@ -58,7 +59,7 @@ MAX_USER = 100  # characters of a BMS user name
 ALIVE_TIMEOUT_S = 5.0  # a running child that says nothing this long is killed
 # before its first word a child may take longer: importing asyncua, creating its certificate
 # and key, binding; on a loaded two-core machine that can take several seconds
-START_GRACE_S = 20.0
+START_GRACE_S = 30.0
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 HEALTHY_RESET_S = 60.0  # a child that ran this long restarts the back-off from its start
 STOP_WAIT_S = 2.0  # on shutdown the child gets EOF and this long to exit, then SIGKILL
@@ -75,6 +76,13 @@ ENERGY = ("HeatDelivered_kWh", "HeatRejected_kWh", "ItEnergy_kWh", "HeatLoopAvai
 HEAT_METER = "heat_meter_energy"
 NOT_METERED = [None, "none", None]
 HEARTBEAT = "heartbeat"
+# alarm states as the link protocol names them (the OPC UA condition's Active and Acked)
+ALARM_STATES = {
+    AlarmState.NORMAL: "normal",
+    AlarmState.UNACK: "active_unacknowledged",
+    AlarmState.ACKED: "active_acknowledged",
+    AlarmState.RTN_UNACK: "returned_unacknowledged",
+}
 
 
 class Child(Protocol):
@@ -105,6 +113,9 @@ async def spawn_server(sock: socket.socket) -> Child:
         str(fd),
         stdin=asyncio.subprocess.DEVNULL,
         pass_fds=(fd,),
+        # its own process group: a Ctrl-C at the terminal reaches the controller only, which
+        # then closes the pair (the child exits on EOF) instead of racing it
+        start_new_session=True,
     )
 
 
@@ -277,7 +288,7 @@ def snapshot(
     alarms = [
         {
             "id": a.id,
-            "state": a.state.value,
+            "state": ALARM_STATES.get(a.state, a.state.value),
             "priority": a.priority.name.lower(),
             "message": a.message,
             "detail": a.detail,

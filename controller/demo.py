@@ -1,21 +1,30 @@
-"""`heatloop demo`: simulated plant, simulated PLC and controller together over loopback.
+"""`heatloop demo`: simulated plant, simulated PLC, controller and BMS server over loopback.
 
 The controller talks Modbus TCP to the simulated PLC exactly as in production and keeps wall
 time, as it does in production; the plant runs `--speed` times faster. Dwell times are shortened
 so a minute or two shows the whole story: start-up in DRY_COOLER_REJECT, heat reuse, a leak in
 the reuse zone that trips and latches, the leak drying, a deliberate reset, and reuse again.
+
+The BMS OPC UA server runs as in production, in its own process beside the scan (DESIGN §9),
+on opc.tcp://127.0.0.1:4840/heatloop (another free port when 4840 is taken), with a state
+directory of its own (a temporary one unless given) and three users, viewer, operator and
+engineer, whose random passwords are printed once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import signal
+import socket
 import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 from controller.logs import configure
-from controller.runtime import Controller, Status
+from controller.runtime import Controller, Status, start_bms_link, stop_bms_link
 from controller.study import ClosedLoop
 from plc_io.modbus import ModbusTransport
 from plc_io.site import Site, demo_site
@@ -44,6 +53,46 @@ def demo_story_site() -> Site:
     )
 
 
+BMS_HOST = "127.0.0.1"  # the demo's users and passwords are printed: serve this machine only
+BMS_PORT = 4840
+BMS_ROLES = ("viewer", "operator", "engineer")
+
+
+def bms_port(host: str = BMS_HOST, preferred: int = BMS_PORT) -> int:
+    """`preferred` when it can be bound now, else a free port."""
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise OSError(f"no free TCP port on {host} for the BMS server")
+
+
+def demo_bms_site(site: Site, state_dir: Path, port: int) -> Site:
+    """`site` with its state in `state_dir` and the BMS server on BMS_HOST:`port`."""
+    return site.model_copy(
+        update={
+            "state": site.state.model_copy(update={"dir": str(state_dir)}),
+            "bms": site.bms.model_copy(update={"enabled": True, "host": BMS_HOST, "port": port}),
+        }
+    )
+
+
+def make_users(site: Site) -> dict[str, str]:
+    """One BMS user per role, named after it, with a random password: name -> password."""
+    from controller.bms_users import add_user, users_path
+
+    made = {}
+    for role in BMS_ROLES:
+        password = secrets.token_urlsafe(15)
+        add_user(users_path(site), role, role, password)
+        made[role] = password
+    return made
+
+
 def status_line(elapsed_s: float, st: Status) -> str:
     d = st.decision
     if d is None:
@@ -64,8 +113,10 @@ def status_line(elapsed_s: float, st: Status) -> str:
     )
 
 
-async def _demo(minutes: float | None, speed: float) -> int:
-    site = demo_story_site()
+async def _demo(minutes: float | None, speed: float, state_dir: Path) -> int:
+    port = bms_port()
+    site = demo_bms_site(demo_story_site(), state_dir, port)
+    users = make_users(site)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -75,13 +126,20 @@ async def _demo(minutes: float | None, speed: float) -> int:
         t0 = loop.time()
         transport = ModbusTransport(site, port=plc.modbus_port)
         ctl = Controller(site, transport)
+        busy = "" if port == BMS_PORT else f" ({BMS_PORT} is taken)"
         print(
             f"heatloop demo: simulated PLC on Modbus 127.0.0.1:{plc.modbus_port} and OPC UA "
             f"opc.tcp://127.0.0.1:{plc.opcua_port}/, plant ×{speed:g}; Ctrl-C stops\n"
-            f"story: {'; '.join(f'{a.at_s:g} s {a.what}' for a in STORY)}",
+            f"BMS server: opc.tcp://{BMS_HOST}:{port}/heatloop{busy}, Basic256Sha256 Sign or "
+            f"SignAndEncrypt; state in {state_dir}\n"
+            "BMS users (shown only now):\n"
+            + "".join(f"  {name:<9} password {pw}\n" for name, pw in users.items())
+            + f"story: {'; '.join(f'{a.at_s:g} s {a.what}' for a in STORY)}",
             flush=True,
         )
         task = asyncio.create_task(ctl.run(stop))
+        link = start_bms_link(site, ctl, stop, json_logs=False)
+        bms_state = "off"
         pending = list(STORY)
         wall_end = None if minutes is None else loop.time() + minutes * 60.0
         try:
@@ -100,11 +158,16 @@ async def _demo(minutes: float | None, speed: float) -> int:
                     else:
                         ctl.reset_trip()
                 print(status_line(now, ctl.status), flush=True)
+                bms = ctl.status_view()["bms"]
+                if bms["state"] != bms_state:
+                    bms_state = bms["state"]
+                    print(f"--- BMS server {bms_state} {bms.get('endpoint') or ''}", flush=True)
                 if wall_end is not None and loop.time() >= wall_end:
                     stop.set()
         finally:
             stop.set()
             await task
+            await stop_bms_link(link)
         st = ctl.status
         print(
             f"stopped after {st.scans} scans, {st.overruns} overruns, "
@@ -116,10 +179,18 @@ async def _demo(minutes: float | None, speed: float) -> int:
     return 0
 
 
-def run_demo(minutes: float | None = None, speed: float | None = None) -> int:
+def run_demo(
+    minutes: float | None = None, speed: float | None = None, state: Path | None = None
+) -> int:
+    """The demo; `state` keeps its state directory (BMS users, certificates), else a temporary
+    one is removed at the end."""
     configure(json=False)
     try:
-        return asyncio.run(_demo(minutes, speed or 10.0))
+        with contextlib.ExitStack() as stack:
+            if state is None:
+                state = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="heatloop-")))
+            state.mkdir(parents=True, exist_ok=True)
+            return asyncio.run(_demo(minutes, speed or 10.0, state))
     except OSError as e:
         print(f"heatloop demo: {e}", file=sys.stderr)
         return 1

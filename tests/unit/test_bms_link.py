@@ -248,7 +248,7 @@ async def test_snapshot_status_outputs_setpoints_interlocks_and_standing_alarms(
         assert sp == [d.outputs["secondary_pump_speed_cmd"].value, None]
     alarms = {a["id"]: a for a in snap["alarms"]}
     il04 = alarms["IL-04"]
-    assert il04["state"] == "unacknowledged" and il04["priority"] == "critical"
+    assert il04["state"] == "active_unacknowledged" and il04["priority"] == "critical"
     assert il04["since_wall"] is not None and il04["message"]
     assert [a.id for a in ctl.core.alarms.standing()] == [a["id"] for a in snap["alarms"]]
 
@@ -561,3 +561,9 @@ def test_strict_json_never_carries_nan() -> None:
         "b": [None, 1.5],
         "c": [1, 2],
     }
+
+
+def test_every_alarm_state_has_its_protocol_name() -> None:
+    from controller.alarms import AlarmState
+
+    assert set(bms_link.ALARM_STATES) == set(AlarmState)
