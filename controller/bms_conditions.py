@@ -158,6 +158,7 @@ class Conditions:
             ):
                 items.append(prop(f"{base}.{name}", nid, name, variant, dtype))
             ev = event_objects.AlarmCondition()
+            _fix_data_types(ev)
             ev.add_property("NodeId", nid, ua.VariantType.NodeId)  # the ConditionId
             ev.SourceNode = source
             ev.SourceName = c.source
@@ -424,3 +425,16 @@ def _when(a: dict[str, Any] | None, now: datetime) -> datetime:
         except (OverflowError, OSError, ValueError):
             pass
     return now
+
+
+def _fix_data_types(ev: Any) -> None:
+    """asyncua 2.1's event classes declare some fields with a data type NodeId (UtcTime,
+    Duration) where a VariantType is needed: setting one makes every emission fail
+    ("'NodeId' object has no attribute '__name__'"). Declare them as their built-in types."""
+    builtin = {
+        ua.ObjectIds.UtcTime: ua.VariantType.DateTime,
+        ua.ObjectIds.Duration: ua.VariantType.Double,
+    }
+    for name, dtype in list(ev.data_types.items()):
+        if isinstance(dtype, ua.NodeId):
+            ev.data_types[name] = builtin.get(dtype.Identifier, ua.VariantType.Variant)

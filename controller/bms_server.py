@@ -298,10 +298,13 @@ def typed(point: Point, value: object) -> object:
         d = _dt(value)
         if d is not None:
             return d
-    elif t == "UInt64":
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64:
-            return value
+    elif t == "UInt64" and _uint64(value):
+        return value
     raise ValueError(f"expected {t}, got {_shown(value)}")
+
+
+def _uint64(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**64
 
 
 def _initial(point: Point) -> object:
@@ -858,10 +861,8 @@ class BmsServer:
                 value, code, at = None, S.BadDataUnavailable, wall
                 self.complaints("warning", "bms_snapshot_value", node=p.node_id, why=str(e)[:200])
             at = at or wall
-            last = self._last.get(nid)
-            if last is not None and last[0] == value and last[1] == code:
-                if at is None or last[2] is None or (at - last[2]).total_seconds() < REFRESH_S:
-                    continue
+            if self._unchanged(self._last.get(nid), value, code, at):
+                continue
             self._last[nid] = (value, code, at)
             if value is None:
                 dv = ua.DataValue(StatusCode=_status(code), SourceTimestamp=at, ServerTimestamp=now)
@@ -891,6 +892,18 @@ class BmsServer:
                 await self._emit_event(ev)
         else:
             self.complaints("warning", "bms_snapshot_malformed", field="events", why="not a list")
+
+    @staticmethod
+    def _unchanged(
+        last: tuple[object, int, datetime | None] | None,
+        value: object,
+        code: int,
+        at: datetime | None,
+    ) -> bool:
+        """Same value and status, and a source time that has not moved on by REFRESH_S."""
+        if last is None or last[0] != value or last[1] != code:
+            return False
+        return at is None or last[2] is None or (at - last[2]).total_seconds() < REFRESH_S
 
     async def _apply_mode(self, snap: Mapping[str, Any], now: datetime) -> None:
         if not hasattr(self, "_mode_current"):
@@ -1287,4 +1300,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # run the importable module, not this `__main__` copy: bms_conditions imports
+    # controller.bms_server, and both must share one connection context variable
+    from controller.bms_server import main as _main
+
+    _main()
