@@ -16,7 +16,8 @@ Everything that reads the file is paranoid because a login runs on the server's 
   one login take minutes or gigabytes;
 - a username with a password over an unencrypted (None) secure channel is refused before the
   password is looked at (asyncua 2.1.0 accepts such a session even with no None policy;
-  there the client certificate is `b""`);
+  there the client certificate is `b""`), and so is a password sent in clear in its token over
+  a signed-only channel (with `install` and `channel_encrypted`);
 - 5 failed logins for one name within 60 s refuse that name for 60 s without running scrypt,
   and all names together get at most `CHECKS_PER_S` password checks per second, so guessing
   cannot pin the CPU or starve the server's event loop; an unknown name costs the same scrypt
@@ -465,9 +466,13 @@ class BmsUserManager:
         log: Any = None,
         clock: Callable[[], float] = time.monotonic,
         peer: Callable[[], object] | None = None,
+        channel_encrypted: Callable[[], bool | None] | None = None,
     ) -> None:
         """`peer`, if given, names the remote address of the connection being served (asyncua
-        does not tell `get_user`); it is added to every login log line."""
+        does not tell `get_user`); it is added to every login log line. `channel_encrypted`,
+        if given, says whether that connection's secure channel encrypts (SignAndEncrypt);
+        with `install(iserver)` it lets a password sent unencrypted in its token over a
+        signed-only channel be refused (anyone on the path could read it)."""
         from asyncua.crypto.permission_rules import User, UserRole
 
         self._user_cls, self._user_role = User, UserRole
@@ -476,6 +481,10 @@ class BmsUserManager:
         self.log = log if log is not None else structlog.get_logger("heatloop.bms")
         self.clock = clock
         self.peer = peer
+        self.channel_encrypted = channel_encrypted
+        # set by the decrypt_user_token wrapper just before asyncua calls get_user (both run
+        # synchronously in one activate_session, so nothing can come in between)
+        self._token_plain: bool | None = None
         self.limiter = LoginLimiter()
         self._lock_logged: set[str] = set()
         self._tokens = float(CHECKS_BURST)
@@ -518,6 +527,21 @@ class BmsUserManager:
         self.log.warning("bms_login_refused", user=user, why=why, **fields, **self._remote())
         return None
 
+    def install(self, iserver: Any) -> None:
+        """Make this the server's user manager, and note for each username token whether its
+        password came encrypted (asyncua 2.1 `InternalServer.decrypt_user_token`, pinned)."""
+        iserver.set_user_manager(self)
+        original = iserver.decrypt_user_token
+        if getattr(original, "_heatloop_guard", False):
+            return
+
+        def decrypt_user_token(isession: Any, token: Any) -> tuple[str, str]:
+            self._token_plain = not getattr(token, "EncryptionAlgorithm", None)
+            return original(isession, token)  # type: ignore[no-any-return]
+
+        decrypt_user_token._heatloop_guard = True  # type: ignore[attr-defined]
+        iserver.decrypt_user_token = decrypt_user_token
+
     def get_user(
         self,
         iserver: Any,
@@ -526,13 +550,22 @@ class BmsUserManager:
         certificate: Any = None,
     ) -> Any:
         """The asyncua `User` of a session being activated, or None (BadUserAccessDenied)."""
+        plain, self._token_plain = self._token_plain, None
         try:
-            return self._get_user(username, password, certificate)
+            return self._get_user(username, password, certificate, plain)
         except Exception as e:  # a bug here refuses the login, not the server
             self.log.error("bms_login_error", user=_shown(username)[:80], error=repr(e)[:200])
             return None
 
-    def _get_user(self, username: Any, password: Any, certificate: Any) -> Any:
+    def _encrypted_channel(self) -> bool | None:
+        if self.channel_encrypted is None:
+            return None
+        try:
+            return self.channel_encrypted()
+        except Exception:  # unknown: treated as not encrypting
+            return False
+
+    def _get_user(self, username: Any, password: Any, certificate: Any, plain: bool | None) -> Any:
         if username is None:  # anonymous (or an X.509 identity: not a heatloop user)
             if not self.allow_anonymous:
                 return self._refuse(
@@ -547,6 +580,14 @@ class BmsUserManager:
                 shown or _shown(username),
                 "a password over an unencrypted channel is refused; the password should be "
                 "treated as exposed",
+            )
+        if plain and password and self._encrypted_channel() is False:
+            # a signed-only channel with the password in clear in its token (the endpoint asks
+            # for it encrypted; a client that ignores that has exposed it)
+            return self._refuse(
+                shown or _shown(username),
+                "a password in clear over a signed-only channel is refused; the password "
+                "should be treated as exposed",
             )
         if shown is None:
             return self._refuse(_shown(username), "not a valid user name")

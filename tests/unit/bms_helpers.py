@@ -14,6 +14,7 @@ from asyncua import Client, Server, ua
 from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 
 from controller.bms_pki import ClientTrust, client_trust, server_certificate
+from controller.bms_server import _CONNECTION, install_connection_context
 from controller.bms_users import BmsUserManager, UserStore
 
 APP_URI = "urn:heatloop:test:bms"
@@ -48,6 +49,14 @@ class ListLog:
         return [kw for _, e, kw in self.lines if e == name]
 
 
+def channel_encrypted() -> bool | None:
+    """Whether the connection being served encrypts (SignAndEncrypt); None if unknown."""
+    proc = _CONNECTION.get()
+    if proc is None:
+        return None
+    return bool(proc._connection.security_policy.Mode == ua.MessageSecurityMode.SignAndEncrypt)
+
+
 @dataclass
 class BmsTestServer:
     server: Server
@@ -72,8 +81,16 @@ async def bms_test_server(
     (plus anonymous when allowed), the BMS user manager; with `validate_clients`, the trust
     folder decides which client certificates may open a session."""
     log = ListLog()
-    users = BmsUserManager(UserStore(users_file, log=log), allow_anonymous=allow_anonymous, log=log)
-    server = Server(user_manager=users)  # type: ignore[arg-type]
+    install_connection_context()
+    users = BmsUserManager(
+        UserStore(users_file, log=log),
+        allow_anonymous=allow_anonymous,
+        log=log,
+        peer=lambda: getattr(_CONNECTION.get(), "name", None),
+        channel_encrypted=channel_encrypted,
+    )
+    server = Server()
+    users.install(server.iserver)
     await server.init()
     port = free_port()
     url = f"opc.tcp://127.0.0.1:{port}/heatloop"
@@ -119,10 +136,24 @@ async def connect(
     *,
     mode: ua.MessageSecurityMode = ua.MessageSecurityMode.SignAndEncrypt,
     uri: str = CLIENT_URI,
+    plain_password: bool = False,
 ) -> Client:
-    """A connected client (the caller disconnects); `certs` None: a None secure channel."""
+    """A connected client (the caller disconnects); `certs` None: a None secure channel;
+    `plain_password`: the password goes in clear in its token whatever the endpoint asks."""
     c = Client(url, timeout=10)
     c.application_uri = uri
+    if plain_password:
+        asked = c.server_policy
+
+        def server_policy(token_type: ua.UserTokenType) -> ua.UserTokenPolicy:
+            policy = asked(token_type)
+            if token_type == ua.UserTokenType.UserName:
+                policy = ua.UserTokenPolicy(
+                    PolicyId=policy.PolicyId, TokenType=policy.TokenType, SecurityPolicyUri=None
+                )
+            return policy
+
+        c.server_policy = server_policy  # type: ignore[method-assign]
     if certs is not None:
         await c.set_security(SecurityPolicyBasic256Sha256, str(certs[0]), str(certs[1]), mode=mode)
     if user is not None:

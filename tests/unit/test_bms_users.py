@@ -688,3 +688,26 @@ def test_a_flood_of_fresh_names_gets_a_bounded_number_of_password_checks(
     m.get_user(None, "nobody", "wrong password!", CERT)
     last = log.events("bms_login_refused")[-1]
     assert last["suppressed_before"] == 1000 - bu.LOG_BURST
+
+
+async def test_a_password_in_clear_over_a_signed_only_channel_is_refused(tmp_path: Path) -> None:
+    """The Sign endpoint asks for the password encrypted in its token; a client that sends it
+    in clear has exposed it to anyone on the path: refused. In clear inside SignAndEncrypt is
+    what the SignAndEncrypt endpoint asks for (the channel encrypts): accepted."""
+    users = tmp_path / "state" / "bms_users.json"
+    add_user(users, "alice", "operator", PW)
+    certs = await client_cert(tmp_path / "client")
+    sign = ua.MessageSecurityMode.Sign
+    async with bms_test_server(tmp_path / "state", users) as s:
+        assert (
+            await refused(s.url, certs, "alice", PW, mode=sign, plain_password=True)
+            == "BadUserAccessDenied"
+        )
+        [line] = s.log.events("bms_login_refused")
+        assert "signed-only" in line["why"] and line["user"] == "alice"
+        assert line["remote"].startswith("('127.0.0.1'")
+        c = await connect(s.url, certs, "alice", PW, mode=sign)  # encrypted in the token
+        await c.disconnect()
+        c = await connect(s.url, certs, "alice", PW, plain_password=True)  # SignAndEncrypt
+        await c.disconnect()
+        assert len(s.log.events("bms_login")) == 2
