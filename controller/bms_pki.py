@@ -15,9 +15,10 @@ Theory of operation. Files live under `<state dir>/pki/bms/`:
   or missing folder simply trusts nobody, unlike asyncua's TrustStore which fails on it).
 - `rejected/`: an unknown client's certificate is saved here under its thumbprint, with one
   log line naming the thumbprint, the subject and the `mv` that trusts it; the session is
-  refused (BadCertificateUntrusted). With `trust_on_first_use` it is saved in `trusted/`
-  instead (logged) and accepted. At most `MAX_REJECTED` files are kept, so a client sending
-  fresh certificates cannot fill the disk.
+  refused (BadCertificateUntrusted). With `trust_on_first_use`, while `trusted/` holds no
+  file at all, it is saved in `trusted/` instead (logged) and accepted: the first BMS is
+  trusted on first use, any later one needs the `mv` (as for the PLC's certificate). At most
+  `MAX_REJECTED` files are kept, so a client sending fresh certificates cannot fill the disk.
 
 A trusted certificate must still be valid now and carry the client's application URI
 (asyncua's basic validation: BadCertificateTimeInvalid / BadCertificateUriInvalid).
@@ -213,7 +214,9 @@ class ClientTrust:
         info = cert_info(der)
         if der in self.trusted():
             return True, info
-        if self.tofu:
+        if self.tofu and not self._listing:
+            # first use only: while trusted/ holds no file at all, as for the PLC's certificate
+            # (plc_io/plc_trust.py); a setting left on cannot let every later client in
             path = self.trusted_dir / _file_name(info)
             _write_atomic(path, der, 0o644)
             self.log.warning(

@@ -232,6 +232,13 @@ async def test_trust_on_first_use_only_when_asked(tmp_path: Path) -> None:
     assert kept.read_bytes() == cert.public_bytes(Encoding.DER)
     # and a later validator without TOFU still trusts it (it is in the folder now)
     assert await status_of(client_trust(tmp_path, False, log=ListLog()), cert) == "Good"
+    # first use only: once something is trusted, another unknown client needs the mv
+    other = make_cert(tmp_path)
+    assert await status_of(trust, other) == "BadCertificateUntrusted"
+    assert [p.read_bytes() for p in (tmp_path / "pki" / "bms" / "rejected").iterdir()] == [
+        other.public_bytes(Encoding.DER)
+    ]
+    assert len(log.events("bms_client_untrusted")) == 1
 
 
 async def test_an_invalid_certificate_is_not_trusted_even_on_first_use(tmp_path: Path) -> None:
