@@ -75,7 +75,7 @@ async def _rig(tmp: Path, **hello_kw: Any) -> Rig:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
-    r = await _rig(tmp_path_factory.mktemp("bms_server"))
+    r = await _rig(tmp_path_factory.mktemp("bms_server"), min_sampling_ms=250)
     c = await r.client()
     try:
         r.ns = await c.get_namespace_index(NAMESPACE_URI)
@@ -90,7 +90,10 @@ async def rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
 async def open_rig(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Rig]:
     """A child with the None endpoint and anonymous sessions enabled."""
     r = await _rig(
-        tmp_path_factory.mktemp("bms_server_open"), allow_none_security=True, allow_anonymous=True
+        tmp_path_factory.mktemp("bms_server_open"),
+        allow_none_security=True,
+        allow_anonymous=True,
+        max_sessions=2,
     )
     yield r
     await r.parent.close()
@@ -239,17 +242,46 @@ async def test_subscription_gets_a_change(rig: Rig, olivia: Client) -> None:
         await sub.delete()
 
 
-async def test_fast_publishing_is_revised_up(rig: Rig, olivia: Client) -> None:
-    """A client asking 10 ms gets min_publishing_ms (100, the hello's)."""
+async def test_fast_intervals_are_revised_up(rig: Rig, olivia: Client) -> None:
+    """A client asking 10 ms publishing and 1 ms sampling gets the hello's min_publishing_ms
+    (100) and min_sampling_ms (250)."""
     sub = await olivia.create_subscription(10, None)
     try:
-        assert sub.parameters.RequestedPublishingInterval >= 100
-        handle = await sub.subscribe_data_change(
-            olivia.get_node(rig.nid(TELEMETRY)), sampling_interval=1
+        assert sub.parameters.RequestedPublishingInterval == 100
+        item = ua.MonitoredItemCreateRequest(
+            ItemToMonitor=ua.ReadValueId(
+                NodeId=rig.nid(TELEMETRY), AttributeId=ua.AttributeIds.Value
+            ),
+            MonitoringMode=ua.MonitoringMode.Reporting,
+            RequestedParameters=ua.MonitoringParameters(
+                ClientHandle=1, SamplingInterval=1.0, QueueSize=1
+            ),
         )
-        assert handle
+        params = ua.CreateMonitoredItemsParameters(
+            SubscriptionId=sub.subscription_id,
+            TimestampsToReturn=ua.TimestampsToReturn.Both,
+            ItemsToCreate=[item],
+        )
+        (result,) = await olivia.uaclient.create_monitored_items(params)
+        assert result.StatusCode.is_good()
+        assert result.RevisedSamplingInterval == 250
     finally:
         await sub.delete()
+
+
+async def test_sessions_are_bounded(open_rig: Rig) -> None:
+    """max_sessions (2 in this child's hello): one session more is refused, the ones open
+    keep working."""
+    first = await connect(open_rig.parent.endpoint, None)
+    second = await connect(open_rig.parent.endpoint, None)
+    try:
+        with pytest.raises(ua.UaStatusCodeError):
+            third = await connect(open_rig.parent.endpoint, None)
+            await third.disconnect()
+        assert await first.nodes.server_state.read_value() == 0
+    finally:
+        await first.disconnect()
+        await second.disconnect()
 
 
 async def test_malformed_snapshots_are_skipped(rig: Rig, olivia: Client) -> None:
@@ -522,6 +554,11 @@ async def test_alarm_condition_event_refresh_and_acknowledge(rig: Rig, olivia: C
         req.InputArguments[0] = ua.Variant(b"not-an-event", ua.VariantType.ByteString)
         (res,) = await olivia.uaclient.call([req])
         assert res.StatusCode.value == S.BadEventIdUnknown
+        # the instance's own Acknowledge method reaches the same handler
+        req.MethodId = rig.nid(f"{cond.node_id}.Acknowledge")
+        (res,) = await olivia.uaclient.call([req])
+        assert res.StatusCode.value == S.BadEventIdUnknown
+        assert len(rig.parent.reqs) == before + 1
         # gone from the snapshot: normal
         rig.parent.send(snapshot(rig.space, seq=401))
 
@@ -575,6 +612,11 @@ async def test_mode_change_event_on_server(rig: Rig, olivia: Client) -> None:
 
 
 async def test_password_over_none_channel_refused(open_rig: Rig) -> None:
+    """With allow_none_security the None endpoint is offered, and a username session over it
+    is still refused (asyncua 2.1 alone would accept it)."""
+    c = Client(open_rig.parent.endpoint, timeout=10)
+    endpoints = await c.connect_and_get_server_endpoints()
+    assert ua.MessageSecurityMode.None_ in {e.SecurityMode for e in endpoints}
     with pytest.raises(ua.UaStatusCodeError):
         c = await connect(open_rig.parent.endpoint, None, "olivia", PASSWORDS["olivia"][1])
         await c.disconnect()
