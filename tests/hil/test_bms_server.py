@@ -681,3 +681,34 @@ async def test_snapshot_timestamps_are_utc() -> None:
     value, code, at = data_value(sp.point(TELEMETRY), snap)
     assert (value, code) == (34.9, S.UncertainLastUsableValue)
     assert at == datetime.fromtimestamp(1764600000.2, UTC)
+
+
+async def test_a_parent_that_does_not_read_never_blocks_the_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Writes to the parent never wait: past the buffer bound `send` refuses at once, and a
+    request then fails BadCommunicationError instead of hanging the OPC UA client."""
+    import socket
+
+    from controller import bms_server
+
+    monkeypatch.setattr(bms_server, "WRITE_BOUND", 64 * 1024)
+    ours, theirs = socket.socketpair()
+    try:
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader, writer = await asyncio.open_connection(sock=ours)
+        link = bms_server.Link(reader, writer)
+        sent = [link.send({"t": "alive", "sessions": 0, "pad": "x" * 1000}) for _ in range(1000)]
+        assert sent[0] and not sent[-1], "the bound refuses once the parent stops reading"
+        assert writer.transport.get_write_buffer_size() <= bms_server.WRITE_BOUND
+        assert link.dropped == sent.count(False)
+        while link.send({"t": "alive"}):  # fill what is left, to less than a request's line
+            pass
+        sp = space(load_site(ROOT / "plc_io" / "demo_site.toml"))
+        h = bms_server.parse_hello(json.dumps(hello(sp, Path("/tmp/x"), 4840)).encode())
+        bms = bms_server.BmsServer(h, link)
+        code = await bms.request("olivia", "ack", {"all": True}, "test")
+        assert code == S.BadCommunicationError
+        writer.close()
+    finally:
+        theirs.close()
