@@ -711,3 +711,21 @@ async def test_a_password_in_clear_over_a_signed_only_channel_is_refused(tmp_pat
         c = await connect(s.url, certs, "alice", PW, plain_password=True)  # SignAndEncrypt
         await c.disconnect()
         assert len(s.log.events("bms_login")) == 2
+
+
+async def test_a_password_over_a_none_channel_is_refused_with_no_none_policy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """asyncua 2.1.0 opens a None secure channel and a session on it even when no None policy
+    is configured; the user manager is what refuses the password there. The client here is a
+    careless one: it takes whatever endpoint is listed and logs in over None anyway."""
+    from asyncua import Client
+
+    monkeypatch.setattr(Client, "find_endpoint", staticmethod(lambda eps, mode, uri: eps[-1]))
+    users = tmp_path / "state" / "bms_users.json"
+    add_user(users, "alice", "engineer", PW)
+    async with bms_test_server(tmp_path / "state", users) as s:
+        assert await refused(s.url, None, "alice", PW) == "BadUserAccessDenied"
+        [line] = s.log.events("bms_login_refused")
+        assert "unencrypted" in line["why"]
+        assert s.log.events("bms_login") == []
