@@ -683,7 +683,12 @@ class BmsServer:
             nid = self.nodeid(p.node_id)
             parent = self.nodeid(bms_space.node_id_of(p.path[:-1])) if len(p.path) > 1 else root
             vt = VARIANT[p.type]
-            analog = p.type == "Double" and (p.range is not None or p.unece is not None)
+            # AnalogItemType requires EURange; a metered total (kWh) has a unit but no range
+            typedef = ua.ObjectIds.BaseDataVariableType
+            if p.type == "Double" and p.range is not None:
+                typedef = ua.ObjectIds.AnalogItemType
+            elif p.type == "Double" and p.unece is not None:
+                typedef = ua.ObjectIds.BaseAnalogType
             value = p.value if p.feed == ("static",) else _initial(p)
             items.append(
                 self.variable_item(
@@ -692,9 +697,7 @@ class BmsServer:
                     p.path[-1],
                     ua.Variant(value, vt, is_array=p.array) if p.array else ua.Variant(value, vt),
                     datatype=ua.NodeId(vt.value),
-                    typedef=ua.ObjectIds.AnalogItemType
-                    if analog
-                    else ua.ObjectIds.BaseDataVariableType,
+                    typedef=typedef,
                     description=p.description,
                     writable=p.access == "write",
                     array=p.array,

@@ -169,6 +169,7 @@ async def test_units_range_and_access(rig: Rig, olivia: Client) -> None:
     assert p.unece is not None and eu.UnitId == p.unece[0]
     rng = await (await node.get_child(["0:EURange"])).read_value()
     assert p.range is not None and (rng.Low, rng.High) == p.range
+    assert await node.read_type_definition() == ua.NodeId(ua.ObjectIds.AnalogItemType)
     al = await node.read_attribute(ua.AttributeIds.AccessLevel)
     assert not al.Value.Value & ua.AccessLevel.CurrentWrite.mask
     al = await olivia.get_node(rig.nid(SETPOINT)).read_attribute(ua.AttributeIds.AccessLevel)
