@@ -218,17 +218,29 @@ def users_path(site: Site) -> Path:
 # ---- the file ----
 
 
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object with a key twice (a user listed twice) is refused, not silently merged."""
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise UsersError(f"{_shown(k)}: expected once, found twice")
+        out[k] = v
+    return out
+
+
 def parse_users(data: bytes, source: str = USERS_FILE) -> dict[str, dict[str, Any]]:
     """The users of a users file's bytes: name -> {"role", "hash", "changed_wall"}.
     UsersError (one line, prefixed with `source`) if anything in it is unusable."""
     if len(data) > MAX_FILE_BYTES:
         raise UsersError(f"{source}: {len(data)} bytes: expected at most {MAX_FILE_BYTES}")
     try:
-        doc = json.loads(data.decode("utf-8"))
+        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
     except UnicodeDecodeError as e:
         raise UsersError(f"{source}: expected UTF-8 text: byte {data[e.start]:#04x}") from e
     except (json.JSONDecodeError, RecursionError) as e:
         raise UsersError(f"{source}: expected JSON: {str(e)[:100]}") from e
+    except UsersError as e:
+        raise UsersError(f"{source}: {e}") from None
     if not isinstance(doc, dict):
         raise UsersError(f"{source}: expected a JSON object")
     if doc.get("version") != FILE_VERSION or isinstance(doc.get("version"), bool):
@@ -371,9 +383,10 @@ class UserStore:
                     path=str(self.path),
                     hint="nobody can log in; add a user with `heatloop bms user`",
                 )
-        except UsersError as e:
-            self._users, self.error = {}, e
-            self._log.error("bms_users_unusable", path=str(self.path), error=str(e))
+        except Exception as e:  # any other failure is unusable too, never raised into a login
+            err = e if isinstance(e, UsersError) else UsersError(f"{self.path}: {e!r}"[:300])
+            self._users, self.error = {}, err
+            self._log.error("bms_users_unusable", path=str(self.path), error=str(err))
 
     @property
     def usable(self) -> bool:

@@ -9,6 +9,7 @@ CPU (a locked name is refused without running scrypt); a crafted hash cannot mak
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import io
 import json
@@ -23,6 +24,8 @@ from typing import Any
 import pytest
 from asyncua import ua
 from asyncua.crypto.permission_rules import UserRole
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import controller.bms_users as bu
 from controller.bms_users import (
@@ -34,6 +37,7 @@ from controller.bms_users import (
     add_user,
     hash_password,
     parse_hash,
+    parse_users,
     read_users,
     remove_user,
     users_path,
@@ -224,6 +228,11 @@ BROKEN_FILES = {
     "malformed_hash": (
         json.dumps({"version": 1, "users": {"eve": {"role": "viewer", "hash": PW}}}).encode(),
         "users.eve: hash: expected scrypt$N$r$p$salt$key",
+    ),
+    "duplicate_user": (
+        b'{"version": 1, "users": {"eve": {"role": "viewer", "hash": "x"}, '
+        b'"eve": {"role": "engineer", "hash": "x"}}}',
+        "'eve': expected once, found twice",
     ),
     "costly_hash": (
         json.dumps(
@@ -729,3 +738,32 @@ async def test_a_password_over_a_none_channel_is_refused_with_no_none_policy(
         [line] = s.log.events("bms_login_refused")
         assert "unencrypted" in line["why"]
         assert s.log.events("bms_login") == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(password=st.text(max_size=50), stored=st.text(max_size=200))
+def test_verify_password_is_a_bool_for_any_text(password: str, stored: str) -> None:
+    assert verify_password(password, stored) is False or stored.startswith("scrypt$")
+
+
+@settings(max_examples=300, deadline=None)
+@given(data=st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_parse_users_raises_only_users_error(data: bytes) -> None:
+    try:
+        parse_users(data)
+    except UsersError as e:
+        assert "\n" not in str(e)
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    doc=st.recursive(
+        st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=20),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner),
+        max_leaves=20,
+    )
+)
+def test_parse_users_of_any_json_raises_only_users_error(doc: Any) -> None:
+    for wrapped in (doc, {"version": 1, "users": doc}, {"version": 1, "users": {"eve": doc}}):
+        with contextlib.suppress(UsersError):
+            parse_users(json.dumps(wrapped).encode())
