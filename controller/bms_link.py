@@ -101,11 +101,32 @@ class Child(Protocol):
 Spawn = Callable[[socket.socket], Awaitable[Child]]
 
 
+class _Process:
+    """An asyncio subprocess whose `kill` never reaps: `Popen.send_signal` polls first, and a
+    child that has just died is then reaped there, behind asyncio's child watcher, which reports
+    exit code 255 instead of the signal that ended it."""
+
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self._proc = proc
+        self.pid = proc.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._proc.returncode
+
+    async def wait(self) -> int:
+        return await self._proc.wait()
+
+    def kill(self) -> None:
+        if self._proc.returncode is None:  # not reaped yet: the pid is still this child's
+            os.kill(self.pid, signal.SIGKILL)
+
+
 async def spawn_server(sock: socket.socket) -> Child:
     """`python -m controller.bms_server --fd N`, `sock` inherited as fd N; stdout and stderr are
     ours, so its JSON log lines join the controller's."""
     fd = sock.fileno()
-    return await asyncio.create_subprocess_exec(
+    proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
         "controller.bms_server",
@@ -117,6 +138,7 @@ async def spawn_server(sock: socket.socket) -> Child:
         # then closes the pair (the child exits on EOF) instead of racing it
         start_new_session=True,
     )
+    return _Process(proc)
 
 
 def app_uri(site: Site) -> str:
@@ -451,6 +473,7 @@ class BmsLink:
         self._log_times: deque[float] = deque()
         self._suppressed = 0
         self._children = 0
+        self._hello_line: bytes | None = None
 
     # ---- what the scan calls (cheap) and what people read ----
 
@@ -518,7 +541,9 @@ class BmsLink:
     async def _one_child(self, stop: asyncio.Event) -> str:
         """Run one child until it fails or `stop`; return why it ended."""
         self.state, self.endpoint, self.sessions = "starting", None, None
-        hello = self._hello()  # before any process: a space that cannot be built is logged
+        if self._hello_line is None:  # the site does not change: built once (~10 ms)
+            self._hello_line = encode(self._hello())  # before any process is started
+        hello = self._hello_line
         parent, child_end = socket.socketpair()
         try:
             proc = await self.spawn(child_end)
@@ -534,7 +559,7 @@ class BmsLink:
         now = self.clock()
         conn = _Conn(self._children, writer, now, now)
         self._conn = conn
-        conn.send(encode(hello))
+        conn.send(hello)
         waits = {
             asyncio.ensure_future(proc.wait()): "exited",
             asyncio.ensure_future(self._read_loop(conn, reader)): "closed its end",
