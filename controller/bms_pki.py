@@ -56,7 +56,9 @@ def host_names(host: str) -> list[str]:
     """The names and addresses the server's certificate carries: the configured host (unless
     it is the any-address), this machine's host names, localhost and 127.0.0.1."""
     names: list[str] = []
-    for n in (host, socket.gethostname(), socket.getfqdn(), "localhost", "127.0.0.1"):
+    # no getfqdn(): a reverse DNS lookup can hang for seconds at start, and the controller
+    # restarts a BMS server process that stays silent
+    for n in (host, socket.gethostname(), "localhost", "127.0.0.1"):
         n = (n or "").strip()
         if n and n not in _ANY_ADDRESS and n not in names:
             names.append(n)
