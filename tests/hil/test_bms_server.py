@@ -221,6 +221,64 @@ async def test_telemetry_status_follows_quality(rig: Rig, olivia: Client) -> Non
             assert abs(dv.SourceTimestamp.replace(tzinfo=UTC).timestamp() - sample[2]) < 0.001
 
 
+async def test_every_section_of_a_snapshot_is_served(rig: Rig, olivia: Client) -> None:
+    """Status, outputs with the level that set them, energy (not metered: no value, waiting),
+    setpoints (the effective value) and interlock flags, each from its feed."""
+    wall = time.time()
+    snap = snapshot(rig.space, seq=150, wall=wall)
+    snap["status"].update(
+        mode="LEAK_TRIP",
+        mode_since=wall - 30.0,
+        trip_latched=True,
+        active_interlocks=["IL-04"],
+        plc_comms_ok=False,
+        scan_overruns=3,
+    )
+    snap["outputs"]["reuse_valve_cmd"] = [0.0, "interlock", "IL-04"]
+    snap["outputs"]["secondary_pump_cmd"] = [False, "interlock", "IL-04"]
+    snap["energy"]["HeatRejected_kWh"] = [None, "none", None]
+    snap["energy"]["HeatDelivered_kWh"] = [1234.5, "bad_reply", wall - 0.1]
+    snap["setpoints"]["supply_setpoint_c"] = [33.0, 33.0]
+    snap["interlocks"]["IL-04"] = [True, True, False]
+    rig.parent.send(snap)
+    expected = {
+        "HeatLoop.Status.Mode": (S.Good, "LEAK_TRIP"),
+        "HeatLoop.Status.TripLatched": (S.Good, True),
+        "HeatLoop.Status.ActiveInterlocks": (S.Good, ["IL-04"]),
+        "HeatLoop.Status.PlcCommsOk": (S.Good, False),
+        "HeatLoop.Status.ScanOverruns": (S.Good, 3),
+        "HeatLoop.Status.ModeSince": (S.Good, datetime.fromtimestamp(wall - 30.0, UTC)),
+        "HeatLoop.Outputs.reuse_valve_cmd": (S.Good, 0.0),
+        "HeatLoop.Outputs.reuse_valve_cmd_level": (S.Good, "interlock"),
+        "HeatLoop.Outputs.secondary_pump_cmd": (S.Good, False),
+        "HeatLoop.Energy.HeatRejected_kWh": (S.BadWaitingForInitialData, None),
+        "HeatLoop.Energy.HeatDelivered_kWh": (S.BadCommunicationError, None),
+        "HeatLoop.Setpoints.supply_setpoint_c": (S.Good, 33.0),
+        "HeatLoop.Interlocks.IL-04.Active": (S.Good, True),
+        "HeatLoop.Interlocks.IL-04.Latched": (S.Good, True),
+        "HeatLoop.Interlocks.IL-04.Bypassed": (S.Good, False),
+    }
+
+    async def served() -> dict[str, tuple[int, Any]]:
+        got = {}
+        for nid in expected:
+            dv = await olivia.get_node(rig.nid(nid)).read_data_value(raise_on_bad_status=False)
+            value = dv.Value.Value if dv.Value is not None else None
+            if isinstance(value, datetime):
+                value = value.replace(tzinfo=UTC)
+            got[nid] = (dv.StatusCode.value, value)
+        return got if got["HeatLoop.Status.Mode"][1] == "LEAK_TRIP" else {}
+
+    got = await until(served)
+    assert abs(got.pop("HeatLoop.Status.ModeSince")[1].timestamp() - (wall - 30.0)) < 0.001
+    expected.pop("HeatLoop.Status.ModeSince")
+    assert got == expected
+    description = rig.space.point("HeatLoop.Interlocks.IL-04.Description").value
+    node = olivia.get_node(rig.nid("HeatLoop.Interlocks.IL-04.Description"))
+    assert await node.read_value() == description
+    rig.parent.send(snapshot(rig.space, seq=151))
+
+
 async def test_subscription_gets_a_change(rig: Rig, olivia: Client) -> None:
     seen: list[Any] = []
 
