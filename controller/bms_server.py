@@ -478,9 +478,23 @@ class BmsServer:
         h, b = self.hello, self.hello.bms
         install_connection_context()
         store = bms_users.UserStore(h.users_file)
-        self.users = bms_users.BmsUserManager(store, allow_anonymous=b.allow_anonymous, log=log)
+
+        def channel_encrypted() -> bool | None:
+            proc = _CONNECTION.get()
+            if proc is None:
+                return None
+            mode = proc._connection.security_policy.Mode
+            return bool(mode == ua.MessageSecurityMode.SignAndEncrypt)
+
+        self.users = bms_users.BmsUserManager(
+            store,
+            allow_anonymous=b.allow_anonymous,
+            log=log,
+            peer=lambda: getattr(_CONNECTION.get(), "name", None),  # the client's address
+            channel_encrypted=channel_encrypted,  # a password in clear over Sign-only: refused
+        )
         server = self.server
-        server.iserver.set_user_manager(self.users)
+        self.users.install(server.iserver)
         server.iserver.bind_condition_methods = True  # RefreshStart/End events, then ours
         await server.init()
         server.allow_remote_admin(False)
@@ -884,7 +898,9 @@ class BmsServer:
                     "warning", "bms_value_not_served", node=p.node_id, status=result.name
                 )
         await self._apply_mode(snap, now)
-        alarms = snap.get("alarms", [])
+        # no usable alarm list: the conditions keep their states (a standing alarm is never
+        # cleared by a snapshot that says nothing about alarms)
+        alarms = snap.get("alarms")
         if isinstance(alarms, list):
             await self.conditions.apply(alarms, now)
         else:
