@@ -618,6 +618,21 @@ async def test_alarm_condition_event_refresh_and_acknowledge(rig: Rig, olivia: C
         (res,) = await olivia.uaclient.call([req])
         assert res.StatusCode.value == S.BadEventIdUnknown
         assert len(rig.parent.reqs) == before + 1
+        # a snapshot without an alarm list says nothing about alarms: IL-04 stays standing
+        n = len(handler.of("IL-04"))
+        snap = snapshot(rig.space, seq=402)
+        del snap["alarms"]
+        snap["inputs"]["it_supply_temp"] = [37.125, "good", time.time()]  # a marker
+        rig.parent.send(snap)
+        marker = olivia.get_node(rig.nid(TELEMETRY))
+
+        async def handled() -> bool:  # snapshots are served in order
+            return await marker.read_value() == 37.125
+
+        await until(handled)
+        state = olivia.get_node(rig.nid(f"{cond.node_id}.ActiveState.Id"))
+        assert await state.read_value() is True
+        assert len(handler.of("IL-04")) == n
         # gone from the snapshot: normal
         rig.parent.send(snapshot(rig.space, seq=401))
 
