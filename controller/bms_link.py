@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -61,7 +62,7 @@ ALIVE_TIMEOUT_S = 5.0  # a running child that says nothing this long is killed
 # and key, binding; on a loaded two-core machine that can take several seconds
 START_GRACE_S = 30.0
 BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
-HEALTHY_RESET_S = 60.0  # a child that ran this long restarts the back-off from its start
+HEALTHY_RESET_S = 60.0  # after a child that served this long, the back-off starts again
 STOP_WAIT_S = 2.0  # on shutdown the child gets EOF and this long to exit, then SIGKILL
 WRITE_BOUND = 1024 * 1024  # bytes unread by the child before snapshots are dropped
 RESEND_S = 1.0  # with no scan, a snapshot anyway (ages and staleness move on)
@@ -122,9 +123,26 @@ class _Process:
             os.kill(self.pid, signal.SIGKILL)
 
 
-async def spawn_server(sock: socket.socket) -> Child:
-    """`python -m controller.bms_server --fd N`, `sock` inherited as fd N; stdout and stderr are
-    ours, so its JSON log lines join the controller's."""
+# words in the name of an environment variable that may hold a secret
+SECRET_WORDS = ("PASSWORD", "PASSWD", "SECRET", "TOKEN", "CREDENTIAL", "PRIVATE", "APIKEY")
+
+
+def child_env(site: Site, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The child's environment: ours without secrets. The child faces the network (a hostile
+    client may take it over); the PLC password the site names must never be in its reach, or
+    a compromised BMS server could write PLC registers past every interlock."""
+    env = dict(os.environ if environ is None else environ)
+    named = site.plc.opcua.password_env
+    return {
+        k: v
+        for k, v in env.items()
+        if k != named and not any(w in k.upper().replace("_", "") for w in SECRET_WORDS)
+    }
+
+
+async def spawn_server(sock: socket.socket, env: Mapping[str, str] | None = None) -> Child:
+    """`python -m controller.bms_server --fd N`, `sock` inherited as fd N (the only descriptor
+    it gets); stdout and stderr are ours, so its JSON log lines join the controller's."""
     fd = sock.fileno()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -134,6 +152,7 @@ async def spawn_server(sock: socket.socket) -> Child:
         str(fd),
         stdin=asyncio.subprocess.DEVNULL,
         pass_fds=(fd,),
+        env=None if env is None else dict(env),
         # its own process group: a Ctrl-C at the terminal reaches the controller only, which
         # then closes the pair (the child exits on EOF) instead of racing it
         start_new_session=True,
@@ -432,7 +451,7 @@ class BmsLink:
         controller: Controller,
         *,
         log: Any = None,
-        spawn: Spawn = spawn_server,
+        spawn: Spawn | None = None,
         json_logs: bool = True,
         clock: Callable[[], float] = time.monotonic,
         alive_timeout_s: float = ALIVE_TIMEOUT_S,
@@ -446,6 +465,9 @@ class BmsLink:
         self.site = site
         self.controller = controller
         self.log = log if log is not None else structlog.get_logger("heatloop.bms_link")
+        if spawn is None:
+            env = child_env(site)
+            spawn = functools.partial(spawn_server, env=env)
         self.spawn = spawn
         self.json_logs = json_logs
         self.clock = clock
@@ -474,6 +496,7 @@ class BmsLink:
         self._suppressed = 0
         self._children = 0
         self._hello_line: bytes | None = None
+        self._ready_at: float | None = None  # when the current child said `ready`
 
     # ---- what the scan calls (cheap) and what people read ----
 
@@ -506,7 +529,7 @@ class BmsLink:
         failures = 0
         try:
             while not stop.is_set():
-                started = self.clock()
+                self._ready_at = None
                 try:
                     why = await self._one_child(stop)
                 except asyncio.CancelledError:
@@ -517,8 +540,9 @@ class BmsLink:
                 if stop.is_set():
                     break
                 self.last_error = why
-                ran = self.clock() - started
-                if ran >= self.healthy_reset_s:
+                # a child that served this long starts the back-off again from 1 s
+                ready = self._ready_at
+                if ready is not None and self.clock() - ready >= self.healthy_reset_s:
                     failures = 0
                 delay = self.backoff_s[min(failures, len(self.backoff_s) - 1)]
                 failures += 1
@@ -752,6 +776,8 @@ class BmsLink:
             endpoint = msg.get("endpoint")
             self.endpoint = endpoint[:300] if isinstance(endpoint, str) else None
             self.state = "running"
+            if self._ready_at is None:
+                self._ready_at = self.clock()
             policies = msg.get("policies")
             self.log.info(
                 "bms_ready",

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -127,6 +128,29 @@ async def test_a_stalled_bms_server_is_killed_after_the_alive_timeout_and_scans_
         ]
     finally:
         reap(pid)
+
+
+async def test_a_bms_port_in_use_is_the_servers_failure_never_the_controllers(
+    controllers: Callable[..., ControllerProc], sim: Any
+) -> None:
+    with socket.socket() as squatter:  # someone else holds the BMS port
+        squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        squatter.bind(("127.0.0.1", sim.ports.bms))
+        squatter.listen()
+        ctl = controllers(bms=True)
+        await started(ctl)
+        st = await wait_status(
+            ctl.site_path,
+            lambda s: s["bms"]["restarts"] >= 1 and s["scan"]["count"] > 8,
+            START_S,
+            "a failed BMS server restarted while the controller scans",
+        )
+        assert st["bms"]["state"] != "running" and st["bms"]["last_error"]
+        assert ctl.proc.poll() is None  # the controller did not exit (the plant matters more)
+        assert not ctl.of("scan_overrun")
+    # the port is free again: the next attempt serves
+    st = await running_bms(ctl)
+    assert st["bms"]["restarts"] >= 1
 
 
 async def test_with_the_bms_off_no_server_process_is_started(

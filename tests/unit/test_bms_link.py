@@ -473,6 +473,63 @@ async def test_a_child_that_exits_is_restarted_with_back_off(tmp_path: Path) -> 
     assert r.link.status_view()["state"] == "off"
 
 
+async def test_the_back_off_starts_again_after_a_child_that_served_long_enough(
+    tmp_path: Path,
+) -> None:
+    r = LinkRig(tmp_path, backoff_s=(0.01, 0.02, 0.04), healthy_reset_s=0.2)
+    try:
+        await r.start()
+        for n in range(2, 4):  # two children that never get ready: the back-off grows
+            r.spawner.children[-1].exit(1)
+            await r.spawner.next_child(n)
+        c = r.spawner.children[-1]
+        c.send({"t": "ready", "endpoint": "opc.tcp://127.0.0.1:1/heatloop", "policies": []})
+        await asyncio.sleep(0.3)  # serving longer than healthy_reset_s
+        c.exit(1)
+        await r.spawner.next_child(4)
+        delays = [d["after_s"] for d in r.trace.of("log", "bms_restarting")]
+        assert delays == [0.01, 0.02, 0.01]
+    finally:
+        await r.close()
+
+
+def test_the_child_gets_no_secret_from_the_environment() -> None:
+    opcua = QUICK.plc.opcua.model_copy(update={"password_env": "PLC_PASS"})
+    site = QUICK.model_copy(update={"plc": QUICK.plc.model_copy(update={"opcua": opcua})})
+    env = {
+        "PATH": "/usr/bin",
+        "HOME": "/root",
+        "PLC_PASS": "plc-secret",
+        "HEATLOOP_PLC_PASSWORD": "x",
+        "SOME_API_TOKEN": "y",
+        "AWS_SECRET_ACCESS_KEY": "z",
+        "LANG": "C.UTF-8",
+    }
+    assert bms_link.child_env(site, env) == {"PATH": "/usr/bin", "HOME": "/root", "LANG": "C.UTF-8"}
+
+
+def test_the_demo_takes_4840_unless_busy_and_makes_one_user_per_role(tmp_path: Path) -> None:
+    from controller import demo
+    from controller.bms_users import UserStore
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        taken = s.getsockname()[1]
+        other = demo.bms_port("127.0.0.1", taken)
+        assert other != taken and other > 0
+    site = demo.demo_bms_site(demo.demo_story_site(), tmp_path, 4840)
+    assert (site.bms.enabled, site.bms.host, site.bms.port) == (True, "127.0.0.1", 4840)
+    assert site.state_dir == tmp_path
+    made = demo.make_users(site)
+    store = UserStore(users_path(site))
+    assert sorted(made) == ["engineer", "operator", "viewer"]
+    assert len(set(made.values())) == 3
+    for name, password in made.items():
+        assert store.check(name, password) == name  # the name is the role
+        assert store.check(name, password + "x") is None
+
+
 async def test_a_silent_child_is_killed_and_restarted(tmp_path: Path) -> None:
     r = LinkRig(tmp_path, alive_timeout_s=0.2, start_grace_s=0.3, backoff_s=(0.01,))
     try:
