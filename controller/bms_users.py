@@ -607,6 +607,8 @@ class BmsUserManager:
         now = self.clock()
         if self.limiter.locked(shown, now):
             if shown not in self._lock_logged:  # one line per lockout, not one per attempt
+                if len(self._lock_logged) >= MAX_TRACKED_NAMES:
+                    self._lock_logged.clear()  # bounded: at worst a lockout is logged again
                 self._lock_logged.add(shown)
                 self._refuse(shown, f"locked for {LOCKOUT_S:g} s after failed logins")
             return None
