@@ -86,6 +86,10 @@ ANSWER_TIMEOUT_S = 5.0
 MAX_PENDING = 32  # requests waiting for an answer (the controller takes as many)
 STOP_TIMEOUT_S = 0.7  # end of file: the server gets this long to close, then we exit anyway
 REFRESH_S = 10.0  # an unchanged value's source timestamp is brought up to date this often
+# The controller sends a snapshot at least every second (bms_link.RESEND_S); silent this long,
+# every value turns UncertainNoCommunicationLastUsableValue: a hung controller whose socket
+# stays open must not leave its last values looking fresh.
+SILENCE_S = 5.0
 LOG_BURST = 10  # refusal / bad-input log lines per LOG_WINDOW_S; the rest are counted
 LOG_WINDOW_S = 10.0
 MAX_SHOWN = 120  # characters of a client's value in a log line
@@ -468,6 +472,8 @@ class BmsServer:
         self.conditions: Any = None  # bms_conditions.Conditions
         self._event_gen: Any = None
         self._root: ua.NodeId | None = None
+        self.last_snap_s = time.monotonic()
+        self.silent = False
 
     # ---- build ----
 
@@ -868,6 +874,8 @@ class BmsServer:
                     "warning", "bms_snapshot_malformed", field=section, why="expected an object"
                 )
                 return
+        self.last_snap_s = time.monotonic()
+        self.silent = False
         now = datetime.now(UTC)
         wall = _dt(snap.get("wall"))
         write = self.server.write_attribute_value
@@ -911,6 +919,31 @@ class BmsServer:
                 await self._emit_event(ev)
         else:
             self.complaints("warning", "bms_snapshot_malformed", field="events", why="not a list")
+
+    async def check_silence(self) -> None:
+        """No snapshot for SILENCE_S: every value keeps its number with the status
+        UncertainNoCommunicationLastUsableValue (the next snapshot rewrites them all)."""
+        if self.silent or time.monotonic() - self.last_snap_s < SILENCE_S:
+            return
+        self.silent = True
+        log.warning("bms_controller_silent", after_s=SILENCE_S)
+        code = S.UncertainNoCommunicationLastUsableValue
+        now = datetime.now(UTC)
+        for p, nid in self._points:
+            last = self._last.get(nid)
+            if last is None or last[1] & 0x80000000:  # nothing served yet, or already Bad
+                continue
+            value, _, at = last
+            self._last[nid] = (value, code, at)
+            if value is None:
+                dv = ua.DataValue(StatusCode=_status(code), SourceTimestamp=at, ServerTimestamp=now)
+            else:
+                vt = VARIANT[p.type]
+                variant = ua.Variant(value, vt, is_array=True) if p.array else ua.Variant(value, vt)
+                dv = ua.DataValue(
+                    variant, StatusCode=_status(code), SourceTimestamp=at, ServerTimestamp=now
+                )
+            await self.server.write_attribute_value(nid, dv)
 
     @staticmethod
     def _unchanged(
@@ -1219,6 +1252,10 @@ async def _read_hello(reader: asyncio.StreamReader) -> Hello:
 async def _alive_loop(bms: BmsServer, link: Link) -> None:
     while True:
         link.send({"t": "alive", "sessions": bms.sessions()})
+        try:
+            await bms.check_silence()
+        except Exception as e:  # never let the heartbeat die of it
+            bms.complaints("error", "bms_silence_check_failed", error=repr(e)[:300])
         await asyncio.sleep(ALIVE_S)
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from controller.bms_space import Space
 
 ROOT = Path(__file__).resolve().parents[2]
+RESEND_S = 1.0  # controller.bms_link.RESEND_S
 READY_TIMEOUT_S = 60.0  # a loaded two-core machine: import asyncua, make a key, bind
 
 Answerer = Callable[[dict[str, Any]], dict[str, Any] | None]
@@ -127,6 +128,9 @@ class BmsParent:
         self._ready = asyncio.Event()
         self._changed = asyncio.Event()
         self.eof = asyncio.Event()
+        self.last_snap: dict[str, Any] | None = None
+        self.resending = True
+        self._resend_task: asyncio.Task[None] | None = None
 
     @property
     def endpoint(self) -> str:
@@ -155,6 +159,7 @@ class BmsParent:
         theirs.close()
         reader, self._writer = await asyncio.open_connection(sock=ours, limit=8 * 1024 * 1024)
         self._reader_task = asyncio.create_task(self._read(reader))
+        self._resend_task = asyncio.create_task(self._resend())
         if first_line is not None:
             self._writer.write(first_line)
         else:
@@ -171,6 +176,16 @@ class BmsParent:
     def send(self, msg: Mapping[str, Any]) -> None:
         assert self._writer is not None
         self._writer.write(json.dumps(msg, allow_nan=False).encode() + b"\n")
+        if msg.get("t") == "snap":
+            self.last_snap = {**msg, "events": []}  # resent as is, its events told once
+
+    async def _resend(self) -> None:
+        """As the controller's link: the last snapshot again every RESEND_S while no new one
+        comes (`resending` False: a controller gone silent with its socket open)."""
+        while True:
+            await asyncio.sleep(RESEND_S)
+            if self.resending and self.last_snap is not None and self._writer is not None:
+                self._writer.write(json.dumps(self.last_snap).encode() + b"\n")
 
     def send_raw(self, data: bytes) -> None:
         assert self._writer is not None
@@ -223,8 +238,9 @@ class BmsParent:
         """Close our end (EOF for the child) and wait for it to exit; its exit code."""
         if self._writer is not None:
             self._writer.close()
-        if self._reader_task is not None:
-            self._reader_task.cancel()
+        for task in (self._reader_task, self._resend_task):
+            if task is not None:
+                task.cancel()
         if self.proc is None:
             return None
         try:

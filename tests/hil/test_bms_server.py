@@ -279,6 +279,34 @@ async def test_every_section_of_a_snapshot_is_served(rig: Rig, olivia: Client) -
     rig.parent.send(snapshot(rig.space, seq=151))
 
 
+async def test_a_silent_controller_makes_values_uncertain(rig: Rig, olivia: Client) -> None:
+    """No snapshot for SILENCE_S (a hung controller whose socket stays open): the values keep
+    their numbers but say UncertainNoCommunicationLastUsableValue; the next snapshot makes them
+    good again."""
+    snap = snapshot(rig.space, seq=160)
+    snap["inputs"]["it_supply_temp"] = [35.5, "good", time.time()]
+    rig.parent.send(snap)
+    node = olivia.get_node(rig.nid(TELEMETRY))
+
+    def status_is(code: int, value: float) -> Callable[[], Any]:
+        async def check() -> bool:
+            dv = await node.read_data_value(raise_on_bad_status=False)
+            got = dv.Value.Value if dv.Value is not None else None
+            return dv.StatusCode.value == code and got == value
+
+        return check
+
+    await until(status_is(S.Good, 35.5))
+    rig.parent.resending = False
+    try:
+        await until(status_is(S.UncertainNoCommunicationLastUsableValue, 35.5), timeout_s=30)
+    finally:
+        rig.parent.resending = True
+    rig.parent.send(snapshot(rig.space, seq=161) | {"inputs": snap["inputs"]})
+    await until(status_is(S.Good, 35.5))
+    assert rig.parent.log_events("bms_controller_silent")
+
+
 async def test_subscription_gets_a_change(rig: Rig, olivia: Client) -> None:
     seen: list[Any] = []
 
