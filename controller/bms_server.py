@@ -33,7 +33,10 @@ Values. Each variable's value is written with `server.write_attribute_value` (4-
 `node.write_value`) only when its value or status changed, or when its source time moved on by
 `REFRESH_S`; the status code comes from the point's quality (`QUALITY_STATUS`), the source
 timestamp is the PLC read time for telemetry and the scan's wall time otherwise. Nothing is
-historized (a client write without SourceTimestamp poisons asyncua's in-memory history).
+historized (a client write without SourceTimestamp poisons asyncua's in-memory history). A
+controller that sends no usable snapshot for `SILENCE_S` (hung, its socket still open) turns
+every value UncertainNoCommunicationLastUsableValue until the next one. A snapshot without an
+alarm list leaves the conditions as they stand (see `controller.bms_conditions`).
 
 Writes and methods (asyncua 2.1 internals, pinned and tested in tests/hil/test_bms_server.py).
 asyncua runs an attribute setter that raises as a failure of the whole Write request, so the
