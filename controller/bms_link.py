@@ -579,35 +579,51 @@ class BmsLink:
         self._children += 1
         self.pid = proc.pid
         self.log.info("bms_started", pid=proc.pid, child=self._children)
-        reader, writer = await asyncio.open_connection(sock=parent, limit=CHUNK)
-        now = self.clock()
-        conn = _Conn(self._children, writer, now, now)
-        self._conn = conn
-        conn.send(hello)
-        waits = {
-            asyncio.ensure_future(proc.wait()): "exited",
-            asyncio.ensure_future(self._read_loop(conn, reader)): "closed its end",
-            asyncio.ensure_future(self._watch(conn)): "silent",
-            asyncio.ensure_future(stop.wait()): "stop",
-        }
-        sender = asyncio.ensure_future(self._send_loop(conn))
+        tasks: dict[asyncio.Future[Any], str] = {}
+        writer: asyncio.StreamWriter | None = None
+        conn: _Conn | None = None
         try:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            reader, writer = await asyncio.open_connection(sock=parent, limit=CHUNK)
+            now = self.clock()
+            conn = _Conn(self._children, writer, now, now)
+            self._conn = conn
+            conn.send(hello)
+            tasks = {
+                asyncio.ensure_future(proc.wait()): "exited",
+                asyncio.ensure_future(self._read_loop(conn, reader)): "closed its end",
+                asyncio.ensure_future(self._watch(conn)): "silent",
+                asyncio.ensure_future(stop.wait()): "stop",
+                asyncio.ensure_future(self._send_loop(conn)): "sender ended",
+            }
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             first = next(iter(done))
-            what = waits[first]
-            why = what
-            if what == "silent":
+            why = tasks[first]
+            err = first.exception()
+            if err is not None:  # a bug in one of ours: say which, end this child
+                why = f"{why}: {type(err).__name__}: {err}"
+            elif why == "silent":
                 why = f"no alive for {first.result():g} s"
-            elif what == "closed its end":
+            elif why == "closed its end":
                 why = f"closed the channel ({first.result()})"
+        except BaseException:
+            # cancelled (the controller is going) or broken before the child could be served:
+            # never leave it behind
+            with contextlib.suppress(Exception):
+                if proc.returncode is None:
+                    proc.kill()
+            raise
         finally:
-            for t in (*waits, sender):
+            for t in tasks:
                 if not t.done():
                     t.cancel()
-            conn.closed = True
+            if conn is not None:
+                conn.closed = True
             self._conn = None
             with contextlib.suppress(Exception):
-                writer.close()
+                if writer is not None:
+                    writer.close()
+                else:
+                    parent.close()
         code = await self._end(proc, graceful=stop.is_set())
         why = f"{why}; exit code {code}" if why != "exited" else f"exited with code {code}"
         if stop.is_set():
