@@ -20,7 +20,11 @@ Theory of operation (DESIGN §9, §13; the protocol is in `controller.bms_server
   path: permission table, checks, journal) in a task of its own, and the answer goes back with
   its `kind`. At most `MAX_OUTSTANDING` wait at once (more: kind "busy"); a malformed request is
   refused kind "invalid" when it carries a usable id, otherwise logged (rate-limited). Lines are
-  bounded (`MAX_LINE`). Nothing here raises into the controller.
+  bounded: the protocol's `MAX_LINE` for what the link sends, `MAX_CHILD_LINE` for what it
+  reads (a request is small, and parsing megabytes of JSON on the controller's event loop would
+  hand a compromised child a way to make scans late). A child that keeps writing but stops
+  reading (its unread answers past `HARD_BOUND`) is ended like a silent one. Nothing here raises
+  into the controller.
 """
 
 from __future__ import annotations
@@ -53,7 +57,10 @@ from plc_io.transport import LinkState
 if TYPE_CHECKING:
     from controller.runtime import Controller, Status
 
-MAX_LINE = 4 * 1024 * 1024  # bytes per protocol line, either way
+MAX_LINE = 4 * 1024 * 1024  # bytes per protocol line (the snapshot, the hello)
+# bytes per line from the child: `ready`, `alive` and `req` are a few hundred bytes; parsing
+# 64 KiB of JSON costs at most a few ms of the controller's event loop
+MAX_CHILD_LINE = 64 * 1024
 MAX_OUTSTANDING = 32  # requests from the child waiting for the controller
 MAX_ID = 64  # characters of a request id
 MAX_USER = 100  # characters of a BMS user name
@@ -65,6 +72,7 @@ BACKOFF_S = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 HEALTHY_RESET_S = 60.0  # after a child that served this long, the back-off starts again
 STOP_WAIT_S = 2.0  # on shutdown the child gets EOF and this long to exit, then SIGKILL
 WRITE_BOUND = 1024 * 1024  # bytes unread by the child before snapshots are dropped
+HARD_BOUND = 8 * WRITE_BOUND  # unread answers past this: the child is ended (it asks, never reads)
 RESEND_S = 1.0  # with no scan, a snapshot anyway (ages and staleness move on)
 MAX_EVENTS = 1000  # told events waiting for the next snapshot that is actually sent
 LOG_BURST = 10  # protocol complaints logged per LOG_WINDOW_S; the rest are counted
@@ -425,6 +433,7 @@ class _Conn:
     spoke: bool = False  # any `alive` or `ready` yet
     outstanding: set[str] = field(default_factory=set)
     closed: bool = False
+    deaf: asyncio.Event = field(default_factory=asyncio.Event)  # it stopped reading answers
 
     def buffered(self) -> int:
         try:
@@ -461,6 +470,7 @@ class BmsLink:
         write_bound: int = WRITE_BOUND,
         resend_s: float = RESEND_S,
         stop_wait_s: float = STOP_WAIT_S,
+        hard_bound: int = HARD_BOUND,
     ) -> None:
         self.site = site
         self.controller = controller
@@ -478,6 +488,7 @@ class BmsLink:
         self.write_bound = write_bound
         self.resend_s = resend_s
         self.stop_wait_s = stop_wait_s
+        self.hard_bound = hard_bound
         self.state = "off"
         self.pid: int | None = None
         self.restarts = 0
@@ -594,6 +605,7 @@ class BmsLink:
                 asyncio.ensure_future(self._watch(conn)): "silent",
                 asyncio.ensure_future(stop.wait()): "stop",
                 asyncio.ensure_future(self._send_loop(conn)): "sender ended",
+                asyncio.ensure_future(conn.deaf.wait()): "stopped reading",
             }
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             first = next(iter(done))
@@ -721,6 +733,9 @@ class BmsLink:
                         self._events.popleft()
 
     def _answer(self, conn: _Conn, child_id: str, ans: Answer) -> None:
+        if conn.buffered() > self.hard_bound:  # it asks and never reads: end it, keep no more
+            conn.deaf.set()
+            return
         msg = {
             "t": "answer",
             "id": child_id,
@@ -735,7 +750,7 @@ class BmsLink:
     # ---- child -> controller ----
 
     async def _read_loop(self, conn: _Conn, reader: asyncio.StreamReader) -> str:
-        """Split the child's bytes into lines of at most MAX_LINE (a longer one is skipped
+        """Split the child's bytes into lines of at most MAX_CHILD_LINE (a longer one is skipped
         whole) and handle each; return at EOF."""
         buf = bytearray()
         skipping = False
@@ -753,8 +768,8 @@ class BmsLink:
                 if i < 0:
                     if not skipping:
                         buf += chunk[start:]
-                        if len(buf) > MAX_LINE:
-                            self._complain("bms_line_too_long", limit=MAX_LINE)
+                        if len(buf) > MAX_CHILD_LINE:
+                            self._complain("bms_line_too_long", limit=MAX_CHILD_LINE)
                             buf.clear()
                             skipping = True
                     break
@@ -762,8 +777,8 @@ class BmsLink:
                     skipping = False
                 else:
                     buf += chunk[start:i]
-                    if len(buf) > MAX_LINE:
-                        self._complain("bms_line_too_long", limit=MAX_LINE)
+                    if len(buf) > MAX_CHILD_LINE:
+                        self._complain("bms_line_too_long", limit=MAX_CHILD_LINE)
                     elif buf.strip():
                         self._on_line(conn, bytes(buf))
                     buf.clear()

@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from controller import bms_link
-from controller.bms_link import MAX_LINE, MAX_OUTSTANDING, BmsLink, snapshot
+from controller.bms_link import MAX_CHILD_LINE, MAX_LINE, MAX_OUTSTANDING, BmsLink, snapshot
 from controller.bms_users import add_user, users_path
 from controller.modes import Mode
 from controller.runtime import start_bms_link
@@ -372,7 +372,7 @@ async def test_malformed_lines_are_refused_or_logged_and_the_link_goes_on(lr: Li
 async def test_a_line_over_the_bound_is_skipped_whole(lr: LinkRig) -> None:
     child = await lr.start()
     await lr.rig.scans(2)
-    big = b'{"t": "req", "id": "big", "pad": "' + b"x" * MAX_LINE + b'"}\n'
+    big = b'{"t": "req", "id": "big", "pad": "' + b"x" * MAX_CHILD_LINE + b'"}\n'
     child.send(big + json.dumps(req("after", "olga", "ack", {"all": True})).encode() + b"\n")
     ans = await lr.answer(child, max_scans=20)
     assert ans["id"] == "after" and ans["ok"] is True  # nothing from the long line answered
@@ -528,6 +528,26 @@ def test_the_demo_takes_4840_unless_busy_and_makes_one_user_per_role(tmp_path: P
     for name, password in made.items():
         assert store.check(name, password) == name  # the name is the role
         assert store.check(name, password + "x") is None
+
+
+async def test_a_child_that_asks_and_never_reads_is_ended(tmp_path: Path) -> None:
+    r = LinkRig(tmp_path, hard_bound=0, backoff_s=(0.01,))
+    try:
+        child = await r.start()
+        assert child.writer is not None
+        child.writer.transport.pause_reading()  # type: ignore[attr-defined]
+        line = json.dumps(req("n", "nobody", "ack", {"all": True})).encode() + b"\n"
+        for i in range(20_000):  # unknown users: each refused at once, none read
+            child.send(line.replace(b'"n"', f'"n{i}"'.encode()))
+            if i % 500 == 0:
+                await asyncio.sleep(0)
+            if child.killed:
+                break
+        second = await r.spawner.next_child(2)
+        assert child.killed and "stopped reading" in r.link.last_error
+        assert (await second.line())["t"] == "hello"
+    finally:
+        await r.close()
 
 
 async def test_a_silent_child_is_killed_and_restarted(tmp_path: Path) -> None:
