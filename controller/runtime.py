@@ -12,8 +12,9 @@ Theory of operation.
   and every degraded scan write that guarded set. A set the guard corrects is logged
   (`safe_values_corrected`); it is never written uncorrected.
 - Order inside a scan: outputs first, then the journal, then everybody else (log lines, the
-  console, the BMS through `on_scan`). The journal's fsync can take a long time on slow storage;
-  it must never delay an interlock's outputs. Nobody is told of an event before the journal has
+  console, the BMS link through `scan_hooks`, which only wakes the link's own task: the BMS
+  server process is never awaited by a scan). The journal's fsync can take a long time on slow
+  storage; it must never delay an interlock's outputs. Nobody is told of an event before the journal has
   had it (on disk, or in its bounded queue while the store is failing, which is a degraded
   state). A kill -9 between the write and the persist loses the journal rows of that one scan:
   the PLC already holds the trip's outputs, its watchdog then drives the plant to the safe

@@ -153,6 +153,26 @@ async def test_a_bms_port_in_use_is_the_servers_failure_never_the_controllers(
     assert st["bms"]["restarts"] >= 1
 
 
+async def test_a_killed_controller_leaves_no_bms_server_behind_and_a_restart_serves_again(
+    controllers: Callable[..., ControllerProc], tmp_path: Path
+) -> None:
+    ctl = controllers(bms=True)
+    st = await running_bms(ctl)
+    pid = st["bms"]["pid"]
+    try:
+        ctl.kill9()
+        # the server process sees end of file on its channel and exits: the port is free
+        deadline = time.monotonic() + 30.0
+        while alive(pid) and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        assert not alive(pid), "the BMS server outlived its controller"
+        again = controllers(tmp_path / "state", bms=True)
+        st = await running_bms(again)
+        assert st["bms"]["pid"] != pid and st["bms"]["restarts"] == 0
+    finally:
+        reap(pid)
+
+
 async def test_with_the_bms_off_no_server_process_is_started(
     controllers: Callable[..., ControllerProc],
 ) -> None:
