@@ -14,13 +14,13 @@ Theory of operation.
 - Order inside a scan: outputs first, then the journal, then everybody else (log lines, the
   console, the BMS link through `scan_hooks`, which only wakes the link's own task: the BMS
   server process is never awaited by a scan). The journal's fsync can take a long time on slow
-  storage; it must never delay an interlock's outputs. Nobody is told of an event before the journal has
-  had it (on disk, or in its bounded queue while the store is failing, which is a degraded
-  state). A kill -9 between the write and the persist loses the journal rows of that one scan:
-  the PLC already holds the trip's outputs, its watchdog then drives the plant to the safe
-  values (which isolate the reuse circuit as a leak trip does), and the restarted controller
-  sees the leak input again; only a latch whose cause vanished inside that window is lost, and
-  no one was told of it.
+  storage; it must never delay an interlock's outputs. Nobody is told of an event before the
+  journal has had it (on disk, or in its bounded queue while the store is failing, which is a
+  degraded state). A kill -9 between the write and the persist loses the journal rows of that
+  one scan: the PLC already holds the trip's outputs, its watchdog then drives the plant to the
+  safe values (which isolate the reuse circuit as a leak trip does), and the restarted
+  controller sees the leak input again; only a latch whose cause vanished inside that window is
+  lost, and no one was told of it.
 - The persist runs in a worker thread. The scan waits for it at most `persist_wait_s` (half a
   period), so even a store that hangs never holds back the next scan's outputs; a commit still
   running then is left to finish, later events wait in memory (in order, at most
