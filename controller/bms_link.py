@@ -12,9 +12,11 @@ Theory of operation (DESIGN §9, §13; the protocol is in `controller.bms_server
   one sent is the newest; events wait for it, bounded) and counted.
 - Supervision. A child that exits, closes its end, or sends no `alive` for `ALIVE_TIMEOUT_S`
   is killed (SIGKILL: a stopped process ignores everything else) and restarted after 1, 2, 4 …
-  30 s; the back-off starts again after a child that ran `HEALTHY_RESET_S`. Each start, exit and
-  restart is one log line. A BMS server that cannot bind its port is the child's failure like any
-  other: logged and retried, while the controller keeps scanning.
+  30 s; the back-off starts again after a child that served `HEALTHY_RESET_S`. Each start,
+  exit and restart is one log line. A BMS server that cannot bind its port is the child's
+  failure like any other: logged and retried, while the controller keeps scanning. The child
+  runs in its own process group (a Ctrl-C reaches the controller, which closes the pair) with
+  no descriptor but its end of the pair and no secret in its environment (`child_env`).
 - Requests. The child's word about who may do what is not taken: the role comes from the users
   file (`bms_users.UserStore`), the request goes through `Controller.submit` (the one command
   path: permission table, checks, journal) in a task of its own, and the answer goes back with
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import itertools
 import json
 import math
 import os
@@ -75,6 +78,9 @@ WRITE_BOUND = 1024 * 1024  # bytes unread by the child before snapshots are drop
 HARD_BOUND = 8 * WRITE_BOUND  # unread answers past this: the child is ended (it asks, never reads)
 RESEND_S = 1.0  # with no scan, a snapshot anyway (ages and staleness move on)
 MAX_EVENTS = 1000  # told events waiting for the next snapshot that is actually sent
+EVENTS_PER_SNAP = 100  # at most this many in one snapshot (each at most a few kB)
+MAX_TEXT = 500  # characters of any string in an event or an answer's old/new
+MAX_ITEMS = 100  # items of any list or object there
 LOG_BURST = 10  # protocol complaints logged per LOG_WINDOW_S; the rest are counted
 LOG_WINDOW_S = 60.0
 CHUNK = 65536
@@ -189,19 +195,25 @@ def _num(x: object) -> float | bool | None:
 
 
 def jsonable(x: object, depth: int = 0) -> Any:
-    """`x` as strict JSON values (NaN and infinities become null; unknown objects their text)."""
-    if x is None or isinstance(x, bool | int | str):
+    """`x` as bounded, strict JSON values: NaN and infinities become null, unknown objects
+    their text, strings at most MAX_TEXT characters, collections at most MAX_ITEMS items."""
+    if x is None or isinstance(x, bool | int):
         return x
+    if isinstance(x, str):
+        return x if len(x) <= MAX_TEXT else x[:MAX_TEXT] + "…"
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if depth > 8:
         return str(x)[:200]
     if isinstance(x, Mapping):
-        return {str(k): jsonable(v, depth + 1) for k, v in x.items()}
+        return {
+            str(k)[:MAX_TEXT]: jsonable(v, depth + 1)
+            for k, v in itertools.islice(x.items(), MAX_ITEMS)
+        }
     if isinstance(x, list | tuple | set | frozenset):
         items = sorted(x, key=str) if isinstance(x, set | frozenset) else x
-        return [jsonable(v, depth + 1) for v in items]
-    return str(x)[:500]
+        return [jsonable(v, depth + 1) for v in itertools.islice(items, MAX_ITEMS)]
+    return str(x)[:MAX_TEXT]
 
 
 def _wall(at_s: float, now_s: float, wall_s: float) -> float | None:
@@ -716,21 +728,21 @@ class BmsLink:
                 continue
             try:
                 self.seq += 1
-                events = list(self._events)
-                line = encode(
-                    snapshot(
-                        self.controller,
-                        [_event_json(e, n, w) for e, n, w in events],
-                        seq=self.seq,
-                    )
-                )
+                events = list(itertools.islice(self._events, EVENTS_PER_SNAP))
+                told = [_event_json(e, n, w) for e, n, w in events]
+                line = encode(snapshot(self.controller, told, seq=self.seq))
+                if len(line) > MAX_LINE:  # never seen (every part is bounded); never sent
+                    self._complain("bms_snapshot_too_long", size=len(line), events=len(told))
+                    line = encode(snapshot(self.controller, [], seq=self.seq))
             except Exception as e:  # a bug in building it: say so (rate-limited), go on
                 self._complain("bms_snapshot_failed", error=f"{type(e).__name__}: {e}")
                 continue
             if conn.send(line):
-                for _ in events:  # told now; newer ones may have arrived meanwhile
+                for _ in events:  # told now (oldest first); newer ones wait their turn
                     if self._events:
                         self._events.popleft()
+                if self._events:
+                    self._wake.set()  # more waiting: the next snapshot at once
 
     def _answer(self, conn: _Conn, child_id: str, ans: Answer) -> None:
         if conn.buffered() > self.hard_bound:  # it asks and never reads: end it, keep no more

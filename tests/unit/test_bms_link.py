@@ -23,7 +23,14 @@ from typing import Any
 import pytest
 
 from controller import bms_link
-from controller.bms_link import MAX_CHILD_LINE, MAX_LINE, MAX_OUTSTANDING, BmsLink, snapshot
+from controller.bms_link import (
+    MAX_CHILD_LINE,
+    MAX_LINE,
+    MAX_OUTSTANDING,
+    BmsLink,
+    encode,
+    snapshot,
+)
 from controller.bms_users import add_user, users_path
 from controller.modes import Mode
 from controller.runtime import start_bms_link
@@ -451,6 +458,31 @@ async def test_each_mode_change_is_told_once_even_across_dropped_snapshots(
         await r.close()
 
 
+async def test_a_burst_of_events_is_spread_over_snapshots_none_lost_none_twice(
+    lr: LinkRig,
+) -> None:
+    from types import SimpleNamespace
+
+    from controller.bms_link import EVENTS_PER_SNAP
+    from interlocks.engine import Event
+
+    child = await lr.start()
+    n = 2 * EVENTS_PER_SNAP + 50
+    burst = [
+        Event("command", 10.0, "ack", {"principal": f"p{i}", "wall": WALL0 + i, "accepted": True})
+        for i in range(n)
+    ]
+    # the burst arrives through the scan's hook (a scan with many answered requests)
+    lr.link.on_scan(SimpleNamespace(decision=SimpleNamespace(now_s=10.0), told=burst, wall=WALL0))
+    got: list[str] = []
+    while len(got) < n:
+        snap = await lr.snap(child)
+        assert len(snap["events"]) <= EVENTS_PER_SNAP
+        assert len(encode(snap)) < bms_link.MAX_LINE
+        got += [e["fields"]["principal"] for e in snap["events"]]
+    assert got == [f"p{i}" for i in range(n)]  # in order, each once
+
+
 async def test_a_child_that_exits_is_restarted_with_back_off(tmp_path: Path) -> None:
     r = LinkRig(tmp_path, backoff_s=(0.01, 0.02, 0.04))
     try:
@@ -638,6 +670,9 @@ def test_strict_json_never_carries_nan() -> None:
         "b": [None, 1.5],
         "c": [1, 2],
     }
+    bounded = bms_link.jsonable({"long": "x" * 10_000, "many": list(range(10_000))})
+    assert len(bounded["long"]) <= bms_link.MAX_TEXT + 1
+    assert len(bounded["many"]) == bms_link.MAX_ITEMS
 
 
 def test_every_alarm_state_has_its_protocol_name() -> None:
