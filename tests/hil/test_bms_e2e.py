@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import json
 import math
 import shutil
@@ -127,15 +126,10 @@ def client_certificate(folder: Path) -> tuple[Path, Path]:
 
 def bms_site(folder: Path, sim: SimServer, state: Path, port: int) -> Path:
     """The HIL site with the BMS server on `port`, loopback only."""
-    keys: tuple[tuple[str, str, Any], ...] = (
-        ("bms", "enabled", True),
-        ("bms", "host", "127.0.0.1"),
-        ("plc", "stale_after_s", STALE_AFTER_S),
+    keys = (("plc", "stale_after_s", STALE_AFTER_S),)
+    path = write_site(
+        folder, Ports(sim.ports.plc, sim.ports.opcua, port), state, keys=keys, bms=True
     )
-    kw: dict[str, Any] = {}
-    if "bms" in inspect.signature(write_site).parameters:
-        kw["bms"] = True
-    path = write_site(folder, Ports(sim.ports.plc, sim.ports.opcua, port), state, keys=keys, **kw)
     site = load_site(path)
     assert site.bms.port == port and site.bms.host == "127.0.0.1"
     return path
