@@ -286,8 +286,9 @@ def read_users(path: Path) -> dict[str, dict[str, Any]]:
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
     """Serialise writers of the users file (a lock file next to it)."""
-    if not path.parent.exists():
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # the folder is the state directory: made as the controller makes it (its group must reach
+    # the command socket there); the users file itself is 0600
+    path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(str(path) + ".lock", os.O_CREAT | os.O_RDWR | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)

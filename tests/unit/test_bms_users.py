@@ -155,11 +155,13 @@ def test_verify_refuses_odd_passwords_without_raising() -> None:
 # ---- the users file ----
 
 
-def test_add_user_writes_0600_in_a_0700_dir_and_only_a_hash(tmp_path: Path) -> None:
+def test_add_user_writes_0600_and_only_a_hash(tmp_path: Path) -> None:
     path = tmp_path / "state" / "bms_users.json"
     assert add_user(path, "alice", "operator", PW) is False
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
-    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    # the state directory it creates stays reachable for the operators' group (the command
+    # socket lives there), as the controller would make it
+    assert stat.S_IMODE(path.parent.stat().st_mode) & 0o070 == (~_umask()) & 0o070
     raw = path.read_text(encoding="utf-8")
     assert PW not in raw
     doc = json.loads(raw)
@@ -767,3 +769,9 @@ def test_parse_users_of_any_json_raises_only_users_error(doc: Any) -> None:
     for wrapped in (doc, {"version": 1, "users": doc}, {"version": 1, "users": {"eve": doc}}):
         with contextlib.suppress(UsersError):
             parse_users(json.dumps(wrapped).encode())
+
+
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
