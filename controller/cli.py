@@ -522,6 +522,15 @@ def status_lines(st: Mapping[str, object]) -> list[str]:
         f"scan  {scan.get('count', 0)} scans   overruns {scan.get('overruns', 0)}   "
         f"last {_shown(scan.get('last_ms'))} ms   period {_shown(scan.get('period_s'))} s",
     ]
+    bms = _map(st.get("bms"))
+    if bms:
+        line = f"bms   {bms.get('state', '?')}"
+        if bms.get("endpoint"):
+            line += f"   {bms['endpoint']}"
+        line += f"   restarts {bms.get('restarts', 0)}   dropped {bms.get('dropped', 0)}"
+        if bms.get("last_error"):
+            line += f"   last error: {bms['last_error']}"
+        out.append(line)
     return out
 
 

@@ -350,6 +350,14 @@ STATUS: dict[str, Any] = {
     "link": {"state": "ok", "last_error": "", "requests": 12345, "failures": 2},
     "scan": {"count": 99, "overruns": 1, "last_ms": 1.25, "period_s": 0.25},
     "degraded": [],
+    "bms": {
+        "state": "restarting",
+        "pid": None,
+        "restarts": 2,
+        "last_error": "exited with code 1",
+        "endpoint": "opc.tcp://0.0.0.0:4840/heatloop",
+        "dropped": 0,
+    },
 }
 
 
@@ -375,6 +383,10 @@ def test_the_status_page_shows_what_an_operator_needs() -> None:
     assert "reject requested" in page and "supply_setpoint_c = 33" in page
     assert "link  ok   requests 12345   failures 2" in page
     assert "scan  99 scans   overruns 1   last 1.25 ms   period 0.25 s" in page
+    assert (
+        "bms   restarting   opc.tcp://0.0.0.0:4840/heatloop   restarts 2   dropped 0   "
+        "last error: exited with code 1" in page
+    )
 
 
 def test_the_status_page_survives_an_empty_or_odd_status() -> None:
