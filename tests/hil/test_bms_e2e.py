@@ -760,6 +760,103 @@ async def test_reset_trip_needs_an_engineer_and_a_dry_leak_and_no_write_override
     await in_mode(bms, "NORMAL_REUSE")
 
 
+# ---- alarms as conditions ----
+
+
+class Events:
+    """Alarm condition events, as a BMS subscribed at the Server object gets them."""
+
+    def __init__(self) -> None:
+        self.got: list[Any] = []
+
+    def event_notification(self, event: Any) -> None:
+        self.got.append(event)
+
+    def of(self, condition: str) -> list[Any]:
+        return [e for e in self.got if getattr(e, "ConditionName", None) == condition]
+
+
+async def subscribe_alarms(u: Ua, h: Events) -> Any:
+    sub = await u.client.create_subscription(100, h)
+    await sub.subscribe_events(
+        u.client.nodes.server, u.client.get_node(ua.NodeId(ua.ObjectIds.AlarmConditionType))
+    )
+    return sub
+
+
+async def test_a_plc_alarm_is_a_condition_acknowledged_through_the_controller_and_refreshed(
+    bms: Bms, faults: SimFaults
+) -> None:
+    """A failed sensor at the PLC: the controller's alarm INPUT:<tag> arrives as an active,
+    unacknowledged AlarmConditionType event (severity from its priority); a viewer cannot
+    acknowledge it; `AcknowledgeAlarms()` by an operator acknowledges it in the controller
+    (journalled as bms:<user>); a BMS that reconnects gets it again by ConditionRefresh."""
+    alarm = "INPUT:tank_mid_temp"
+    cond = next(c for c in bms.space.conditions if c.id == alarm)
+
+    def state_of(st: dict[str, Any]) -> str:
+        return next((a["state"] for a in st["alarms"] if a["id"] == alarm), "normal")
+
+    try:
+        async with session(bms, "alice") as u, session(bms, "vera") as v:
+            h = Events()
+            sub = await subscribe_alarms(u, h)
+            await faults.inject("sensor_fail", "tank_mid_temp", 1.0)
+            _, ev = await poll_until(
+                lambda: asyncio.sleep(0, next(iter(h.of(alarm)[-1:]), None)),
+                lambda e: e is not None and getattr(e, "ActiveState/Id", None) is True,
+                20.0,
+                f"an active {alarm} condition event",
+            )
+            assert getattr(ev, "AckedState/Id") is False and ev.Retain is True
+            assert ev.Severity == cond.severity
+            assert ev.SourceNode == ua.NodeId(cond.source, u.ns)
+            st = await wait_status(bms, lambda s: state_of(s) != "normal", 5.0, "the alarm")
+            assert state_of(st) in ("unacknowledged", "active_unacknowledged")
+
+            assert await v.call("AcknowledgeAlarms") == S.BadUserAccessDenied
+            assert await u.call("AcknowledgeAlarms") == S.Good
+            await wait_status(
+                bms,
+                lambda s: "acknowledged" in state_of(s) and "un" not in state_of(s),
+                5.0,
+                "acked",
+            )
+            await poll_until(
+                lambda: asyncio.sleep(0, h.of(alarm)[-1]),
+                lambda e: getattr(e, "AckedState/Id", None) is True,
+                10.0,
+                "an acknowledged condition event",
+            )
+            await sub.delete()
+        # a BMS that reconnects sees what stands
+        async with session(bms, "vera") as v:
+            h = Events()
+            sub = await subscribe_alarms(v, h)
+            await v.client.get_node(ua.NodeId(ua.ObjectIds.ConditionType)).call_method(
+                ua.NodeId(ua.ObjectIds.ConditionType_ConditionRefresh),
+                ua.Variant(sub.subscription_id, ua.VariantType.UInt32),
+            )
+            _, ev = await poll_until(
+                lambda: asyncio.sleep(0, next(iter(h.of(alarm)[-1:]), None)),
+                lambda e: e is not None,
+                10.0,
+                f"{alarm} replayed by ConditionRefresh",
+            )
+            assert getattr(ev, "ActiveState/Id") is True and getattr(ev, "AckedState/Id") is True
+            await sub.delete()
+    finally:
+        await faults.clear("sensor_fail", "tank_mid_temp")
+    row = await wait_command(
+        bms, lambda r: r["cmd"] == "ack" and r["principal"] == "bms:alice", "bms:alice ack"
+    )
+    assert (row["accepted"], row["role"], row["via"]) == (1, "operator", "bms")
+    assert not [
+        r for r in commands(bms.state) if r["cmd"] == "ack" and r["principal"] == "bms:vera"
+    ]
+    await wait_status(bms, lambda s: state_of(s) == "normal", 20.0, "the alarm normal again")
+
+
 # ---- bad clients: right codes, and the scan keeps its period ----
 
 
