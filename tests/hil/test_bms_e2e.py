@@ -621,9 +621,14 @@ async def test_a_setpoint_write_drives_the_plant_at_the_bms_level_and_is_journal
         st = await asyncio.to_thread(status, bms.site_path)
         assert st["outputs"]["secondary_pump_speed_cmd"]["level"] == "bms"
 
-        slo, _ = setpoint_range(bms, "supply_setpoint_c")
+        # the supply setpoint: the dry-cooler fans hold it, so asking for a colder supply than
+        # the racks get now makes them run faster (or a warmer one slower, at full speed)
+        slo, shi = setpoint_range(bms, "supply_setpoint_c")
         sp = await u.value("HeatLoop.Setpoints.supply_setpoint_c")
-        new_sp = sp - 1.0 if sp - 1.0 >= slo else sp + 1.0
+        supply = await u.value("HeatLoop.Telemetry.it_supply_temp")
+        fans = float(await probe.read("drycooler_fan_cmd"))
+        colder = fans < 95.0
+        new_sp = max(slo, min(sp, supply) - 4.0) if colder else min(shi, max(sp, supply) + 4.0)
         code = await u.write("HeatLoop.Setpoints.supply_setpoint_c", new_sp, ua.VariantType.Double)
         assert code == S.Good, name(code)
         await poll_until(
@@ -632,6 +637,14 @@ async def test_a_setpoint_write_drives_the_plant_at_the_bms_level_and_is_journal
             5.0,
             "the supply setpoint read back",
         )
+        await poll_until(
+            lambda: probe.read("drycooler_fan_cmd"),
+            lambda f: f > fans + 2.0 if colder else f < fans - 2.0,
+            30.0,
+            f"the fans {'up' if colder else 'down'} from {fans:.1f} % at supply {new_sp} °C",
+        )
+        code = await u.write("HeatLoop.Setpoints.supply_setpoint_c", sp, ua.VariantType.Double)
+        assert code == S.Good, name(code)  # as the other tests expect the plant
     row = await wait_command(
         bms,
         lambda r: r["principal"] == "bms:alice" and r["cmd"] == "setpoint" and r["accepted"],
@@ -643,11 +656,17 @@ async def test_a_setpoint_write_drives_the_plant_at_the_bms_level_and_is_journal
         for r in commands(bms.state)
         if r["principal"] == "bms:alice" and r["cmd"] == "setpoint" and r["accepted"]
     }
-    speed, supply = by_target["secondary_pump_speed_pct"], by_target["supply_setpoint_c"]
-    assert json.loads(speed["new"]) == pytest.approx(want)
-    assert json.loads(supply["new"]) == pytest.approx(new_sp)
-    old = json.loads(supply["old"]) if supply["old"] is not None else None
-    assert old is None or old == pytest.approx(sp)  # None: no request stood before
+    assert json.loads(by_target["secondary_pump_speed_pct"]["new"]) == pytest.approx(want)
+    supply_rows = [
+        r
+        for r in commands(bms.state)
+        if r["principal"] == "bms:alice" and r["target"] == "supply_setpoint_c" and r["accepted"]
+    ]
+    changes = [(r["old"] and json.loads(r["old"]), json.loads(r["new"])) for r in supply_rows]
+    (old1, new1), (old2, new2) = changes[-2:]
+    assert old1 is None or old1 == pytest.approx(sp)  # None: no request stood before
+    assert new1 == pytest.approx(new_sp)
+    assert (old2, new2) == (pytest.approx(new_sp), pytest.approx(sp))
     r = await asyncio.to_thread(cli, bms.site_path, "journal")
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if "bms:alice" in ln and "setpoint" in ln]
