@@ -331,7 +331,12 @@ async def test_only_basic256sha256_is_offered_and_no_anonymous_token(bms: Bms) -
     assert bms.server_cert.read_bytes() == eps[0].ServerCertificate
 
 
-async def test_anonymous_and_wrong_passwords_are_refused(bms: Bms) -> None:
+async def test_anonymous_and_wrong_passwords_are_refused_each_logged_once(
+    bms: Bms, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def refusals(user: str | None) -> list[dict[str, Any]]:
+        return [e for e in bms.ctl.of("bms_login_refused") if e.get("user") == user]
+
     anon = await secure_client(bms, None)
     with pytest.raises(ua.UaStatusCodeError) as e:
         await anon.connect()
@@ -339,26 +344,44 @@ async def test_anonymous_and_wrong_passwords_are_refused(bms: Bms) -> None:
         S.BadIdentityTokenInvalid,
         S.BadIdentityTokenRejected,
         S.BadUserAccessDenied,
-    )
+    ), name(e.value.code)
     with contextlib.suppress(Exception):
         await anon.disconnect()
     for user, pw in (("wendy", "not-her-password"), ("nobody", "whatever-password")):
+        before = len(refusals(user))
         c = await secure_client(bms, user, pw)
         with pytest.raises(ua.UaStatusCodeError) as e:
             await c.connect()
-        assert e.value.code in (S.BadUserAccessDenied, S.BadIdentityTokenRejected), name(
-            e.value.code
-        )
+        assert e.value.code == S.BadUserAccessDenied, name(e.value.code)
         with contextlib.suppress(Exception):
             await c.disconnect()
-    # a password never crosses a plain channel: a client without security gets no session
+        # one log line per refusal (the server's log joins the controller's stream)
+        await bms.ctl.wait_event(
+            lambda ev, u=user: ev.get("event") == "bms_login_refused" and ev.get("user") == u,
+            5.0,
+            f"the refusal of {user} logged",
+        )
+        await asyncio.sleep(0.5)
+        assert len(refusals(user)) == before + 1
+        assert all(pw not in line for line in bms.ctl.lines)  # never a password in a log
+
+    # a password never crosses a plain channel: a careless client that takes whatever endpoint
+    # is listed and logs in over an unencrypted channel anyway is refused by the server
+    monkeypatch.setattr(Client, "find_endpoint", staticmethod(lambda eps, mode, uri: eps[-1]))
     plain = Client(bms.endpoint, timeout=10)
     plain.set_user("alice")
     plain.set_password(bms.password("alice"))
-    with pytest.raises((ua.UaError, OSError, TimeoutError)):
+    with pytest.raises(ua.UaStatusCodeError) as e:
         await plain.connect()
+    assert e.value.code == S.BadUserAccessDenied, name(e.value.code)
     with contextlib.suppress(Exception):
         await plain.disconnect()
+    line = await bms.ctl.wait_event(
+        lambda ev: ev.get("event") == "bms_login_refused" and "unencrypted" in ev.get("why", ""),
+        5.0,
+        "the plain-channel refusal logged",
+    )
+    assert line["user"] == "alice"
 
 
 # ---- the address space ----
