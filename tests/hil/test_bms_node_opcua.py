@@ -102,6 +102,8 @@ def test_node_opcua_browses_the_whole_tree(rig: tuple[Bms, Path]) -> None:
     rc, lines = run(rig, "browse", user="vera")
     assert rc == 0, lines[-3:]
     assert lines[0]["session"] == "open"
+    assert lines[0]["securityMode"] == "SignAndEncrypt"
+    assert lines[0]["securityPolicy"].endswith("#Basic256Sha256")
     ns = lines[0]["namespaceIndex"]
     seen = {ln["path"]: ln for ln in lines[1:]}
     for p in b.space.points:

@@ -207,7 +207,13 @@ async function run(o) {
         const nsArray = await session.readNamespaceArray();
         const ns = nsArray.indexOf(NAMESPACE_URI);
         if (ns < 0) throw new Error(`namespace ${NAMESPACE_URI} not on the server: ${nsArray.join(", ")}`);
-        out({ session: "open", namespaceIndex: ns, user: o.user ?? null });
+        out({
+            session: "open",
+            namespaceIndex: ns,
+            user: o.user ?? null,
+            securityMode: MessageSecurityMode[client.securityMode],
+            securityPolicy: client.securityPolicy,
+        });
         if (cmd === "browse") {
             await browseTree(session, resolve(args[0] ?? "s=HeatLoop", ns), "", 0);
         } else if (cmd === "read") {
