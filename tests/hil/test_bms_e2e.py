@@ -1,8 +1,8 @@
 """The BMS OPC UA server end to end (DESIGN §9, §13), all real processes and real sockets.
 
 `heatloop sim serve` runs for the module and one `heatloop run` with the BMS server enabled on
-a port of its own, bound to 127.0.0.1 (both write to the same simulated PLC, so there is one
-controller at a time). BMS users are added the way an integrator adds them, with `heatloop bms
+a port of its own, bound to 127.0.0.1 (a controller drives the simulated PLC's outputs, so
+there is one at a time). BMS users are added the way an integrator adds them, with `heatloop bms
 user --password-stdin`; the test client's certificate is put in the server's
 `pki/bms/trusted/` before start (the explicit trust an integrator gives), and the client trusts
 the server's certificate from `pki/bms/own/cert.der`. The client is asyncua with
