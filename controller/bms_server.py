@@ -1335,10 +1335,16 @@ async def run(fd: int) -> int:
     return 0
 
 
+NICE = 10  # the server process's CPU priority relative to the controller
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m controller.bms_server")
     parser.add_argument("--fd", type=int, required=True, help="the inherited socketpair end")
     ns = parser.parse_args(argv)
+    # below the controller: on a small IPC the scan must win every contest for a core
+    with contextlib.suppress(OSError):
+        os.nice(NICE)
     structlog.configure(
         processors=[structlog.processors.add_log_level, structlog.processors.JSONRenderer()],
         logger_factory=structlog.PrintLoggerFactory(sys.stderr),

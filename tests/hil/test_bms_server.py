@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import pytest
 import pytest_asyncio
 from asyncua import Client, ua
 
+from controller.bms_server import NICE
 from controller.bms_space import NAMESPACE_URI, Point, Space, space
 from controller.bms_users import add_user
 from plc_io.site import load_site
@@ -139,6 +141,13 @@ def _point(sp: Space, node_id: str) -> Point:
 
 
 # ---- the tree ----
+
+
+async def test_the_server_runs_below_the_controllers_cpu_priority(rig: Rig) -> None:
+    """On a two-core IPC a busy BMS server must lose every contest for a core to the scan."""
+    assert rig.parent.proc is not None
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert os.getpriority(os.PRIO_PROCESS, rig.parent.proc.pid) >= min(mine + NICE, 19)
 
 
 async def test_browse_the_contract_tree(rig: Rig, olivia: Client) -> None:
