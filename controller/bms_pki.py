@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from controller.bms_users import write_atomic
 from plc_io.plc_trust import CertInfo, cert_info, load_cert_file
 
 VALID_DAYS = 5 * 365  # every renewal means every BMS must trust the server again
@@ -73,21 +74,6 @@ def _general_names(app_uri: str, names: list[str]) -> list[x509.GeneralName]:
         except ValueError:
             out.append(x509.DNSName(n))
     return out
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
-    try:
-        os.fchmod(fd, mode)
-        os.write(fd, data)
-        os.fsync(fd)
-    except BaseException:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
-        raise
-    os.close(fd)
-    os.replace(tmp, path)
 
 
 def _keep(
@@ -150,8 +136,8 @@ def server_certificate(
     )
     # the key first: a crash between the two leaves a key without its certificate, which the
     # next start sees as "not the key's" and makes again
-    _write_atomic(key_path, cert_gen.dump_private_key_as_pem(key), 0o600)
-    _write_atomic(cert_path, cert.public_bytes(Encoding.DER), 0o644)
+    write_atomic(key_path, cert_gen.dump_private_key_as_pem(key), 0o600)
+    write_atomic(cert_path, cert.public_bytes(Encoding.DER), 0o644)
     info = cert_info(cert.public_bytes(Encoding.DER))
     log.warning(
         "bms_certificate_created",
@@ -220,7 +206,7 @@ class ClientTrust:
             # first use only: while trusted/ holds no file at all, as for the PLC's certificate
             # (plc_io/plc_trust.py); a setting left on cannot let every later client in
             path = self.trusted_dir / _file_name(info)
-            _write_atomic(path, der, 0o644)
+            write_atomic(path, der, 0o644)
             self.log.warning(
                 "bms_client_trusted_on_first_use",
                 thumbprint_sha256=info.thumbprint,
@@ -236,7 +222,7 @@ class ClientTrust:
                 if sum(1 for _ in self.rejected_dir.iterdir()) >= MAX_REJECTED:
                     saved = None  # full: refused all the same, logged without a copy
                 else:
-                    _write_atomic(saved, der, 0o644)
+                    write_atomic(saved, der, 0o644)
         except OSError:
             saved = None
         if ("untrusted", info.thumbprint) not in self._logged:

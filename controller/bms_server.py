@@ -78,6 +78,7 @@ from asyncua.server.uaprocessor import UaProcessor
 
 from controller import bms_space
 from controller.bms_space import Point, Space
+from plc_io.opcua import NUMERIC_VARIANTS
 
 log = structlog.get_logger("heatloop.bms")
 
@@ -123,20 +124,6 @@ VARIANT = {
     "DateTime": ua.VariantType.DateTime,
     "UInt64": ua.VariantType.UInt64,
 }
-NUMERIC = frozenset(
-    {
-        ua.VariantType.Double,
-        ua.VariantType.Float,
-        ua.VariantType.SByte,
-        ua.VariantType.Byte,
-        ua.VariantType.Int16,
-        ua.VariantType.UInt16,
-        ua.VariantType.Int32,
-        ua.VariantType.UInt32,
-        ua.VariantType.Int64,
-        ua.VariantType.UInt64,
-    }
-)
 POLICIES = (
     ua.SecurityPolicyType.Basic256Sha256_Sign,
     ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
@@ -1147,7 +1134,7 @@ class BmsServer:
         variant = wv.Value.Value if wv.Value is not None else None
         if (
             variant is None
-            or variant.VariantType not in NUMERIC
+            or variant.VariantType not in NUMERIC_VARIANTS
             or isinstance(variant.Value, list | bool)
             or variant.Value is None
         ):

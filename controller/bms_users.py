@@ -297,15 +297,16 @@ def _locked(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _write(path: Path, users: dict[str, dict[str, Any]]) -> None:
-    """Atomically replace the users file: 0600 temporary file, fsync, rename, fsync the dir."""
-    doc = {"version": FILE_VERSION, "users": dict(sorted(users.items()))}
-    data = (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace `path` with `data` whole or not at all: a `mode` temporary file, fsync, rename,
+    fsync of the folder (a power cut leaves the old file or the new one, never a torn one)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
-        os.fchmod(fd, 0o600)  # an umask or an old temporary file must not widen it
-        os.write(fd, data)
+        os.fchmod(fd, mode)  # an umask or an old temporary file must not widen it
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     except BaseException:
         os.close(fd)
@@ -318,6 +319,12 @@ def _write(path: Path, users: dict[str, dict[str, Any]]) -> None:
         os.fsync(dfd)
     finally:
         os.close(dfd)
+
+
+def _write(path: Path, users: dict[str, dict[str, Any]]) -> None:
+    """Atomically replace the users file (0600)."""
+    doc = {"version": FILE_VERSION, "users": dict(sorted(users.items()))}
+    write_atomic(path, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def add_user(path: Path, name: str, role: str, password: str) -> bool:
