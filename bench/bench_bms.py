@@ -61,7 +61,8 @@ from tests.hil.procs import (
 CLIENTS = 10
 PUBLISH_MS = 500.0
 WINDOW_S = 15.0  # per window; ROUNDS of (no clients, clients), alternated
-ROUNDS = 2
+CLIENT_NICE = 10
+ROUNDS = 4  # 240 scans a condition: a p99 of fewer is little more than the maximum
 CHANGE_EVERY_S = 1.2
 BIAS_K = 3.0
 TAG = "tank_mid_temp"
@@ -312,6 +313,10 @@ async def _loaded_window(site: Site, ctl: ControllerProc, cert: Path, key: Path)
 
 
 async def _run(site: Site, ctl: ControllerProc, cert: Path, key: Path) -> dict[str, Any]:
+    # The clients stand in for BMS machines elsewhere on the network: on the controller's two
+    # cores they run below it, as the BMS server does (set after the controller started, which
+    # must not inherit it). Their CPU is shown apart.
+    os.nice(CLIENT_NICE)
     await asyncio.sleep(5.0)  # past start-up
     quiet: list[dict[str, Any]] = []
     loaded: list[dict[str, Any]] = []
