@@ -2,7 +2,7 @@
 
 Real processes, as on site: `heatloop sim serve` (the simulated PLC) and `heatloop run` with the
 BMS server enabled (its own child process). One run, windows of the same length alternating
-(so load from elsewhere on the machine falls on both alike), two of each: (a) no BMS client;
+(so load from elsewhere on the machine falls on both alike), ROUNDS of each: (a) no BMS client;
 (b) 10 asyncua clients (Basic256Sha256 SignAndEncrypt, a viewer user), each subscribed to every
 telemetry variable at 500 ms publishing and sampling. In every window the same PLC changes are
 made: a sensor bias on `tank_mid_temp` injected and cleared through the
@@ -19,7 +19,7 @@ register polled over Modbus at 1 ms until it changed) to the client's data-chang
 target p99 ≤ one scan period + one publishing interval. The latency from the fault call is
 shown too (it adds the simulated plant's step, up to `sim.step_s`).
 
-Run: `.venv/bin/python -m bench bms` (about 2 minutes).
+Run: `.venv/bin/python -m bench bms` (about 3 minutes).
 """
 
 from __future__ import annotations
