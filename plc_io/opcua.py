@@ -932,7 +932,10 @@ class OpcuaTransport:
 
     def _arrived(self, nodeid: ua.NodeId, dv: ua.DataValue) -> None:
         name = self._by_node.get(nodeid)
-        if name is not None:
+        # An item whose node is known gone takes nothing until it is monitored anew: a
+        # notification still in flight from before the node vanished (a loaded server or
+        # network delays a publish by seconds) would otherwise make its last value fresh.
+        if name is not None and name not in self._gone and name not in self._unresolved:
             self._latest[name] = (dv, self._clock())
             code = dv.StatusCode.value & 0xFFFF0000 if dv.StatusCode is not None else 0
             if code in GONE_CODES:  # the item reports an error: recreate it when the node is back

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from asyncua import ua
 from structlog.testing import capture_logs
 
 from controller.alarms import AlarmState
@@ -617,9 +618,19 @@ async def test_opcua_deleted_nodes_go_bad_and_come_back_fresh(rig: Rig, tx: Any)
     fresh values, by notification again, once the nodes are back."""
     await until(tx, lambda i: all_q(i, Quality.GOOD), 3.0)
     stale_s = SITE.plc.stale_after_s
-    rig.plc.inject("nodes_deleted", "", 2.0 * stale_s + 1.0)
-    img, _ = await until(tx, lambda i: all_q(i, Quality.BAD_REPLY), stale_s + 2.0)
+    # the nodes stay away longer than the bound below, so a loaded machine still sees them gone
+    bound_s = stale_s + 5.0
+    rig.plc.inject("nodes_deleted", "", bound_s + stale_s + 1.0)
+    img, _ = await until(tx, lambda i: all_q(i, Quality.BAD_REPLY), bound_s)
     assert all_q(img, Quality.BAD_REPLY), {n: img[n].quality for n in INPUTS}
+    if rig.kind == "opcua":
+        # a notification sent before the nodes vanished, arriving late, is no fresh value
+        late = ua.DataValue(ua.Variant(30.0, ua.VariantType.Double))
+        for nodeid in list(tx._nodes.values()):
+            tx._arrived(nodeid, late)
+        tx._verified_at = tx._clock()  # between two verifying reads, as it arrives on site
+        img = await tx.read_inputs()
+        assert not any(img[n].usable_at(time.monotonic(), stale_s) for n in INPUTS)
     deleted_seen = time.monotonic()
     w = await tx.write_outputs(COMMANDS)
     assert "heartbeat" in w.failed  # nowhere to write it
