@@ -414,3 +414,27 @@ def status(site_path: Path) -> dict[str, Any]:
     r = cli(site_path, "status", "--json")
     assert r.returncode == 0, f"status exited {r.returncode}: {r.stderr}"
     return json.loads(r.stdout)
+
+
+async def wait_status(
+    site: Path, pred: Callable[[dict[str, Any]], bool], timeout_s: float, what: str
+) -> dict[str, Any]:
+    """`heatloop status --json` polled until `pred` holds (a generous bound, not a timing)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        st = await asyncio.to_thread(status, site)
+        if pred(st):
+            return st
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not seen within {timeout_s} s; last status {st}")
+        await asyncio.sleep(0.2)
+
+
+def command_rows(state: Path) -> list[dict[str, Any]]:
+    """The journal's command records, oldest first, read-only."""
+    db = sqlite3.connect(f"file:{state / 'heatloop.db'}?mode=ro", uri=True)
+    db.row_factory = sqlite3.Row
+    try:
+        return [dict(r) for r in db.execute("SELECT * FROM commands ORDER BY id")]
+    finally:
+        db.close()

@@ -19,7 +19,6 @@ import contextlib
 import json
 import math
 import shutil
-import sqlite3
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -46,6 +45,7 @@ from tests.hil.procs import (
     SimFaults,
     SimServer,
     cli,
+    command_rows,
     heatloop,
     matches,
     poll_until,
@@ -53,6 +53,7 @@ from tests.hil.procs import (
     status,
     write_site,
 )
+from tests.hil.procs import wait_status as procs_wait_status
 
 pytestmark = pytest.mark.hil
 
@@ -271,27 +272,11 @@ def severity(code: int) -> str:
 async def wait_status(
     b: Bms, pred: Callable[[dict[str, Any]], bool], timeout_s: float, what: str
 ) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        st = await asyncio.to_thread(status, b.site_path)
-        if pred(st):
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not seen within {timeout_s} s; last status {st}")
-        await asyncio.sleep(0.2)
+    return await procs_wait_status(b.site_path, pred, timeout_s, what)
 
 
 async def in_mode(b: Bms, mode: str) -> dict[str, Any]:
     return await wait_status(b, lambda st: st["mode"] == mode, MODE_S, f"mode {mode}")
-
-
-def commands(state: Path) -> list[dict[str, Any]]:
-    db = sqlite3.connect(f"file:{state / 'heatloop.db'}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in db.execute("SELECT * FROM commands ORDER BY id")]
-    finally:
-        db.close()
 
 
 async def wait_command(
@@ -300,7 +285,7 @@ async def wait_command(
     """A journalled command (commits run off the scan: give them a moment)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        rows = [r for r in await asyncio.to_thread(commands, b.state) if pred(r)]
+        rows = [r for r in await asyncio.to_thread(command_rows, b.state) if pred(r)]
         if rows:
             return rows[-1]
         if time.monotonic() > deadline:
@@ -672,13 +657,13 @@ async def test_a_setpoint_write_drives_the_plant_at_the_bms_level_and_is_journal
     assert (row["role"], row["via"]) == ("operator", "bms")
     by_target = {
         r["target"]: r
-        for r in commands(bms.state)
+        for r in command_rows(bms.state)
         if r["principal"] == "bms:alice" and r["cmd"] == "setpoint" and r["accepted"]
     }
     assert json.loads(by_target["secondary_pump_speed_pct"]["new"]) == pytest.approx(want)
     supply_rows = [
         r
-        for r in commands(bms.state)
+        for r in command_rows(bms.state)
         if r["principal"] == "bms:alice" and r["target"] == "supply_setpoint_c" and r["accepted"]
     ]
     changes = [(r["old"] and json.loads(r["old"]), json.loads(r["new"])) for r in supply_rows]
@@ -712,7 +697,7 @@ async def test_request_reject_sends_the_heat_to_the_dry_cooler_and_back(
         await in_mode(bms, "NORMAL_REUSE")
     rows = [
         (r["accepted"], r["role"], r["via"], json.loads(r["new"]))
-        for r in commands(bms.state)
+        for r in command_rows(bms.state)
         if r["cmd"] == "reject" and r["principal"] == "bms:alice"
     ]
     assert rows[-2:] == [(1, "operator", "bms", True), (1, "operator", "bms", False)]
@@ -720,7 +705,7 @@ async def test_request_reject_sends_the_heat_to_the_dry_cooler_and_back(
 
 async def test_refused_writes_get_their_status_code_and_change_nothing(bms: Bms) -> None:
     lo, hi = setpoint_range(bms, "supply_setpoint_c")
-    journalled = len(commands(bms.state))
+    journalled = len(command_rows(bms.state))
     sp = "HeatLoop.Setpoints.supply_setpoint_c"
     async with session(bms, "alice") as u:
         before = await u.value(sp)
@@ -744,7 +729,7 @@ async def test_refused_writes_get_their_status_code_and_change_nothing(bms: Bms)
         assert code in (S.BadTypeMismatch, S.BadInvalidArgument), name(code)
         assert await u.value(sp) == before
     # nothing refused by the server's own checks reached the controller's command path
-    assert commands(bms.state)[journalled:] == []
+    assert command_rows(bms.state)[journalled:] == []
 
 
 async def test_reset_trip_needs_an_engineer_and_a_dry_leak_and_no_write_overrides_the_trip(
@@ -809,13 +794,13 @@ async def test_reset_trip_needs_an_engineer_and_a_dry_leak_and_no_write_override
         await faults.clear("leak", "reuse")
     resets = [
         (r["accepted"], r["role"], r["via"])
-        for r in commands(bms.state)
+        for r in command_rows(bms.state)
         if r["cmd"] == "reset" and r["principal"] == "bms:eddie"
     ]
     assert resets == [(0, "engineer", "bms"), (1, "engineer", "bms")]
     assert not [
         r
-        for r in commands(bms.state)
+        for r in command_rows(bms.state)
         if r["cmd"] == "reset" and r["principal"] == "bms:alice" and r["accepted"]
     ]
     await in_mode(bms, "NORMAL_REUSE")
@@ -913,7 +898,7 @@ async def test_a_plc_alarm_is_a_condition_acknowledged_through_the_controller_an
     )
     assert (row["accepted"], row["role"], row["via"]) == (1, "operator", "bms")
     assert not [
-        r for r in commands(bms.state) if r["cmd"] == "ack" and r["principal"] == "bms:vera"
+        r for r in command_rows(bms.state) if r["cmd"] == "ack" and r["principal"] == "bms:vera"
     ]
     await wait_status(bms, lambda s: state_of(s) == "normal", 20.0, "the alarm normal again")
 

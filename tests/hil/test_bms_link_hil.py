@@ -21,25 +21,12 @@ from typing import Any
 import pytest
 
 from controller.bms_link import ALIVE_TIMEOUT_S
-from tests.hil.procs import ControllerProc, status
+from tests.hil.procs import ControllerProc, status, wait_status
 
 pytestmark = pytest.mark.hil
 
 # generous: a child imports asyncua and may create its certificate on a loaded two-core machine
 START_S = 90.0
-
-
-async def wait_status(
-    site: Path, pred: Callable[[dict[str, Any]], bool], timeout_s: float, what: str
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        st = await asyncio.to_thread(status, site)
-        if pred(st):
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not seen within {timeout_s} s; last status {st}")
-        await asyncio.sleep(0.2)
 
 
 def alive(pid: int) -> bool:

@@ -12,7 +12,6 @@ import asyncio
 import getpass
 import json
 import random
-import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,11 +25,13 @@ from tests.hil.procs import (
     ControllerProc,
     SimFaults,
     cli,
+    command_rows,
     leak_trip,
     matches,
     poll_until,
     read_outputs,
     status,
+    wait_status,
 )
 
 pytestmark = pytest.mark.hil
@@ -40,28 +41,6 @@ ME = getpass.getuser()
 
 async def run_cli(site: Path, *args: str) -> Any:
     return await asyncio.to_thread(cli, site, *args)
-
-
-async def wait_status(
-    site: Path, pred: Callable[[dict[str, Any]], bool], timeout_s: float, what: str
-) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        st = await asyncio.to_thread(status, site)
-        if pred(st):
-            return st
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not seen within {timeout_s} s; last status {st}")
-        await asyncio.sleep(0.2)
-
-
-def command_rows(state: Path) -> list[dict[str, Any]]:
-    db = sqlite3.connect(f"file:{state / 'heatloop.db'}?mode=ro", uri=True)
-    db.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in db.execute("SELECT * FROM commands ORDER BY id")]
-    finally:
-        db.close()
 
 
 async def started(ctl: ControllerProc) -> None:
