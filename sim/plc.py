@@ -229,10 +229,12 @@ class SimPlc:
 
     def clear(self, name: str, target: str = "") -> None:
         if name in PLC_FAULT_NAMES:
+            broken = self.faults.watchdog_broken
             try:
                 self.faults.clear(name, target)
             except PlcFaultValueError as e:
                 raise FaultError(name, e.field, e.value, e.expected) from e
+            self._watchdog_mended(broken)
             self._opcua_dirty = True
             self._wake()
         elif name in plant_faults.FAULT_NAMES:
@@ -244,7 +246,9 @@ class SimPlc:
         log.info("sim_fault_cleared", fault=name, target=target)
 
     def clear_all(self) -> None:
+        broken = self.faults.watchdog_broken
         self.faults.clear_all()
+        self._watchdog_mended(broken)
         self._state = plant_faults.clear_all(self._state)
         self._refresh_modbus()
         self._opcua_dirty = True
@@ -269,7 +273,20 @@ class SimPlc:
 
     # ---- internals ----
 
+    def _watchdog_mended(self, was_broken: bool) -> None:
+        """`watchdog_broken` cleared: supervision starts again from this moment, as a restored
+        watchdog rung's timer would (a heartbeat silent all along trips watchdog_s later)."""
+        if was_broken and not self.faults.watchdog_broken and not self._wd.tripped:
+            self._wd.last_change_s = max(self._wd.last_change_s, self.now())
+
+    def _watchdog_off(self) -> bool:
+        """The watchdog rung is deleted (`watchdog_broken`): a running watchdog never trips; a
+        trip already in force stays and releases as usual."""
+        return self.faults.watchdog_broken and not self._wd.tripped
+
     def _poll_watchdog(self, now: float, cause: str = "timer") -> None:
+        if self._watchdog_off():
+            return
         event = self._wd.poll(now)
         if event is None:
             return
@@ -379,7 +396,8 @@ class SimPlc:
                     self._last_opcua = now
                     await self._publish_opcua()
                 wake = self._wall_anchor + (self._steps + 1) * self._step_s / self.speed
-                wake = min(wake, self._wd.deadline_s())
+                if not self._watchdog_off():
+                    wake = min(wake, self._wd.deadline_s())
                 if dropped and self.faults.drop_until_s is not None:
                     wake = min(wake, self.faults.drop_until_s)
                 if self._plant_dirty:

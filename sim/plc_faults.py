@@ -13,6 +13,10 @@ answers on the wire. Times are in the PLC's wall clock, passed in.
 - `wrong_type`, target = a tag, value 1: the OPC UA face serves that tag with the other scalar
   type (a Boolean true for an analogue tag, a Double NaN for a boolean tag); value 2: a String.
   Until cleared. Modbus is untouched (registers have no type).
+- `watchdog_broken`, target "", value ignored: the PLC's watchdog never trips while injected (a
+  PLC program with the watchdog rung deleted), so a commissioning watchdog test must fail. A
+  trip already in force stays as it is; clearing the fault restores normal supervision, timed
+  from that moment.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ PLC_FAULT_NAMES = (
     "write_refused",
     "nodes_deleted",
     "wrong_type",
+    "watchdog_broken",
 )
 WRONG_TYPE_KINDS = {1: "the other scalar type", 2: "a String"}
 WRITE_TARGETS = ("", "coil", "holding")
@@ -58,6 +63,7 @@ class CommsFaults:
     write_refused: dict[str, int] = field(default_factory=dict)  # target -> exception code
     nodes_deleted_until_s: float | None = None
     wrong_types: dict[str, int] = field(default_factory=dict)  # tag -> WRONG_TYPE_KINDS key
+    watchdog_broken: bool = False  # the watchdog rung is gone: no trip while set
     tag_names: frozenset[str] = frozenset()  # set by the PLC: targets `wrong_type` may name
 
     def dropped(self, now_s: float) -> bool:
@@ -89,6 +95,8 @@ class CommsFaults:
             out[f"write_refused {target or '*'}"] = float(code)
         if self.nodes_gone(now_s) and self.nodes_deleted_until_s is not None:
             out["nodes_deleted"] = self.nodes_deleted_until_s - now_s
+        if self.watchdog_broken:
+            out["watchdog_broken"] = 1.0
         return out
 
     def inject(self, name: str, target: str, value: float, now_s: float) -> None:
@@ -121,6 +129,8 @@ class CommsFaults:
             self.error_code = _exception_code(v)
         elif name == "comms_garble":
             self.garble = True
+        elif name == "watchdog_broken":
+            self.watchdog_broken = True
         elif name == "nodes_deleted":
             if not (math.isfinite(v) and 0 < v <= MAX_DROP_S):
                 raise PlcFaultValueError("value", value, f"seconds, 0 < value ≤ {MAX_DROP_S:g}")
@@ -147,6 +157,8 @@ class CommsFaults:
             self.error_code = None
         elif name == "comms_garble":
             self.garble = False
+        elif name == "watchdog_broken":
+            self.watchdog_broken = False
         elif name == "write_refused":
             self.write_refused.clear()
         elif name == "nodes_deleted":
@@ -164,6 +176,7 @@ class CommsFaults:
         self.write_refused.clear()
         self.nodes_deleted_until_s = None
         self.wrong_types.clear()
+        self.watchdog_broken = False
 
 
 def _exception_code(value: float) -> int:

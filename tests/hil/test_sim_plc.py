@@ -582,3 +582,32 @@ async def test_sim_serve_runs_until_sigterm_and_exits_0(tmp_path: Path) -> None:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+
+
+async def test_a_broken_watchdog_never_trips_until_the_fault_is_cleared(plc: SimPlc) -> None:
+    """`watchdog_broken` (the watchdog rung deleted): outputs stay as commanded through a
+    silent heartbeat well past watchdog_s; clearing it restores supervision from that moment."""
+    site = plc.site
+    async with (
+        ModbusProbe(site, plc.modbus_port) as probe,
+        Heartbeat(site, plc.modbus_port) as beat,
+    ):
+        await release_watchdog(plc, probe, beat)
+        trips = plc.watchdog_trips
+        await probe.write_ok("drycooler_fan_cmd", 30.0)
+        plc.inject("watchdog_broken")
+        last_beat = await beat.stop()
+        await asyncio.sleep(max(0.0, last_beat + 3 * WATCHDOG_S - time.monotonic()))
+        assert not plc.watchdog_tripped, "a broken watchdog tripped"
+        assert plc.watchdog_trips == trips
+        assert plc.outputs()["drycooler_fan_cmd"] == 30.0
+        assert await probe.read("drycooler_fan_cmd") == pytest.approx(30.0)
+        assert await probe.read("plc_watchdog_tripped") is False
+
+        cleared = time.monotonic()
+        plc.clear("watchdog_broken")
+        assert not plc.watchdog_tripped, "tripped at once on clearing: timed from before"
+        tripped = await wait_for(lambda: plc.watchdog_tripped, WATCHDOG_S + STEP_S + LATE_S)
+        assert tripped - cleared >= WATCHDOG_S - 0.05, "not timed from the clearing"
+        assert plc.outputs() == site.safe_outputs()
+        assert plc.watchdog_trips == trips + 1
