@@ -805,6 +805,108 @@ def cmd_bms_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# ---- commissioning (heatloop commission …) ----
+
+
+def cmd_commission(args: argparse.Namespace) -> int:
+    """Step through the interlock tests and the watchdog proof test; file the signed record."""
+    if getattr(args, "commission_command", None) == "verify":
+        from controller.commission_record import cmd_verify
+
+        return int(cmd_verify(args))
+    import getpass
+
+    from controller.commission import PURPOSES, Options, parse_only, run_commission
+
+    if args.site is None:
+        raise UsageError("commission: expected --site SITE")
+    try:
+        only = parse_only(args.only)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    if args.sim:
+        if args.method not in (None, "sim"):
+            raise UsageError(f"--method {args.method}: expected sim (or no --method) with --sim")
+        method = "sim"
+    else:
+        if args.method == "sim":
+            raise UsageError("--method sim: expected --sim (the simulated PLC's fault interface)")
+        method = args.method or "physical"
+    if args.auto and method not in ("sim", "forced"):
+        raise UsageError(
+            f"--auto: expected --sim or --method forced (method {method} needs a person by the "
+            "plant)"
+        )
+    if args.resume and only is not None:
+        raise UsageError("--resume: expected no --only (the run keeps its own steps)")
+    site_path = Path(args.site)
+    site = load_checked_site(args.site)
+    report = Path(args.report) if args.report is not None else Path.cwd() / "commissioning"
+    opts = Options(
+        site_path=site_path,
+        sim=bool(args.sim),
+        auto=bool(args.auto),
+        only=only,
+        method=method,
+        report_dir=report,
+        engineer=args.engineer or getpass.getuser(),
+        purpose=PURPOSES[args.purpose],
+        resume=bool(args.resume),
+        comment=args.comment or "",
+        bypass_reason=args.bypass_reason,
+        timeout_s=args.timeout_s,
+    )
+    return run_commission(site, opts)
+
+
+def add_commission_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    s = sub.add_parser(
+        "commission",
+        help="step through every interlock test and the watchdog proof test; file the record",
+        description="Step through every interlock test and the PLC watchdog proof test on a "
+        "running controller (`heatloop run`), measure each response at the PLC, and file a "
+        "signed, hash-chained record. Exit 0: every step passed and the record is filed; 2: bad "
+        "usage or a step failed or was aborted (the record is filed); 1: no controller answers "
+        "or the record could not be filed (it is written locally, marked UNFILED).",
+    )
+    s.add_argument("--site", default=None, help="site file (TOML) of the running controller")
+    s.add_argument("--sim", action="store_true", help="the simulated PLC: causes as sim faults")
+    s.add_argument(
+        "--auto", action="store_true", help="no prompts (only with --sim or --method forced)"
+    )
+    s.add_argument("--only", default=None, help="step ids, comma-separated (IL-04,IL-05,WD)")
+    s.add_argument(
+        "--method",
+        choices=("sim", "forced", "physical"),
+        default=None,
+        help="how each cause is applied (default: physical; sim with --sim)",
+    )
+    s.add_argument("--report", default=None, help="report folder (default ./commissioning)")
+    s.add_argument("--engineer", default=None, help="who runs the test (default: the OS user)")
+    s.add_argument("--purpose", choices=tuple(("handover", "proof-test")), default="handover")
+    s.add_argument("--resume", action="store_true", help="continue this site's unfinished run")
+    s.add_argument("--comment", default=None, help="a comment for the record")
+    s.add_argument(
+        "--bypass-reason", type=_reason, default=None, help="why sign off while a bypass stands"
+    )
+    s.add_argument(
+        "--timeout-s",
+        type=_number_in(0, 3600),
+        default=120.0,
+        help="longest wait for a pre-condition, a cause or the return to normal (120 s)",
+    )
+    s.set_defaults(func=cmd_commission, commission_command=None)
+    csub = s.add_subparsers(dest="commission_command")
+    v = csub.add_parser(
+        "verify",
+        help="check the chain and signatures of the filed records, or one record file",
+    )
+    v.add_argument("--site", default=None, help="site file (TOML)")
+    v.add_argument("--record", default=None, help="a record's JSON file (copied off the machine)")
+    v.add_argument("--public-key", default=None, help="the site's public key (hex)")
+    v.set_defaults(func=cmd_commission)
+
+
 def add_bms_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     bms = sub.add_parser("bms", help="the BMS OPC UA server: users, integration files")
     bms_sub = bms.add_subparsers(dest="bms_command", required=True)
@@ -891,6 +993,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.set_defaults(func=cmd_sim_serve)
     add_operator_commands(sub)
+    add_commission_commands(sub)
     add_bms_commands(sub)
     return p
 
