@@ -1,0 +1,183 @@
+"""`heatloop commission`: its usage errors and the run's progress file (`--resume`).
+
+The end-to-end runs against real processes are in tests/hil/test_commission.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from controller import cli
+from controller.commission import (
+    ResumeError,
+    done_steps,
+    load_progress,
+    outcome_of,
+    parse_only,
+    progress_path,
+    save_progress,
+    step_ids,
+)
+from interlocks.rules import RULES
+from plc_io.site import demo_site_text
+
+
+@pytest.fixture
+def site_file(tmp_path: Path) -> Path:
+    p = tmp_path / "site.toml"
+    p.write_text(demo_site_text().replace('dir = "state"', f'dir = "{tmp_path / "state"}"'))
+    return p
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str]:
+    code = cli.main(["commission", *argv])
+    return code, capsys.readouterr().err
+
+
+# ---- usage ----
+
+
+def test_step_ids_are_the_rules_in_engine_order_then_the_watchdog() -> None:
+    assert step_ids() == [r.id for r in RULES] + ["WD"]
+
+
+def test_only_keeps_run_order_and_an_unknown_id_names_itself_and_the_valid_ones() -> None:
+    assert parse_only("WD,IL-04") == ["IL-04", "WD"]
+    assert parse_only(None) is None
+    with pytest.raises(ValueError, match=r"unknown step id IL-99.*IL-01.*WD"):
+        parse_only("IL-04,IL-99")
+    with pytest.raises(ValueError, match="expected step ids"):
+        parse_only(" , ")
+
+
+def test_an_unknown_rule_id_exits_2_naming_it(
+    capsys: pytest.CaptureFixture[str], site_file: Path
+) -> None:
+    code, err = run(capsys, "--site", str(site_file), "--sim", "--only", "IL-04,IL-42")
+    assert code == 2
+    assert "IL-42" in err and "IL-04" in err and err.count("\n") == 1  # one line
+
+
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (("--auto",), ("--auto", "physical")),
+        (("--auto", "--method", "physical"), ("--auto", "physical")),
+        (("--sim", "--method", "forced"), ("--method forced", "--sim")),
+        (("--method", "sim"), ("--method sim", "--sim")),
+        (("--sim", "--resume", "--only", "IL-04"), ("--resume", "--only")),
+    ],
+)
+def test_usage_errors_exit_2_with_one_line(
+    capsys: pytest.CaptureFixture[str],
+    site_file: Path,
+    argv: tuple[str, ...],
+    words: tuple[str, ...],
+) -> None:
+    code, err = run(capsys, "--site", str(site_file), *argv)
+    assert code == 2, err
+    assert err.count("\n") == 1
+    for w in words:
+        assert w in err
+
+
+def test_a_missing_site_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = run(capsys, "--sim", "--auto")
+    assert code == 2 and "--site" in err
+
+
+def test_a_bad_timeout_is_refused_by_the_parser(
+    capsys: pytest.CaptureFixture[str], site_file: Path
+) -> None:
+    code, err = run(capsys, "--site", str(site_file), "--sim", "--timeout-s", "nan")
+    assert code == 2 and "--timeout-s" in err
+
+
+# ---- the progress file ----
+
+
+def _progress(**kw: object) -> dict[str, object]:
+    base: dict[str, object] = {
+        "run_id": "abc",
+        "site_sha256": "a" * 64,
+        "engineer": "ada",
+        "started_wall": 1.0,
+        "steps": [
+            {"id": "IL-01", "result": "passed"},
+            {"id": "IL-02", "result": "not_testable"},
+            {"id": "IL-03", "result": "aborted"},
+            {"id": "IL-04", "result": "skipped"},
+        ],
+        "finished": False,
+    }
+    base.update(kw)
+    return base
+
+
+def test_progress_round_trips_and_resume_repeats_only_unfinished_steps(tmp_path: Path) -> None:
+    path = progress_path(tmp_path / "reports", "demo site/1")
+    assert path.parent == tmp_path / "reports" and "/" not in path.name[5:]
+    save_progress(path, _progress())
+    got = load_progress(path, "a" * 64, "ada")
+    assert got["run_id"] == "abc"
+    # a verdict is kept; an aborted or skipped step runs again
+    assert sorted(done_steps(got)) == ["IL-01", "IL-02"]
+
+
+@pytest.mark.parametrize(
+    ("kw", "sha", "engineer", "words"),
+    [
+        ({}, "b" * 64, "ada", "site file changed"),
+        ({}, "a" * 64, "bob", "belongs to engineer 'ada'"),
+        ({"finished": True}, "a" * 64, "ada", "is finished"),
+        ({"steps": "x"}, "a" * 64, "ada", "not a run's progress file"),
+    ],
+)
+def test_resume_refuses_with_one_line(
+    tmp_path: Path, kw: dict[str, object], sha: str, engineer: str, words: str
+) -> None:
+    path = tmp_path / ".run-x.json"
+    save_progress(path, _progress(**kw))
+    with pytest.raises(ResumeError, match=words) as e:
+        load_progress(path, sha, engineer)
+    assert "\n" not in str(e.value)
+
+
+def test_resume_without_a_run_or_with_garbage_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ResumeError, match="no run to continue"):
+        load_progress(tmp_path / ".run-x.json", "a" * 64, "ada")
+    bad = tmp_path / ".run-y.json"
+    bad.write_text("{half")
+    with pytest.raises(ResumeError, match="unreadable"):
+        load_progress(bad, "a" * 64, "ada")
+
+
+def test_a_failed_write_leaves_the_old_progress_and_no_temporary_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / ".run-x.json"
+    save_progress(path, _progress())
+
+    def broken(src: str, dst: str) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", broken)
+    with pytest.raises(OSError):
+        save_progress(path, _progress(run_id="new"))
+    assert json.loads(path.read_text())["run_id"] == "abc"
+    assert [p.name for p in tmp_path.iterdir()] == [".run-x.json"]
+
+
+def test_outcome_names_the_worst_step() -> None:
+    def rs(*kinds: str) -> list[dict[str, str]]:
+        return [{"result": k} for k in kinds]
+
+    assert outcome_of(rs("passed", "not_testable"), 2) == "passed"
+    assert outcome_of(rs("passed", "failed", "skipped"), 3) == "failed"
+    assert outcome_of(rs("passed", "aborted", "failed"), 3) == "aborted"
+    assert outcome_of(rs("passed"), 2) == "incomplete"  # a step never ran
+    assert outcome_of(rs("not_testable"), 1) == "incomplete"  # nothing was proved
