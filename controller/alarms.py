@@ -246,12 +246,28 @@ def catalogue(
             "operator",
         )
     )
+    # periodic proof tests (commissioning): one per rule and the PLC watchdog, while overdue
+    for step, what in (*((r.id, f"interlock {r.id} ({r.hazard})") for r in rules), _PROOF_WD):
+        defs.append(
+            AlarmDef(
+                f"{PROOF_PREFIX}{step}",
+                Priority.LOW,
+                f"Proof test of {what} overdue: no live test passed within its interval",
+                PROOF_GROUP,
+            )
+        )
     out: dict[str, AlarmDef] = {}
     for d in defs:
         if d.id in out:
             raise ValueError(f"alarm catalogue: id {d.id!r} appears twice; expected unique ids")
         out[d.id] = d
     return out
+
+
+PROOF_PREFIX = "PROOF:"
+PROOF_GROUP = "proof test"
+WATCHDOG_STEP = "WD"  # the PLC watchdog's proof-test step id
+_PROOF_WD = (WATCHDOG_STEP, "the PLC watchdog (WD: safe values when the heartbeat stops)")
 
 
 def unlisted_def(alarm_id: str) -> AlarmDef:

@@ -57,6 +57,8 @@ class Cmd(StrEnum):
     FORCE = "force"
     BYPASS = "bypass"
     SHELVE = "shelve"
+    WATCHDOG_TEST = "watchdog_test"
+    COMMISSION = "commission"
 
 
 READS: frozenset[Cmd] = frozenset({Cmd.STATUS, Cmd.ALARMS, Cmd.JOURNAL})
@@ -79,6 +81,8 @@ PERMISSIONS: Mapping[Cmd, frozenset[Role]] = MappingProxyType(
         Cmd.FORCE: _ENGINEER,
         Cmd.BYPASS: _ENGINEER,
         Cmd.SHELVE: _ENGINEER,
+        Cmd.WATCHDOG_TEST: _ENGINEER,
+        Cmd.COMMISSION: _ENGINEER,
     }
 )
 
@@ -96,13 +100,17 @@ DESCRIPTIONS: Mapping[Cmd, str] = MappingProxyType(
         Cmd.FORCE: "force an output / a forceable input (with expiry, at most the site's maximum)",
         Cmd.BYPASS: "bypass a bypassable interlock (reason, expiry at most 4 h)",
         Cmd.SHELVE: "shelve an alarm (reason, expiry at most 24 h)",
+        Cmd.WATCHDOG_TEST: "hold the heartbeat unchanged for a PLC watchdog proof test (reason, "
+        "at most max(30 s, 4 × plc.watchdog_s); 0 s ends it)",
+        Cmd.COMMISSION: "file a commissioning record (sealed, chained and signed by the "
+        "controller)",
     }
 )
 
 # Commands whose granting form needs a reason. Ending a hold early (release, end) does not:
 # it returns the plant to automatic control with every interlock in force.
 REASON_REQUIRED = frozenset(
-    {Cmd.RESET, Cmd.BYPASS, Cmd.FORCE, Cmd.MAINTENANCE, Cmd.REJECT, Cmd.SHELVE}
+    {Cmd.RESET, Cmd.BYPASS, Cmd.FORCE, Cmd.MAINTENANCE, Cmd.REJECT, Cmd.SHELVE, Cmd.WATCHDOG_TEST}
 )
 MAX_REASON = 500
 MAX_NAME = 200  # request id, principal
@@ -131,6 +139,16 @@ SETPOINTS: Mapping[str, tuple[str, str]] = MappingProxyType(
 # SETPOINT_MARGIN_K of the IL-01 limit (the values controller/supervisor.py applies).
 SETPOINT_MIN_C = 10.0
 SETPOINT_MARGIN_K = 5.0
+# The longest heartbeat hold (`watchdog_test`): long enough for any site's watchdog to trip and
+# be seen (watchdog_s ≤ 60), short enough that a forgotten test ends by itself soon.
+HOLD_MIN_S = 1.0
+HOLD_FLOOR_S = 30.0
+HOLD_WATCHDOGS = 4.0
+
+
+def max_heartbeat_hold_s(watchdog_s: float) -> float:
+    """The bound of a `watchdog_test` hold: max(30 s, 4 × plc.watchdog_s)."""
+    return max(HOLD_FLOOR_S, HOLD_WATCHDOGS * watchdog_s)
 
 
 def _role(role: object) -> Role | None:
@@ -269,10 +287,13 @@ class OperatorState:
     maintenance: bool = False
     reject: bool = False
     setpoints: Mapping[str, float] = field(default_factory=dict)  # e.g. "supply_setpoint_c"
+    # a PLC watchdog proof test: the heartbeat is held unchanged until then. Never survives a
+    # restart (`Core.durable` leaves it out): a restarted controller beats.
+    heartbeat_hold: Held | None = None
 
     def snapshot(self) -> dict[str, object]:
         """JSON-able; `restore` gives back an equal state."""
-        return {
+        snap: dict[str, object] = {
             "forces": {k: h.to_json() for k, h in self.forces.items()},
             "input_forces": {k: h.to_json() for k, h in self.input_forces.items()},
             "bypasses": {k: h.to_json() for k, h in self.bypasses.items()},
@@ -280,6 +301,9 @@ class OperatorState:
             "reject": self.reject,
             "setpoints": dict(self.setpoints),
         }
+        if self.heartbeat_hold is not None:  # absent when none: older snapshots look the same
+            snap["heartbeat_hold"] = self.heartbeat_hold.to_json()
+        return snap
 
     @classmethod
     def restore(cls, d: object) -> OperatorState:
@@ -318,6 +342,9 @@ class OperatorState:
                     f"operator state: setpoints.{shown(name)}: {shown(v)}: expected a finite number"
                 )
             setpoints[name] = v  # type: ignore[assignment]  # checked: a finite int or float
+        hold = None
+        if d.get("heartbeat_hold") is not None:
+            hold = _restore_holds({"heartbeat": d["heartbeat_hold"]}, "heartbeat_hold")["heartbeat"]
         return cls(
             forces=holds["forces"],
             input_forces=holds["input_forces"],
@@ -325,11 +352,12 @@ class OperatorState:
             maintenance=flags["maintenance"],
             reject=flags["reject"],
             setpoints=setpoints,
+            heartbeat_hold=hold,
         )
 
 
 _STATE_FIELDS = frozenset(
-    {"forces", "input_forces", "bypasses", "maintenance", "reject", "setpoints"}
+    {"forces", "input_forces", "bypasses", "maintenance", "reject", "setpoints", "heartbeat_hold"}
 )
 _HELD_FIELDS = frozenset({"value", "granted_wall", "expires_wall", "who", "reason"})
 
@@ -373,6 +401,7 @@ class Limits:
     max_bypass_s: float
     rules: Mapping[str, Rule]
     setpoints: Mapping[str, tuple[float, float]]  # name -> (lo, hi)
+    max_hold_s: float = HOLD_FLOOR_S  # the longest `watchdog_test` heartbeat hold
 
     @classmethod
     def from_site(cls, site: Site) -> Limits:
@@ -393,6 +422,7 @@ class Limits:
                     **{name: (lo, hi) for name, (_, lo, hi) in BMS_REQUESTS.items()},
                 }
             ),
+            max_hold_s=max_heartbeat_hold_s(site.plc.watchdog_s),
         )
 
 
@@ -472,16 +502,22 @@ def _expiry(now_wall: float, duration_s: float) -> float:
 
 
 def apply(
-    state: OperatorState, req: Request, limits: Limits, now_wall: float
+    state: OperatorState,
+    req: Request,
+    limits: Limits,
+    now_wall: float,
+    *,
+    link_ok: bool = True,
 ) -> tuple[OperatorState, Answer, Effects]:
     """Authorise, validate and apply one request. Never raises; a refusal changes nothing.
 
     Reads are authorised and answered accepted with no change (the channel serves their data).
+    `link_ok`: the PLC link works (a heartbeat hold is refused while it does not).
     """
     rid = getattr(req, "id", None)
     rid = rid if isinstance(rid, str) and len(rid) <= MAX_NAME else shown(rid)
     try:
-        new, answer, effects = _apply(state, req, limits, now_wall)
+        new, answer, effects = _apply(state, req, limits, now_wall, link_ok)
         return new, Answer(rid, True, "", answer[0], answer[1]), effects
     except _Refused as r:
         return state, Answer(rid, False, str(r), kind=r.kind), NO_EFFECTS
@@ -494,7 +530,7 @@ def apply(
 
 
 def _apply(
-    state: OperatorState, req: Request, limits: Limits, now_wall: float
+    state: OperatorState, req: Request, limits: Limits, now_wall: float, link_ok: bool = True
 ) -> tuple[OperatorState, tuple[object, object], Effects]:
     cmd = _cmd(req.cmd)
     if cmd is None:
@@ -518,6 +554,9 @@ def _apply(
     # a reason, where given, is journalled: it must be text even where it is optional
     reason = _text(req.reason, "reason", MAX_REASON, empty=True)
     ending = args.get("release") is True or args.get("end") is True
+    if cmd is Cmd.WATCHDOG_TEST:
+        seconds = args.get("seconds")
+        ending = _finite_number(seconds) and seconds == 0
     if cmd in REASON_REQUIRED and not ending:
         _text(reason, "reason", MAX_REASON)
     if cmd is Cmd.ACK:
@@ -536,6 +575,11 @@ def _apply(
         raise _Refused(f"now_wall: {shown(now_wall)}: the controller's clock is not a time")
     if cmd is Cmd.FORCE:
         return _force(state, args, limits, now_wall, who, reason)
+    if cmd is Cmd.WATCHDOG_TEST:
+        return _watchdog_test(state, args, limits, now_wall, who, reason, link_ok)
+    if cmd is Cmd.COMMISSION:
+        # I/O (the site key, the journal): the runtime files records itself, never the core
+        raise _Refused("commission: filed by the running controller's runtime only", "state")
     if cmd is Cmd.BYPASS:
         return _bypass(state, args, limits, now_wall, who, reason)
     return _shelve(state, args, now_wall)
@@ -553,6 +597,7 @@ def _fields(state: OperatorState) -> dict[str, object]:
         "maintenance": state.maintenance,
         "reject": state.reject,
         "setpoints": state.setpoints,
+        "heartbeat_hold": state.heartbeat_hold,
     }
 
 
@@ -716,6 +761,44 @@ def _bypass(
     )
 
 
+def _watchdog_test(
+    state: OperatorState,
+    args: Mapping[str, object],
+    limits: Limits,
+    now_wall: float,
+    who: str,
+    reason: str,
+    link_ok: bool,
+) -> tuple[OperatorState, tuple[object, object], Effects]:
+    """Hold the heartbeat unchanged for `seconds` (0: end a hold now; ending one that is not
+    there is accepted, so a tool cleaning up after an abort is never refused)."""
+    _keys(args, Cmd.WATCHDOG_TEST, frozenset({"seconds"}))
+    seconds = args["seconds"]
+    was = state.heartbeat_hold
+    old = None if was is None else {"until_wall": was.expires_wall}
+    if _finite_number(seconds) and seconds == 0:
+        return _replace(state, heartbeat_hold=None), (old, None), NO_EFFECTS
+    limit = limits.max_hold_s
+    if not _finite_number(seconds) or not HOLD_MIN_S <= seconds <= limit:  # type: ignore[operator]
+        kind = "range" if _finite_number(seconds) else "type"
+        raise _Refused(
+            f"args.seconds: {shown(seconds)}: expected 0 (end the hold) or {HOLD_MIN_S:g} … "
+            f"{limit:g} s (the bound max({HOLD_FLOOR_S:g} s, {HOLD_WATCHDOGS:g} × "
+            "plc.watchdog_s))",
+            kind,
+        )
+    if not link_ok:
+        raise _Refused(
+            "watchdog_test: the PLC link is down; a heartbeat hold proves nothing while the PLC "
+            "hears no controller at all",
+            "state",
+        )
+    duration = float(seconds)  # type: ignore[arg-type]  # finite, checked
+    held = Held(None, now_wall, _expiry(now_wall, duration), who, reason)
+    new = {"seconds": duration, "until_wall": held.expires_wall}
+    return _replace(state, heartbeat_hold=held), (old, new), NO_EFFECTS
+
+
 def _shelve(
     state: OperatorState, args: Mapping[str, object], now_wall: float
 ) -> tuple[OperatorState, tuple[object, object], Effects]:
@@ -758,6 +841,10 @@ def expire(
         if gone:
             ended += [(kind, k, holds[k]) for k in gone]
             changes[attr] = {k: h for k, h in holds.items() if k not in gone}
+    hold = state.heartbeat_hold
+    if hold is not None and remaining_s(hold, now_wall) <= 0.0:
+        ended.append(("heartbeat_hold", "heartbeat", hold))
+        changes["heartbeat_hold"] = None
     return (_replace(state, **changes) if changes else state), ended
 
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any
 
-from controller.alarms import AlarmTable, Priority, catalogue
+from controller.alarms import PROOF_PREFIX, WATCHDOG_STEP, AlarmTable, Priority, catalogue
 from controller.authority import (
     Answer,
     Effects,
@@ -36,7 +37,7 @@ from controller.supervisor import Commands, Decision, Supervisor, SupervisorConf
 from interlocks.engine import Event
 from interlocks.rules import RULES
 from plc_io.image import ProcessImage
-from plc_io.site import Site
+from plc_io.site import CommissioningConfig, Site
 
 SNAPSHOT_VERSION = 1
 RULE_BY_ID = {r.id: r for r in RULES}
@@ -110,17 +111,23 @@ class Core:
             else AlarmTable.new(self.defs)
         )
         self.last: Decision | None = None
+        # proof tests overdue now: step id -> the alarm's detail (the runtime sets it from the
+        # journal's records and the wall clock, every few seconds; a snapshot carries it)
+        self.proof_overdue: Mapping[str, str] = {}
 
     # ---- snapshots: replay starts from one; a restart from `durable` ----
 
     def snapshot(self) -> dict[str, Any]:
         """Everything the next step depends on, JSON-able (floats exact, NaN allowed)."""
-        return {
+        snap = {
             "version": SNAPSHOT_VERSION,
             "supervisor": self.supervisor.snapshot(),
             "operator": self.operator.snapshot(),
             "alarms": self.alarms.snapshot(),
         }
+        if self.proof_overdue:  # absent when none: older snapshots read the same
+            snap["proof_overdue"] = dict(self.proof_overdue)
+        return snap
 
     @classmethod
     def from_snapshot(cls, site: Site, snap: Mapping[str, Any]) -> Core:
@@ -131,6 +138,12 @@ class Core:
         core.supervisor = Supervisor.from_snapshot(core.cfg, snap["supervisor"])
         core.operator, core._pruned = OperatorState.restore(snap["operator"]), []
         core.alarms = AlarmTable.restore(core.defs, snap["alarms"])
+        proof = snap.get("proof_overdue", {})
+        if not isinstance(proof, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in proof.items()
+        ):
+            raise ValueError(f"snapshot proof_overdue: {str(proof)[:60]!r}: expected id -> text")
+        core.proof_overdue = dict(proof)
         return core
 
     def durable(self, now_s: float, wall_s: float) -> dict[str, Any]:
@@ -141,9 +154,13 @@ class Core:
             if d is not None
             else None
         )
+        operator = self.operator.snapshot()
+        # a heartbeat hold never outlives the process: a restarted controller beats at once
+        # (a test tool that died with the old one must not leave the PLC unsupervised)
+        operator.pop("heartbeat_hold", None)
         return {
             "supervisor": self.supervisor.restart_memory(now_s),
-            "operator": self.operator.snapshot(),
+            "operator": operator,
             "alarms": self.alarms.snapshot(),
             "mode": mode,
         }
@@ -169,7 +186,7 @@ class Core:
         answers: list[Answer] = []
         resets: list[tuple[int, Request, frozenset[str]]] = []  # answered after the step
         for req in inp.requests:
-            op, ans, eff = apply(op, req, self.limits, wall)
+            op, ans, eff = apply(op, req, self.limits, wall, link_ok=inp.link_ok)
             if ans.accepted:
                 alarms, ans = self._alarm_effects(alarms, req, ans, eff, wall, events)
                 if eff.reset is not None:
@@ -193,7 +210,7 @@ class Core:
         decision = self.supervisor.step(image, now, cmds)
         for i, req, rules in resets:
             answers[i] = _reset_answer(req, rules, latched_before, decision)
-        present = conditions(decision, inp, op)
+        present = conditions(decision, inp, op, self.proof_overdue)
         alarms, alarm_events = alarms.update(present, wall)
         self.operator, self.alarms, self.last = op, alarms, decision
         return ScanResult(
@@ -265,7 +282,12 @@ def _reset_answer(
     return Answer(req.id, True, "", sorted(latched_before), sorted(d.latched))
 
 
-def conditions(d: Decision, inp: ScanInput, op: OperatorState) -> dict[str, str]:
+def conditions(
+    d: Decision,
+    inp: ScanInput,
+    op: OperatorState,
+    proof_overdue: Mapping[str, str] | None = None,
+) -> dict[str, str]:
     """Every abnormal condition of this scan, as alarm id -> detail."""
     present: dict[str, str] = {}
     for rid in d.active:
@@ -299,7 +321,68 @@ def conditions(d: Decision, inp: ScanInput, op: OperatorState) -> dict[str, str]
         present[f"FORCE:{tag}"] = f"{held.value!r} by {held.who}: {held.reason}"
     if op.maintenance:
         present["MAINTENANCE"] = "maintenance on"
+    for step, why in (proof_overdue or {}).items():
+        present[f"{PROOF_PREFIX}{step}"] = why
     return present
+
+
+# ---- the proof-test schedule (pure: the wall time is an argument) ----
+
+DAY_S = 86400.0
+PROOF_STEPS: tuple[str, ...] = (*(r.id for r in RULES), WATCHDOG_STEP)
+
+
+@dataclass(frozen=True)
+class ProofTest:
+    """One step's proof-test state, as `status` shows it."""
+
+    interval_days: int
+    last_passed_wall: float | None
+    due_wall: float
+    overdue: bool
+    detail: str  # the alarm's detail while overdue
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "interval_days": self.interval_days,
+            "last_passed_wall": self.last_passed_wall,
+            "due_wall": self.due_wall,
+            "overdue": self.overdue,
+        }
+
+
+def _day(wall: float) -> str:
+    try:
+        return datetime.fromtimestamp(wall, UTC).strftime("%Y-%m-%d")
+    except (ValueError, OverflowError, OSError):
+        return "?"
+
+
+def proof_schedule(
+    cfg: CommissioningConfig,
+    last_passed: Mapping[str, float],
+    created_wall: float,
+    now_wall: float,
+) -> dict[str, ProofTest]:
+    """Each step's schedule: due `interval` days after its last live pass (`last_passed`, step
+    id -> filed wall time), or `first_test_days` after the state store was created when it never
+    passed live. Overdue from the due time on. A time that is not a number (NaN) is never
+    overdue here: the schedule is a reminder, not a protection."""
+    out: dict[str, ProofTest] = {}
+    for step in PROOF_STEPS:
+        days = cfg.interval_days(step)
+        last = last_passed.get(step)
+        if last is not None:
+            due = last + days * DAY_S
+            detail = f"last passed live {_day(last)}; interval {days} d, due {_day(due)}"
+        else:
+            due = created_wall + cfg.first_test_days * DAY_S
+            detail = (
+                f"never passed live; first test due {_day(due)} ({cfg.first_test_days} d "
+                f"after the state store was created); interval {days} d"
+            )
+        out[step] = ProofTest(days, last, due, now_wall >= due, detail)
+    return out
 
 
 def _canon(x: object) -> object:

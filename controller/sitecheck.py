@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from controller.arbitration import PUMP_SPEED_FLOOR_PCT, guarded_safe_outputs
+from interlocks.rules import RULES as RULES_TABLE
 from plc_io.site import Problem, Site, SiteError, load_site
 from plc_io.tags import Value
 
@@ -79,6 +80,17 @@ def check_site(site: Site) -> list[Problem]:
         if not ok:
             probs.append(
                 Problem(f"tags.{name}.safe", have, f"{_shown(want)} (DESIGN §7 safe state: {why})")
+            )
+    # The proof-test schedule names steps of the commissioning procedure: rules and the watchdog.
+    steps = [r.id for r in RULES_TABLE] + ["WD"]
+    for step in site.commissioning.proof_test_days_by_rule:
+        if step not in steps:
+            probs.append(
+                Problem(
+                    f"commissioning.proof_test_days_by_rule.{step[:40]}",
+                    step,
+                    f"a rule id or WD ({', '.join(steps)})",
+                )
             )
     return _dedupe(probs)
 

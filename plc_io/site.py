@@ -7,6 +7,7 @@ values) then run over whatever parsed. The result names field path, bad value an
 
 from __future__ import annotations
 
+import hashlib
 import re
 import tomllib
 from dataclasses import dataclass
@@ -119,6 +120,27 @@ class RecorderConfig(BaseModel):
     snapshot_every_s: float = Field(300.0, ge=10, le=3600)  # supervisor snapshots for replay
 
 
+PROOF_DAYS_MAX = 3650  # ten years: longer is no proof-test schedule
+ProofDays = Annotated[int, Field(ge=1, le=PROOF_DAYS_MAX)]
+
+
+class CommissioningConfig(BaseModel):
+    """The proof-test schedule (docs/commissioning.md): how often each interlock and the PLC
+    watchdog must pass a live test. An overdue one raises its `PROOF:<id>` alarm."""
+
+    model_config = _FROZEN
+    # days between live proof tests of every rule and of the watchdog (WD), unless listed below
+    proof_test_days: ProofDays = 365
+    # never passed live: due this many days after the state store was created
+    first_test_days: int = Field(30, ge=0, le=PROOF_DAYS_MAX)
+    # step id (a rule id such as "IL-04", or "WD") -> its own interval in days; the ids are
+    # checked against the rule table when a command starts (controller.sitecheck)
+    proof_test_days_by_rule: dict[str, ProofDays] = Field({}, max_length=100)
+
+    def interval_days(self, step: str) -> int:
+        return self.proof_test_days_by_rule.get(step, self.proof_test_days)
+
+
 # A POSIX portable user name (IEEE Std 1003.1 §3.437: letters, digits, '.', '_', '-', not
 # starting with '-'); 32 characters is the useradd limit. Roles map OS users from SO_PEERCRED.
 USER_NAME = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,31}$")
@@ -203,6 +225,7 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "interlocks": InterlockConfig,
     "plant": PlantConfig,
     "recorder": RecorderConfig,
+    "commissioning": CommissioningConfig,
     "roles": RolesConfig,
 }
 _REQUIREDSECTIONS = ("site", "plc", "tags")
@@ -251,10 +274,14 @@ class Site(BaseModel):
     interlocks: InterlockConfig
     plant: PlantConfig
     recorder: RecorderConfig = RecorderConfig()
+    commissioning: CommissioningConfig = CommissioningConfig()
     # OS user name -> role ("viewer" | "operator" | "engineer"), from [roles]
     roles: dict[str, str] = Field(default_factory=dict)
     tags: tuple[Tag, ...]
     folder: Path = Path(".")
+    # sha256 (hex) of the site file's bytes as loaded ("" when not read from text); left out
+    # of dumps, so the validated site's own hash does not change with a comment
+    source_sha256: str = Field("", exclude=True)
 
     def tag(self, name: str) -> Tag:
         for t in self.tags:
@@ -796,7 +823,12 @@ def _check_overlaps(tags: list[Tag]) -> list[Problem]:
     return probs
 
 
-def parse_site(data: dict[str, Any], source: str = "<site>", folder: Path | None = None) -> Site:
+def parse_site(
+    data: dict[str, Any],
+    source: str = "<site>",
+    folder: Path | None = None,
+    source_sha256: str = "",
+) -> Site:
     """Validate a parsed site file; raise SiteError listing every problem found."""
     probs: list[Problem] = []
     if not isinstance(data, dict):
@@ -879,7 +911,13 @@ def parse_site(data: dict[str, Any], source: str = "<site>", folder: Path | None
         probs += _check_roles(roles)
     if probs:
         raise SiteError(source, probs)
-    return Site(**sections, roles=roles.by_user(), tags=tuple(tags), folder=folder or Path("."))
+    return Site(
+        **sections,
+        roles=roles.by_user(),
+        tags=tuple(tags),
+        folder=folder or Path("."),
+        source_sha256=source_sha256,
+    )
 
 
 # Site files are small; anything bigger is not a site file (and is not read into memory whole).
@@ -936,8 +974,10 @@ def loads_site(text: str, source: str = "<site>", folder: Path | None = None) ->
         data = parse_toml(text)
     except ValueError as e:
         raise SiteError(source, [Problem("(file)", None, str(e), plain=True)]) from None
+    # the file's bytes: read_text_file decoded strict UTF-8, so encoding gives them back
+    digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
     try:
-        return parse_site(data, source, folder)
+        return parse_site(data, source, folder, digest)
     except RecursionError:  # a deeply nested value reached validation
         raise SiteError(
             source, [Problem("(file)", None, "values nested too deeply", plain=True)]
