@@ -974,6 +974,7 @@ class FeedbackResult:
     within_s: float
     at_s: float | None
     ok: bool
+    note: str = ""  # e.g. "not proven: the effect ended before the plant had to follow"
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -984,6 +985,7 @@ class FeedbackResult:
             "within_s": self.within_s,
             "at_s": self.at_s,
             "ok": self.ok,
+            "note": self.note,
         }
 
 
@@ -1126,7 +1128,10 @@ def _judge_feedback(
     before: Observation,
     site: Site,
     effects: Mapping[str, EffectResult],
+    cut_at: float | None,
 ) -> tuple[list[FeedbackResult], list[str]]:
+    """Each feedback on the window; `cut_at` (the cause went away and the window was cut
+    there): a feedback not yet due by then is not proven, which is no failure."""
     rows: list[FeedbackResult] = []
     fails: list[str] = []
     for f in step.feedback:
@@ -1148,13 +1153,47 @@ def _judge_feedback(
         at_s = None if i is None else max(0.0, window[i].t - t0)
         ok = at_s is not None and at_s <= f.within_s
         as_found = window[-1].inputs.get(f.tag) if window else None
+        note = ""
+        if not ok and at_s is None and cut_at is not None and cut_at - t0 < f.within_s:
+            ok, note = (
+                True,
+                (
+                    f"not proven: the effect ended after {_n(cut_at - t0)} s (its cause went "
+                    "away), "
+                    f"before the plant had to follow ({_n(f.within_s)} s)"
+                ),
+            )
         rows.append(
-            FeedbackResult(f.tag, text, before.inputs.get(f.tag), as_found, f.within_s, at_s, ok)
+            FeedbackResult(
+                f.tag, text, before.inputs.get(f.tag), as_found, f.within_s, at_s, ok, note
+            )
         )
         if not ok:
             found = fmt(as_found, _unit(site, f.tag))
             fails.append(f"{f.tag}: as found {found}, expected {text} within {_n(f.within_s)} s")
     return rows, fails
+
+
+def _cause_window(
+    step: Step, method: Method, window: Sequence[Observation], site: Site
+) -> tuple[Sequence[Observation], float | None]:
+    """The part of the window in which the cause stood at the PLC inputs: a non-latching rule
+    clears by design when its cause goes away (IL-01: the fans it speeds up cool the supply
+    below the limit again), so its effects are judged up to the first readable observation,
+    after the cause was seen, that no longer shows it. A forced cause is not at the PLC inputs
+    (it lives in the controller and stands until cleared): the whole window."""
+    if step.latching or method is Method.FORCED or step.id == LINK_RULE:
+        return window, None
+    seen = False
+    for i, o in enumerate(window):
+        if not o.plc_ok:
+            continue
+        present = cause_present(step, o, site)
+        if present:
+            seen = True
+        elif seen:
+            return window[:i], o.t
+    return window, None
 
 
 def judge(
@@ -1172,7 +1211,9 @@ def judge(
     accepted, or the first observation with `cause_present`; a ramped cause: the first such
     observation; physical: the first such observation). Observations before `t0` are ignored;
     the window ends at the last one, so the runner observes until every expect and feedback
-    could have arrived (`required_s`, each feedback's `within_s`) and a little beyond.
+    could have arrived (`required_s`, each feedback's `within_s`) and a little beyond. For a
+    non-latching rule whose cause was applied at the PLC (sim, physical) the window is cut where
+    the cause went away (`_cause_window`): the rule clears then by design.
 
     IL-08: the observer's own link drops with the controller's, so the outputs are judged on
     the first readable observation after the outage (every output at its safe value: the PLC
@@ -1183,17 +1224,21 @@ def judge(
     """
     if step.kind != "rule":
         raise PlanError(f"step {step.id}: kind {step.kind!r}: judge takes rule steps")
+    method = Method(method)
     window = sorted((o for o in obs if o.t >= t0), key=lambda o: o.t)
+    judged, cut_at = _cause_window(step, method, window, site)
     if step.id == LINK_RULE:
         effects, fails, response = _judge_link(step, t0, window, before, site)
         rule_active = any(not o.link_ok for o in window)
     else:
-        effects, fails, response = _judge_expects(step, t0, window, before, site)
+        effects, fails, response = _judge_expects(step, t0, judged, before, site)
         rule_active = any(step.id in o.active for o in window)
         if any(not o.plc_ok for o in window):
             fails.insert(0, "PLC link lost mid-step")
+        if fails and cut_at is not None:
+            fails.append(f"the cause went away {_n(cut_at - t0)} s after it was applied")
     by_out = {e.output: e for e in effects}
-    fb_rows, fb_fails = _judge_feedback(step, window, t0, before, site, by_out)
+    fb_rows, fb_fails = _judge_feedback(step, judged, t0, before, site, by_out, cut_at)
     fails += fb_fails
     if not rule_active:
         what = (
@@ -1211,7 +1256,7 @@ def judge(
         hazard=step.hazard,
         cause=step.cause_text,
         effect=step.effect_text,
-        method=Method(method).value,
+        method=method.value,
         applied=applied,
         required_s=step.required_s,
         response_s=response,
@@ -1220,7 +1265,7 @@ def judge(
         rule_active=rule_active,
         latched=latched,
         mode_before=before.mode,
-        mode_during=_last_mode(window),
+        mode_during=_last_mode(judged),
         result="failed" if fails else "passed",
         failures=tuple(fails),
         reset={"needed": step.latching, "done": False, "how": ""},
