@@ -1,7 +1,9 @@
 """The state store: an embedded SQLite database (WAL) in the state directory.
 
 It holds latched trips, the event journal, the controller's whole durable state (operator
-state, alarm states, supervisor memory: JSON values by key) and the audit of every command.
+state, alarm states, supervisor memory: JSON values by key), the audit of every command and
+the commissioning records (sealed by controller/commission_record.py; appended only, in seq
+order, each chained to the hash of the one before).
 What it holds at start-up is restored before the first scan.
 
 Two layers. `Journal` is the store: it raises on every failure (a full disk, a failing fsync, a
@@ -52,7 +54,7 @@ from interlocks.engine import Event
 if TYPE_CHECKING:  # the operator layer is duck-typed here: only its attributes are read
     from controller.authority import Answer, Request
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 RESET_HINT = "start a new one with: heatloop run --site SITE --reset-state --reason TEXT"
 MAX_REASON = 500  # characters, as for every operator reason
 _TEXT_LIMIT = 600  # a journalled text field is cut here (refused requests may carry anything)
@@ -95,6 +97,14 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX IF NOT EXISTS events_wall_time ON events (wall_time)",
         "CREATE INDEX IF NOT EXISTS events_kind ON events (kind)",
         "CREATE INDEX IF NOT EXISTS commands_wall_time ON commands (wall_time)",
+    ),
+    (  # 2 -> 3: commissioning records, sealed (hash-chained, signed) whole as JSON text
+        """CREATE TABLE IF NOT EXISTS commissioning (
+            seq INTEGER PRIMARY KEY,
+            filed_wall REAL NOT NULL,
+            hash TEXT NOT NULL,
+            record TEXT NOT NULL
+        )""",
     ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
@@ -508,8 +518,136 @@ class Journal:
             out.append(d)
         return out
 
+    # ---- commissioning records ----
+
+    def add_commission_record(self, record: Mapping[str, Any]) -> None:
+        """Append one sealed commissioning record (`commission_record.seal` made it), in one
+        transaction. ValueError (one line) when its seq is not the last one + 1 or its
+        prev_hash is not the last record's hash: the chain is never forked or gapped here (two
+        filings that raced sealed against the same last record; the second is refused)."""
+        seq, prev_hash, digest, filed_wall = _seal_fields(record)
+        try:
+            text = json.dumps(
+                dict(record),
+                sort_keys=True,
+                separators=(",", ":"),
+                ensure_ascii=False,
+                allow_nan=False,
+            )
+            text.encode("utf-8")  # a lone surrogate cannot be stored as UTF-8 text
+        except (TypeError, ValueError, RecursionError) as e:
+            raise ValueError(f"commissioning record seq {seq}: expected JSON ({e})") from None
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            last = self.db.execute(
+                "SELECT seq, hash FROM commissioning ORDER BY seq DESC LIMIT 1"
+            ).fetchone()
+            want_seq, want_prev = (1, "") if last is None else (int(last[0]) + 1, str(last[1]))
+            if seq != want_seq:
+                raise ValueError(
+                    f"commissioning record seq {seq}: expected seq {want_seq} (the last + 1)"
+                )
+            if prev_hash != want_prev:
+                raise ValueError(
+                    f"commissioning record seq {seq}: prev_hash {_cut(prev_hash, 80)!r}, "
+                    f"expected the last record's hash {want_prev!r}"
+                )
+            self.db.execute(
+                "INSERT INTO commissioning (seq, filed_wall, hash, record) VALUES (?, ?, ?, ?)",
+                (seq, filed_wall, digest, text),
+            )
+            if self.before_commit is not None:
+                self.before_commit()
+            self.db.execute("COMMIT")
+        except BaseException:
+            if self.db.in_transaction:
+                self.db.execute("ROLLBACK")
+            raise
+
+    def commission_records(self) -> list[dict[str, Any]]:
+        """Every commissioning record in seq order (see `read_commission_records`)."""
+        rows = self.db.execute("SELECT seq, record FROM commissioning ORDER BY seq")
+        return [_commission_row(seq, text) for seq, text in rows]
+
     def close(self) -> None:
         self.db.close()
+
+
+def _seal_fields(record: object) -> tuple[int, str, str, float]:
+    """(seq, prev_hash, hash, filed_wall) of a sealed record; ValueError naming the field."""
+    if not isinstance(record, Mapping):
+        raise ValueError(
+            "commissioning record: expected a sealed record (a mapping), "
+            f"got {type(record).__name__}"
+        )
+    seq = record.get("seq")
+    if isinstance(seq, bool) or not isinstance(seq, int) or seq < 1:
+        raise ValueError(
+            f"commissioning record seq {_cut(repr(seq), 80)}: expected an integer from 1"
+        )
+    for key in ("prev_hash", "hash"):
+        if not isinstance(record.get(key), str):
+            raise ValueError(
+                f"commissioning record seq {seq}: {key} {_cut(repr(record.get(key)), 80)}: "
+                "expected hex text (a sealed record)"
+            )
+    wall = record.get("filed_wall")
+    if isinstance(wall, bool) or not isinstance(wall, int | float) or not math.isfinite(wall):
+        raise ValueError(
+            f"commissioning record seq {seq}: filed_wall {_cut(repr(wall), 80)}: "
+            "expected a finite wall time"
+        )
+    return seq, record["prev_hash"], record["hash"], float(wall)
+
+
+def _commission_row(seq: int, text: str) -> dict[str, Any]:
+    """A stored record; a row that is not a JSON object is shown as unreadable (the verifier
+    reports it), never fatal to a reader."""
+    try:
+        d = json.loads(text)
+    except (TypeError, ValueError, RecursionError) as e:
+        return {"seq": seq, "unreadable": f"not JSON ({_cut(str(e), 100)})"}
+    if not isinstance(d, dict):
+        return {"seq": seq, "unreadable": f"not a JSON object ({type(d).__name__})"}
+    return d
+
+
+class StoreUnreadable(OSError):
+    """The state store cannot be read for a reader outside the controller (one line)."""
+
+
+def read_commission_records(path: Path) -> list[dict[str, Any]]:
+    """Every commissioning record in `path` in seq order, read-only (SQLite `mode=ro`: works
+    whether a controller runs on the store or not, and never creates, migrates or writes it).
+
+    A store of a schema before commissioning holds none ([]). StoreUnreadable (one line) when
+    the file does not exist, is not an SQLite database or is not a heatloop state store."""
+    if not path.exists():
+        raise StoreUnreadable(
+            f"{path}: no state store there (expected the controller's heatloop.db in the "
+            "site's state directory)"
+        )
+    if not path.is_file():
+        raise StoreUnreadable(f"{path}: expected a state store file, found a directory")
+    try:
+        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+    except sqlite3.Error as e:
+        raise StoreUnreadable(f"{path}: cannot open the state store read-only ({e})") from None
+    try:
+        tables = _tables(db)
+        if not {"latches", "events"} <= tables:
+            raise StoreUnreadable(
+                f"{path}: not a heatloop state store (its tables: "
+                f"{', '.join(sorted(tables)) or 'none'})"
+            )
+        if "commissioning" not in tables:
+            return []  # written before commissioning records existed
+        rows = db.execute("SELECT seq, record FROM commissioning ORDER BY seq").fetchall()
+    except sqlite3.Error as e:
+        raise StoreUnreadable(f"{path}: cannot read the state store ({e})") from None
+    finally:
+        db.close()
+    return [_commission_row(seq, text) for seq, text in rows]
 
 
 def _filters(limit: object, since_wall: object) -> tuple[list[str], list[object]]:
@@ -849,6 +987,25 @@ class JournalKeeper:
         if self.store is None:
             return []
         return self.store.commands(limit, since_wall)
+
+    def add_commission_record(self, record: Mapping[str, Any]) -> None:
+        """File one sealed commissioning record. Unlike the scan's methods this raises
+        (OSError, sqlite3.Error, ValueError from `Journal.add_commission_record`): the caller
+        refuses the filing, and the tool keeps its copy. It opens its own connection, so it
+        may run in any thread beside the scan's commits (SQLite serialises the writers) and
+        never touches what the scan has queued."""
+        if not self.path.is_file():
+            raise StoreUnreadable(f"{self.path}: no state store to file the record in")
+        store = Journal(self.path)
+        try:
+            store.add_commission_record(record)
+        finally:
+            store.close()
+
+    def commission_records(self) -> list[dict[str, Any]]:
+        """Every commissioning record in seq order, read on a connection of its own (any
+        thread); raises StoreUnreadable when the store cannot be read."""
+        return read_commission_records(self.path)
 
     def close(self) -> None:
         try:

@@ -86,13 +86,13 @@ def test_a_store_from_the_first_schema_migrates_and_keeps_latches_and_events(
 ) -> None:
     path = old_store(tmp_path)
     j = open_checked(path)
-    assert j.version == SCHEMA_VERSION == 2
+    assert j.version == SCHEMA_VERSION == 3
     assert j.latched() == V0_LATCHED
     assert [k for _, k, _, _ in reversed(j.events())] == V0_KINDS
     assert j.events(kinds=["trip_latched"])[0][3] == {"cause": "leak_reuse"}
     assert j.load_state() == {} and j.commands() == []
     j.close()
-    assert user_version(path) == 2
+    assert user_version(path) == SCHEMA_VERSION
     # the migrated store has exactly the tables and indexes of a store built new
     assert schema(path) == schema(real_store(tmp_path / "new.db"))
     assert {"state", "commands", "events_wall_time", "events_kind", "commands_wall_time"} <= set(
@@ -117,7 +117,7 @@ def test_a_migration_step_that_fails_leaves_the_previous_version_whole(
     assert user_version(path) == 0 and "state" not in schema(path)  # the step rolled back
     monkeypatch.undo()
     j = open_checked(path)  # and the real step applies later
-    assert j.version == 2 and j.latched() == V0_LATCHED
+    assert j.version == SCHEMA_VERSION and j.latched() == V0_LATCHED
     j.close()
 
 
@@ -127,7 +127,7 @@ def test_a_missing_store_is_a_first_start_built_complete(tmp_path: Path) -> None
     leftover.parent.mkdir()
     leftover.write_bytes(b"half")
     j = open_checked(path)
-    assert j.version == 2 and j.latched() == frozenset() and j.load_state() == {}
+    assert j.version == SCHEMA_VERSION and j.latched() == frozenset() and j.load_state() == {}
     j.close()
     assert not leftover.exists()
     assert sorted(p.name for p in path.parent.iterdir()) == ["heatloop.db"]
@@ -208,7 +208,10 @@ DAMAGE: dict[str, tuple[Callable[[Path], None], str]] = {
     "an overwritten page": (page_overwritten, "integrity check|damaged"),
     "a text file": (text_file, "is not an SQLite database"),
     "an empty file": (empty_file, "is empty"),
-    "a newer schema": (newer_version, "schema version 3 is newer than this software's"),
+    "a newer schema": (
+        newer_version,
+        f"schema version {SCHEMA_VERSION + 1} is newer than this software's",
+    ),
     "a negative schema version": (negative_version, "schema version -1 is not a heatloop"),
     "a wrong events table": (wrong_events_table, "table 'events' has columns"),
     "a missing state table": (missing_state_table, "table 'state' is missing"),
