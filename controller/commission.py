@@ -238,6 +238,8 @@ class Applied:
     forces: dict[str, dict[str, Any]] = field(default_factory=dict)  # tag -> forces_used entry
     hold: bool = False
     ramps: list[asyncio.Task[None]] = field(default_factory=list)
+    ramped: list[Any] = field(default_factory=list)  # the ramped sim actions in force
+    levels: dict[tuple[str, str], float] = field(default_factory=dict)  # their offsets now
 
 
 class Runner:
@@ -606,7 +608,7 @@ class Runner:
         for e in step.expects:
             t.say(f"     expect {e.text}")
         for f in step.feedback:
-            t.say(f"     then   {f.text} (within {f.within_s:g} s)")
+            t.say(f"     then   {f.tag} {f.text} (within {f.within_s:g} s)")
         t.say(f"   method: {method}")
         why_not = _why_not(step, method)
         if why_not:
@@ -667,22 +669,19 @@ class Runner:
 
     def _show_judged(self, res: Mapping[str, Any]) -> None:
         t = self.term
-        resp = res.get("response_s")
         t.say(
-            f"   {res.get('result', '?').upper()}: response "
-            f"{'-' if resp is None else f'{resp:.2f} s'} (required {res.get('required_s')} s)"
+            f"   {str(res.get('result', '?')).upper()}: response {_secs(res.get('response_s'))} "
+            f"(required {res.get('required_s')} s)"
         )
         for e in res.get("effects") or ():
-            mark = "✓" if e.get("ok") else "✗"
             t.say(
-                f"     {mark} {e.get('output')}: as found {e.get('as_found')!r} "
-                f"(expected {e.get('expected')!r}) at {e.get('at_s')} s"
+                f"     {'✓' if e.get('ok') else '✗'} {e.get('output')}: as found "
+                f"{e.get('as_found')!r} (expected {e.get('expected')!r}) at {_secs(e.get('at_s'))}"
             )
         for f in res.get("feedback") or ():
-            mark = "✓" if f.get("ok") else "✗"
             t.say(
-                f"     {mark} {f.get('tag')}: as found {f.get('as_found')!r} "
-                f"(expected {f.get('expected')}) at {f.get('at_s')} s"
+                f"     {'✓' if f.get('ok') else '✗'} {f.get('tag')}: as found "
+                f"{f.get('as_found')!r} (expected {f.get('expected')}) at {_secs(f.get('at_s'))}"
             )
 
     def _show_end(self, res: Mapping[str, Any]) -> None:
@@ -697,26 +696,26 @@ class Runner:
         cp = self.cp
         if method == str(cp.Method.SIM):
             assert self.sim is not None
-            parts, ramped = [], False
-            for a in step.sim:
-                if a.ramp_k_per_s:
-                    ramped = True
-                    self.applied.faults.append((a.name, a.target))
-                    self.applied.ramps.append(asyncio.create_task(self._ramp(a)))
-                    parts.append(
-                        f"sim fault {a.name}/{a.target} ramped to {a.value:g} at "
-                        f"{a.ramp_k_per_s:g}/s"
-                    )
-                else:
-                    self.applied.faults.append((a.name, a.target))
-                    await self.sim.inject(a.name, a.target, a.value)
-                    parts.append(f"sim fault {a.name}/{a.target} = {a.value:g}")
-            applied = "; ".join(parts)
+            before = self.observer.latest
+            try:  # offsets from the readings as found, so a ramp ends where the plan says
+                actions = cp.sim_actions(step, before, self.site)
+            except cp.PlanError as e:
+                raise StepStop("failed", f"cannot apply the sim cause: {e}") from None
+            applied = cp.applied_text(step, cp.Method.SIM, actions)
             ctx["applied"] = applied
+            ramped = [a for a in actions if a.ramp_k_per_s]
+            for a in actions:
+                self.applied.faults.append((a.name, a.target))
+                if not a.ramp_k_per_s:
+                    await self.sim.inject(a.name, a.target, a.value)
             if not ramped:
                 return applied, time.monotonic()
+            self.applied.ramped = ramped
+            self.applied.ramps.append(
+                asyncio.create_task(self._ramp_to(ramped, lambda a: float(a.value)))
+            )
             # a ramp: the cause starts when it is seen at the PLC inputs
-            span = max(abs(a.value) / a.ramp_k_per_s for a in step.sim if a.ramp_k_per_s)
+            span = max(abs(a.value) / a.ramp_k_per_s for a in ramped)
             return applied, await self._cause_seen(step, span + self.opts.timeout_s, tags)
         if method == str(cp.Method.FORCED):
             parts = []
@@ -772,23 +771,34 @@ class Runner:
                 )
             self.term.live("waiting for the cause | " + live_text(o, tags))
 
-    async def _ramp(self, a: Any) -> None:
-        """Re-inject a sim fault in small steps up to its value (a sensor drifting, not jumping)."""
+    async def _ramp_to(self, actions: Sequence[Any], goal: Callable[[Any], float]) -> None:
+        """Move the step's ramped sim offsets together toward `goal(action)`, re-injecting in
+        steps of at most `ramp_k_per_s` × one tick (tick ≤ one scan): a sensor drifting, which
+        the controller's rate check accepts, not a jump it would take for a broken sensor."""
         assert self.sim is not None
-        step = a.ramp_k_per_s * RAMP_EVERY_S * (1 if a.value >= 0 else -1)
-        v = 0.0
+        tick = min(RAMP_EVERY_S, self.site.scan.period_s)
         while True:
-            v = a.value if abs(v + step) >= abs(a.value) else v + step
-            await self.sim.inject(a.name, a.target, v)
-            if v == a.value:
+            done = True
+            for a in actions:
+                key = (a.name, a.target)
+                cur = self.applied.levels.get(key, 0.0)
+                want = goal(a)
+                most = a.ramp_k_per_s * tick
+                nxt = want if abs(want - cur) <= most else cur + math.copysign(most, want - cur)
+                await self.sim.inject(a.name, a.target, nxt)
+                self.applied.levels[key] = nxt
+                done = done and nxt == want
+            if done:
                 return
-            await asyncio.sleep(RAMP_EVERY_S)
+            await asyncio.sleep(tick)
 
     async def _observe(
         self, step: Any, method: str, t0: float, before: Any, applied: str, tags: Sequence[str]
     ) -> list[Any]:
         cp, site = self.cp, self.site
         horizon = max([step.required_s, *(f.within_s for f in step.feedback)]) + self.margin_s
+        if step.id == "IL-08":  # judged when the link is back: the outage itself takes time
+            horizon = max(horizon, self.opts.timeout_s)
         deadline = t0 + horizon
         since_ok = [time.monotonic()]
         last_judge = -math.inf
@@ -837,6 +847,21 @@ class Runner:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         self.applied.ramps = []
+        if self.sim is not None and self.applied.ramped:
+            # back down the same way before clearing: a step back would trip the rate check
+            ramped, self.applied.ramped = self.applied.ramped, []
+            bound = (
+                max(
+                    abs(self.applied.levels.get((a.name, a.target), 0.0)) / a.ramp_k_per_s
+                    for a in ramped
+                )
+                + 5.0
+            )
+            try:
+                await asyncio.wait_for(self._ramp_to(ramped, lambda a: 0.0), bound)
+            except Exception as e:  # cleared below all the same
+                self.term.say(f"   ramping back failed: {type(e).__name__}: {e}")
+            self.applied.levels.clear()
         if self.sim is not None:
             for name, target in list(self.applied.faults):
                 try:
@@ -1019,6 +1044,10 @@ class Runner:
         res["ended_wall"] = time.time()
 
 
+def _secs(v: object) -> str:
+    return f"{v:.2f} s" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
 def _why_not(step: Any, method: str) -> str:
     why = step.why_not.get(method) if step.why_not else None
     if why:
@@ -1103,6 +1132,12 @@ def write_unfiled(body: Mapping[str, Any], out_dir: Path) -> list[Path]:
 def run_commission(site: Site, opts: Options, term: Terminal | None = None) -> int:
     """The CLI's entry: the whole run in its own event loop."""
     term = term or Terminal()
+    import logging
+
+    from controller.logs import configure
+
+    # the libraries' and the transport's logs to stderr, warnings only: stdout is the person's
+    configure(json=False, level=logging.WARNING)
 
     async def main() -> int:
         return await Runner(site, opts, term).run()

@@ -55,7 +55,7 @@ def _plain(image: ProcessImage) -> dict[str, Value | None]:
     """Values a decision may use; anything unreadable or out of range is None."""
     return {
         k: (s.value if s.quality in (Quality.GOOD, Quality.FORCED) else None)
-        for k, s in image.samples.items()
+        for k, s in image.items()
     }
 
 
@@ -142,7 +142,7 @@ class Observer:
             outs = await tr.read_outputs()
             lost = any(
                 s.quality in (Quality.COMMS_LOST, Quality.BAD_REPLY)
-                for s in (*ins.samples.values(), *outs.samples.values())
+                for s in (*ins.values(), *outs.values())
             )
             ok = tr.health.state is LinkState.OK and not lost
             inputs, outputs = _plain(ins), _plain(outs)
