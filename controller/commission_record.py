@@ -703,6 +703,13 @@ def _feedback_rows(step: Mapping[str, Any]) -> list[tuple[str, ...]]:
     ]
 
 
+def _response(step: Mapping[str, Any]) -> str:
+    required = step.get("required_s")
+    want = f"required within {_secs(required)} s" if _number(required) else "no time required"
+    got = step.get("response_s")
+    return f"{_secs(got)} s measured, {want}" if _number(got) else f"not measured, {want}"
+
+
 def _step_facts(step: Mapping[str, Any]) -> list[tuple[str, str]]:
     reset = _m(step.get("reset"))
     if reset:
@@ -717,11 +724,7 @@ def _step_facts(step: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("Cause", _txt(step.get("cause"))),
         ("Applied", f"{_txt(step.get('applied'))} (method {_txt(step.get('method'))})"),
         ("Expected effect", _txt(step.get("effect"))),
-        (
-            "Response",
-            f"{_secs(step.get('response_s'))} s measured, {_secs(step.get('required_s'))} s "
-            "required",
-        ),
+        ("Response", _response(step)),
         (
             "Rule",
             f"active {_txt(step.get('rule_active'))}, latched {_txt(step.get('latched'))}",
@@ -817,7 +820,7 @@ def to_markdown(record: Mapping[str, Any]) -> str:
     out += ["## Bypasses", ""]
     for title, key in (("At the start", "bypasses_at_start"), ("At the end", "bypasses_at_end")):
         rows = _bypass_rows(rec.get(key))
-        out += [f"{title}: " + ("none" if not rows else ""), ""]
+        out += [f"{title}: none" if not rows else f"{title}:", ""]
         if rows:
             out += [*_md_table(BYPASS_COLUMNS, rows), ""]
     removed = ", ".join(_txt(r) for r in _l(rec.get("bypasses_removed"))) or "none"
@@ -908,7 +911,7 @@ def to_html(record: Mapping[str, Any]) -> str:
     out += [f'<p class="warn">{_h(w)}</p>' for w in h.warnings]
     out.append("<table>")
     for label, value in h.rows:
-        hexy = label.endswith(("sha256", "hash", "key", "(Ed25519)"))
+        hexy = label.lower().endswith(("sha256", "hash", "key", "(ed25519)"))
         cls = ' class="hex"' if hexy else ""
         out.append(f"<tr><th>{_h(label)}</th><td{cls}>{_h(value)}</td></tr>")
     out += [
@@ -938,7 +941,7 @@ def to_html(record: Mapping[str, Any]) -> str:
     out.append("<h2>Bypasses</h2>")
     for title, key in (("At the start", "bypasses_at_start"), ("At the end", "bypasses_at_end")):
         rows = _bypass_rows(rec.get(key))
-        out.append(f"<p>{_h(title)}: {'none' if not rows else ''}</p>")
+        out.append(f"<p>{_h(title)}: none</p>" if not rows else f"<p>{_h(title)}:</p>")
         if rows:
             out += _html_table(BYPASS_COLUMNS, rows)
     removed = ", ".join(_txt(r) for r in _l(rec.get("bypasses_removed"))) or "none"

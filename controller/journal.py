@@ -618,10 +618,14 @@ class StoreUnreadable(OSError):
 
 def read_commission_records(path: Path) -> list[dict[str, Any]]:
     """Every commissioning record in `path` in seq order, read-only (SQLite `mode=ro`: works
-    whether a controller runs on the store or not, and never creates, migrates or writes it).
+    whether a controller runs on the store or not, and never migrates or writes it).
 
-    A store of a schema before commissioning holds none ([]). StoreUnreadable (one line) when
-    the file does not exist, is not an SQLite database or is not a heatloop state store."""
+    SQLite reads a WAL store through its `-shm` index, which it creates if missing; a reader
+    who may not write the state directory (an auditor's account) is then refused. When the
+    store has no write-ahead log (no controller has it open), the file alone is the whole store
+    and it is read as immutable instead. A store of a schema before commissioning holds none
+    ([]). StoreUnreadable (one line) when the file does not exist, is not an SQLite database
+    or is not a heatloop state store."""
     if not path.exists():
         raise StoreUnreadable(
             f"{path}: no state store there (expected the controller's heatloop.db in the "
@@ -630,9 +634,24 @@ def read_commission_records(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise StoreUnreadable(f"{path}: expected a state store file, found a directory")
     try:
-        db = sqlite3.connect(path.resolve().as_uri() + "?mode=ro", uri=True)
+        rows = _read_commissioning(path, "mode=ro")
+    except sqlite3.OperationalError as e:
+        if _side(path, "-wal").exists():
+            raise StoreUnreadable(
+                f"{path}: cannot read the state store ({e}); read it as the controller's user "
+                "or with write access to its directory"
+            ) from None
+        try:
+            rows = _read_commissioning(path, "immutable=1")
+        except sqlite3.Error as e2:
+            raise StoreUnreadable(f"{path}: cannot read the state store ({e2})") from None
     except sqlite3.Error as e:
-        raise StoreUnreadable(f"{path}: cannot open the state store read-only ({e})") from None
+        raise StoreUnreadable(f"{path}: cannot read the state store ({e})") from None
+    return [_commission_row(seq, text) for seq, text in rows]
+
+
+def _read_commissioning(path: Path, how: str) -> list[tuple[int, str]]:
+    db = sqlite3.connect(f"{path.resolve().as_uri()}?{how}", uri=True)
     try:
         tables = _tables(db)
         if not {"latches", "events"} <= tables:
@@ -642,12 +661,9 @@ def read_commission_records(path: Path) -> list[dict[str, Any]]:
             )
         if "commissioning" not in tables:
             return []  # written before commissioning records existed
-        rows = db.execute("SELECT seq, record FROM commissioning ORDER BY seq").fetchall()
-    except sqlite3.Error as e:
-        raise StoreUnreadable(f"{path}: cannot read the state store ({e})") from None
+        return db.execute("SELECT seq, record FROM commissioning ORDER BY seq").fetchall()
     finally:
         db.close()
-    return [_commission_row(seq, text) for seq, text in rows]
 
 
 def _filters(limit: object, since_wall: object) -> tuple[list[str], list[object]]:

@@ -13,6 +13,9 @@ import re
 import shutil
 import sqlite3
 import stat
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -318,6 +321,44 @@ def test_read_commission_records_is_read_only_and_clear_about_bad_files(
     keeper.close()
     assert len(read_commission_records(site.db)) == 1
     assert site.db.read_bytes() == before or Journal(site.db).version == SCHEMA_VERSION
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("setpriv") is None,
+    reason="needs root and setpriv to read as another user",
+)
+def test_an_auditor_who_may_not_write_the_state_directory_reads_the_records() -> None:
+    with tempfile.TemporaryDirectory() as d:  # pytest's own folder is closed to others
+        Path(d).chmod(0o755)
+        site = Site(Path(d))
+        site.file_records([body(), body()])
+        site.state.chmod(0o755)
+        site.db.chmod(0o644)
+        _read_as_nobody(site)
+
+
+def _read_as_nobody(site: Site) -> None:
+    for p in (site.db.with_name("heatloop.db-wal"), site.db.with_name("heatloop.db-shm")):
+        assert not p.exists()  # no controller runs: the store is the file alone
+    code = (
+        "import sys; from pathlib import Path; "
+        "from controller.journal import read_commission_records as r; "
+        "print(len(r(Path(sys.argv[1]))))"
+    )
+    nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+    run = subprocess.run(
+        [*nobody, sys.executable, "-c", code, str(site.db)],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert (run.returncode, run.stdout.strip()) == (0, "2"), run.stderr
+    assert sorted(p.name for p in site.state.iterdir() if p.name.startswith("heatloop.db")) == [
+        "heatloop.db",
+        "heatloop.db.lock",
+    ]
 
 
 def test_a_schema_2_store_migrates_and_keeps_everything(tmp_path: Path) -> None:
