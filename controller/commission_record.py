@@ -587,6 +587,11 @@ def _head(rec: Mapping[str, Any]) -> _Head:
     site, soft, ctl = _m(rec.get("site")), _m(rec.get("software")), _m(rec.get("controller"))
     target = rec.get("target")
     warnings = []
+    if not isinstance(rec.get("signature"), str):
+        warnings.append(
+            "NOT FILED: the controller did not seal this record; it carries no hash or "
+            "signature and proves nothing until it is filed."
+        )
     if ctl and ctl.get("site_sha256") != site.get("sha256"):
         warnings.append(
             "WARNING: the site file the tool read (sha256 "
@@ -635,7 +640,9 @@ def _head(rec: Mapping[str, Any]) -> _Head:
     ]
     verify = (
         f"heatloop commission verify --record {report_name(rec)}.json "
-        f"--public-key {_txt(rec.get('public_key'))}"
+        f"--public-key {_key_hex(rec.get('public_key')) or 'HEX'}"
+        if isinstance(rec.get("signature"), str)
+        else ""
     )
     return _Head(
         title=f"Commissioning record: {_txt(site.get('name'))}",
@@ -794,14 +801,14 @@ def to_markdown(record: Mapping[str, Any]) -> str:
     for w in h.warnings:
         out += [f"**{_md(w)}**", ""]
     out += [*_md_table(("", ""), h.rows), ""]
-    out += [
-        "To verify this record (its JSON copy) with the site's public key alone:",
-        "",
-        f"    {h.verify}",
-        "",
-        "## Steps",
-        "",
-    ]
+    if h.verify:
+        out += [
+            "To verify this record (its JSON copy) with the site's public key alone:",
+            "",
+            f"    {h.verify}",
+            "",
+        ]
+    out += ["## Steps", ""]
     out += [*_md_table(STEP_COLUMNS, _step_rows(rec)), ""]
     for step in map(_m, _l(rec.get("steps"))):
         out += [f"### {_md(_txt(step.get('id')))}: {_md(_txt(step.get('result')).upper())}", ""]
@@ -914,12 +921,13 @@ def to_html(record: Mapping[str, Any]) -> str:
         hexy = label.lower().endswith(("sha256", "hash", "key", "(ed25519)"))
         cls = ' class="hex"' if hexy else ""
         out.append(f"<tr><th>{_h(label)}</th><td{cls}>{_h(value)}</td></tr>")
-    out += [
-        "</table>",
-        "<p>To verify this record (its JSON copy) with the site's public key alone:</p>",
-        f"<p><code>{_h(h.verify)}</code></p>",
-        "<h2>Steps</h2>",
-    ]
+    out.append("</table>")
+    if h.verify:
+        out += [
+            "<p>To verify this record (its JSON copy) with the site's public key alone:</p>",
+            f"<p><code>{_h(h.verify)}</code></p>",
+        ]
+    out.append("<h2>Steps</h2>")
     out += _html_table(STEP_COLUMNS, _step_rows(rec), bad_col=5)
     for step in map(_m, _l(rec.get("steps"))):
         out.append('<div class="step">')

@@ -483,6 +483,9 @@ def test_a_passing_live_record_says_so_without_warnings(site: Site) -> None:
         assert rec["hash"] in text and rec["prev_hash"] == ""
         assert "2026-09-21T" in text  # UTC ISO times
     assert json.loads(cr.to_json(rec)) == rec
+    unfiled = cr.to_markdown(body())  # the tool's own copy when filing failed
+    assert "NOT FILED: the controller did not seal this record" in unfiled
+    assert "commission verify" not in unfiled
 
 
 # ---- the key ----
