@@ -1314,7 +1314,10 @@ def _judge_link(
         fails.append("the PLC link did not go down (the cause was not applied)")
     elif back is None:
         fails.append("the PLC link did not come back within the window")
-    tripped_at = next((o.t for o in window if o.inputs.get("plc_watchdog_tripped") is True), None)
+    # the trip's time is known only if it was visible before the link came back (the
+    # simulator's instrument view); seen only on the return, it happened somewhere in the outage
+    blind = window[:back] if back is not None else window
+    tripped_at = next((o.t for o in blind if o.inputs.get("plc_watchdog_tripped") is True), None)
     seen = window[back] if back is not None else None
     effects: list[EffectResult] = []
     times: list[float | None] = []
