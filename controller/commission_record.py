@@ -328,10 +328,16 @@ def seal(
         seq, prev_hash = 1, ""
     else:
         s, h = prev.get("seq"), prev.get("hash")
+        damaged = "; the stored records are damaged: see heatloop commission verify --site SITE"
         if isinstance(s, bool) or not isinstance(s, int) or s < 1:
-            raise _bad("prev.seq", s, "the previous record's seq (an integer from 1)")
+            raise RecordError(
+                f"the newest stored record's seq {_shown(s)}: expected an integer from 1{damaged}"
+            )
         if not isinstance(h, str) or not h:
-            raise _bad("prev.hash", h, "the previous record's hash")
+            raise RecordError(
+                f"the newest stored record (seq {s}) has hash {_shown(h)}: expected its "
+                f"hash{damaged}"
+            )
         seq, prev_hash = s + 1, h
     if not _number(filed_wall):
         raise _bad("filed_wall", filed_wall, "a finite wall time")

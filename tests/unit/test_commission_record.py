@@ -257,8 +257,11 @@ def test_a_copy_verifies_with_the_public_key_alone(site: Site, tmp_path: Path) -
 
 
 def test_seal_refuses_a_bad_previous_record_and_bad_filing_fields(site: Site) -> None:
-    with pytest.raises(cr.RecordError, match=r"prev\.hash"):
+    with pytest.raises(cr.RecordError, match=r"newest stored record \(seq 1\) has hash None"):
         cr.seal(body(), {"seq": 1}, site.key, filed_wall=WALL, filed_by="x", controller={})
+    unreadable = {"seq": 2, "unreadable": "not JSON"}  # as the journal shows a damaged row
+    with pytest.raises(cr.RecordError, match="heatloop commission verify --site SITE"):
+        cr.seal(body(), unreadable, site.key, filed_wall=WALL, filed_by="x", controller={})
     with pytest.raises(cr.RecordError, match="filed_wall"):
         cr.seal(body(), None, site.key, filed_wall=math.nan, filed_by="x", controller={})
     with pytest.raises(cr.RecordError, match="filed_by"):
