@@ -13,7 +13,10 @@ the socket from being used against the controller:
   (this also replaces a stale socket atomically; the process-wide umask is never touched, so no
   other thread's files change mode);
 - every limit refuses with one line and keeps the controller running: a line longer than
-  `max_bytes` (then closed), text that is not a JSON object with a `cmd`, a client that sends
+  `max_bytes` (then closed), a line longer than `small_bytes` for any command but those in
+  `LARGE_COMMANDS` (a commissioning record; the controller runs with `max_bytes` = 2 MiB for it,
+  so at most `max_clients` × `max_bytes` of lines are held at once and only one is parsed at a
+  time), text that is not a JSON object with a `cmd`, a client that sends
   nothing for `idle_s` (closed), more than `max_clients` connections (the newest is refused
   "busy"), more requests than a token bucket allows (`rate_per_s`, burst `burst`, for the
   whole server; and `user_rate_per_s`, burst `user_burst`, for each uid, so one flooding client
@@ -63,6 +66,8 @@ MAX_REPLY_BYTES = 64 * 1024 * 1024
 MAX_TRACKED_UIDS = 1024  # per-uid rate buckets kept at once
 MAX_WHY = 500  # characters of a refusal's reason
 MAX_CMD = 64  # characters of a command name (the longest is "maintenance")
+MAX_LINE_BYTES = 16384  # every request but a commissioning record fits in this
+LARGE_COMMANDS = frozenset({"commission"})  # may use up to `max_bytes`
 
 Peer = Callable[[socket.socket], tuple[int, str | None]]  # socket -> (uid, user name or None)
 
@@ -227,7 +232,8 @@ class ChannelServer:
         read: Callable[[str, Mapping[str, object]], Awaitable[dict[str, Any]]],
         *,
         log: Any = None,
-        max_bytes: int = 16384,
+        max_bytes: int = MAX_LINE_BYTES,
+        small_bytes: int = MAX_LINE_BYTES,
         idle_s: float = 5.0,
         max_clients: int = 16,
         rate_per_s: float = 50.0,
@@ -243,6 +249,7 @@ class ChannelServer:
         self.submit, self.read = submit, read
         self.log = log if log is not None else structlog.get_logger("heatloop.channel")
         self.max_bytes, self.idle_s, self.max_clients = max_bytes, idle_s, max_clients
+        self.small_bytes = min(small_bytes, max_bytes)
         self.peer, self.via = peer, via
         self._bucket = _TokenBucket(rate_per_s, burst, clock)
         self._user_buckets: dict[int, _TokenBucket] = {}
@@ -423,6 +430,15 @@ class ChannelServer:
             cmd, args, reason = parse_request(line)
         except ValueError as e:
             return self._refusal(user, uid, "", str(e))
+        size = len(line.rstrip(b"\r\n"))
+        if size > self.small_bytes and cmd not in LARGE_COMMANDS:
+            return self._refusal(
+                user,
+                uid,
+                cmd,
+                f"message of {size} bytes: expected at most {self.small_bytes} for {cmd[:40]!r} "
+                f"(only {', '.join(sorted(LARGE_COMMANDS))} may be up to {self.max_bytes})",
+            )
         if user is None:
             return self._refusal(
                 user, uid, cmd, f"uid {uid} has no user name on this machine; no role"

@@ -39,6 +39,18 @@ Theory of operation.
   other output of the pass was acknowledged. The runtime never sends a beat of its own, so a
   scan that cannot write safely (link down, writes refused, the scan itself broken) sends none
   and the PLC watchdog takes over.
+- A heartbeat hold (`watchdog_test`, a PLC watchdog proof test) lives in the operator state
+  and ends by the wall clock, whatever the tool that asked for it does; the runtime tells the
+  transport each scan to write the heartbeat unchanged while it stands, every other output as
+  usual. It never survives a restart (a restarted controller beats). When it ends, every output
+  is re-sent each scan for the PLC's hold-off plus one watchdog period, so the PLC sees fresh
+  commands after a steady heartbeat and releases its safe hold, as after any watchdog trip.
+- Commissioning records (`commission`) are I/O, not decisions: the runtime checks, seals
+  (the site key in the state directory, chained to the previous record) and files them in the
+  journal on a connection of its own, beside the scan, one at a time. The proof-test schedule
+  comes from the filed records: `last_passed` at start and after each filing; which steps are
+  overdue is evaluated against the wall clock every PROOF_EVERY_S and handed to the core, which
+  raises the `PROOF:<id>` alarms (a change takes a recorder snapshot, so replay follows it).
 - Time is injected (`clock`, `sleep`, and `offload` for the journal's blocking I/O), so the loop
   runs on a fake clock in tests.
 """
@@ -62,8 +74,8 @@ import structlog
 
 from controller import arbitration
 from controller.arbitration import Output
-from controller.authority import Answer, Request
-from controller.core import Core, ScanInput, ScanResult
+from controller.authority import Answer, Cmd, Request, permitted, remaining_s
+from controller.core import Core, ProofTest, ScanInput, ScanResult, proof_schedule
 from controller.journal import JournalKeeper
 from controller.modes import Mode
 from controller.supervisor import Commands, Decision, Supervisor, SupervisorConfig
@@ -83,6 +95,21 @@ COMMAND = "command"  # the kind of the event that journals an answered request
 # the runtime logs these itself, with the PLC's reasons, once per cause (the supervisor's events
 # of the same kinds are journalled but not logged twice)
 _LOGGED_BY_RUNTIME = frozenset({"write_failed", "write_recovered"})
+PROOF_EVERY_S = 5.0  # how often the proof-test schedule is held against the wall clock
+MAX_FILINGS = 2  # commissioning records being filed or waiting to be; more are refused "busy"
+# The channel's per-message limit: a commissioning record (≤ 1 MiB of canonical JSON) with its
+# envelope. Only `commission` may be that long (controller.channel.LARGE_COMMANDS).
+CHANNEL_MAX_BYTES = 2 * 1024 * 1024
+
+
+def package_version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("heatloop")
+    except Exception:  # not installed (a source tree): say so rather than guess
+        return "unknown"
+
 
 T = TypeVar("T")
 Offload = Callable[[Callable[[], T]], Awaitable[T]]
@@ -148,6 +175,8 @@ def command_row(e: Event) -> tuple[Any, ...]:
     args = d["args"] if isinstance(d["args"], Mapping) else {}
     if e.source == "reset":
         target = _bounded(args.get("rules") or "all", 200)
+    elif e.source == Cmd.COMMISSION:
+        target = str(args.get("run_id", ""))[:200]
     else:
         target = next(
             (str(args[k])[:200] for k in ("tag", "rule", "alarm", "name") if k in args), ""
@@ -219,6 +248,19 @@ class Controller:
         self.core = self._new_core(clock(), wall(), restored, latched)
         if latched:
             self.log.warning("trip_restored", latched=sorted(latched))
+        self.version = package_version()
+        self.created_wall = self._created_wall(restored)
+        self._last_passed: dict[str, float] = {}
+        self._proof_next = -float("inf")  # monotonic time of the next schedule evaluation
+        self._filings = 0  # commissioning records being filed or waiting
+        self._filing_lock = asyncio.Lock()
+        self._full_answers: dict[str, Any] = {}  # request id -> the sealed record to answer
+        self._key: Any = None  # the site's signing key, loaded at the first filing
+        self._rule_table_sha256: str | None = None
+        self._hold_on = False  # the transport holds the heartbeat
+        self._release_until = -float("inf")  # re-send every output each scan until then
+        if journal is not None and journal.latched() is not None:
+            self._last_passed = self._read_last_passed()
         self.status = Status()
         self._last_link: LinkState | None = None
         self._resent_at = -RESEND_EVERY_S
@@ -250,6 +292,39 @@ class Controller:
         self.bms_view: Callable[[], dict[str, Any]] | None = None  # the BMS link's state
         self.started = asyncio.Event()  # set once the start-up write is done
 
+    def _created_wall(self, restored: Mapping[str, Any]) -> float:
+        """When the state store was created (the first proof tests fall due from it): written
+        once, at the first start with a readable store that has none. A store that cannot be
+        read counts from now, and nothing is written over what it may hold."""
+        w = restored.get("created_wall")
+        if isinstance(w, int | float) and not isinstance(w, bool) and w == w:
+            return float(w)
+        now = self.wall()
+        known = self.journal.latched() if self.journal is not None else None
+        if self.journal is not None and known is not None and self.journal.problem is None:
+            self.journal.record((), known, {"created_wall": now})
+        return now
+
+    def _read_last_passed(self) -> dict[str, float]:
+        """Step id -> newest live pass, from the journal's records (never raises)."""
+        from controller import commission_record as cr
+
+        assert self.journal is not None
+        try:
+            records = self.journal.commission_records()
+            key = cr.public_key_hex(self._signing_key()) if records else None
+            return cr.last_passed(records, key)
+        except Exception as e:  # the schedule is a reminder: an unreadable one is logged
+            self.log.error("proof_tests_unreadable", error=f"{type(e).__name__}: {e}")
+            return {}
+
+    def _signing_key(self) -> Any:
+        if self._key is None:
+            from controller.commission_record import load_or_create_key
+
+            self._key = load_or_create_key(self.site.state_dir)
+        return self._key
+
     def _new_core(
         self, now: float, wall: float, restored: Mapping[str, Any], latched: frozenset[str]
     ) -> Core:
@@ -266,6 +341,8 @@ class Controller:
 
     async def submit(self, req: Request) -> Answer:
         """Queue a request for the next scan; the answer comes once the journal has it."""
+        if req.cmd == Cmd.COMMISSION:
+            return await self._commission(req)
         if len(self._queue) >= MAX_QUEUED:
             return Answer(
                 req.id, False, f"busy: {MAX_QUEUED} requests wait for the scan", kind="busy"
@@ -273,6 +350,136 @@ class Controller:
         fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._queue.append((req, fut))
         return await fut
+
+    # ---- commissioning records ----
+
+    async def _commission(self, req: Request) -> Answer:
+        """File a commissioning record: check, seal, store, answer with the sealed record.
+        Every answer is journalled as a command row (target the run id, new its seq and hash:
+        never the record itself, which lives in the journal's commissioning table)."""
+        args = req.args if isinstance(req.args, Mapping) else {}
+        body = args.get("record")
+        summary: dict[str, Any] = {}
+        if isinstance(body, Mapping):
+            summary = {
+                k: str(body.get(k))[:200] for k in ("run_id", "target", "purpose", "outcome")
+            }
+        ans = self._commission_refusal(req, args, body)
+        if ans is None:
+            if self._filings >= MAX_FILINGS:
+                ans = Answer(req.id, False, "busy: a record is being filed; try again", kind="busy")
+            else:
+                self._filings += 1
+                try:
+                    async with self._filing_lock:  # one at a time: each chains to the last
+                        ans = await self._file(req, body)
+                finally:
+                    self._filings -= 1
+        full = ans.new
+        if ans.accepted and isinstance(full, Mapping):
+            ans = replace(ans, new={"seq": full.get("seq"), "hash": full.get("hash")})
+        fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
+        self._answering[req.id] = fut
+        self._full_answers[req.id] = full if ans.accepted else None
+        event = self._command_event(req, ans, self.clock(), self.wall(), summary)
+        self._waiting.append(event)  # journalled with the next scan's commit, then answered
+        try:
+            answer = await fut
+        finally:
+            self._answering.pop(req.id, None)
+            self._full_answers.pop(req.id, None)
+        if answer.accepted:
+            self._proof_next = -float("inf")  # a filing may clear a PROOF alarm at once
+        return answer
+
+    def _commission_refusal(
+        self, req: Request, args: Mapping[str, Any], body: object
+    ) -> Answer | None:
+        from controller import commission_record as cr
+
+        if not permitted(req.role, req.cmd):
+            return Answer(
+                req.id,
+                False,
+                f"role {str(req.role)[:40]} may not commission; needs engineer",
+                kind="denied",
+            )
+        if set(args) != {"record"}:
+            got = sorted(str(k)[:40] for k in args)
+            return Answer(
+                req.id,
+                False,
+                f"args: fields {got}: expected {{record}} for commission",
+                kind="invalid",
+            )
+        if not isinstance(body, Mapping) or body.get("format") != cr.FORMAT:
+            got = body.get("format") if isinstance(body, Mapping) else type(body).__name__
+            return Answer(
+                req.id,
+                False,
+                f"args.record: format {str(got)[:60]!r}: expected a JSON object with format "
+                f"{cr.FORMAT!r}",
+                kind="invalid",
+            )
+        if self.journal is None:
+            return Answer(req.id, False, "no journal: nothing can be filed", kind="state")
+        if self.journal.problem is not None:
+            return Answer(
+                req.id,
+                False,
+                f"the journal cannot write ({self.journal.problem}); the record was not filed: "
+                "keep the tool's copy and file it again once the journal is back",
+                kind="state",
+            )
+        return None
+
+    async def _file(self, req: Request, body: Any) -> Answer:
+        """Seal `body` after the newest record and store it (blocking I/O in the worker)."""
+        from controller.commission_record import RecordError
+
+        # the whole body is checked in the worker too: a megabyte of JSON walked and encoded
+        # on the event loop would delay the scan
+        try:
+            sealed, passed = await self.offload(partial(self._seal_and_store, req, body))
+        except (RecordError, RecursionError) as e:
+            why = str(e) if isinstance(e, RecordError) else "record: nested too deeply"
+            return Answer(req.id, False, why[:500], kind="invalid")
+        except Exception as e:  # the tool keeps its copy; nothing half-filed is told as filed
+            self.log.error("commission_not_filed", error=f"{type(e).__name__}: {e}")
+            return Answer(
+                req.id,
+                False,
+                f"not filed: {type(e).__name__}: {str(e)[:300]}; keep the tool's copy and file "
+                "it again",
+                kind="state",
+            )
+        self._last_passed = passed
+        return Answer(req.id, True, "", None, sealed)
+
+    def _seal_and_store(self, req: Request, body: Any) -> tuple[dict[str, Any], dict[str, float]]:
+        from controller import commission_record as cr
+
+        assert self.journal is not None
+        key = self._signing_key()
+        if self._rule_table_sha256 is None:
+            from controller.commission_plan import rule_table_hash
+
+            self._rule_table_sha256 = rule_table_hash(self.site)
+        records = self.journal.commission_records()
+        sealed = cr.seal(
+            body,
+            records[-1] if records else None,
+            key,
+            filed_wall=self.wall(),
+            filed_by=req.principal,
+            controller={
+                "version": self.version,
+                "site_sha256": self.site.source_sha256,
+                "rule_table_sha256": self._rule_table_sha256,
+            },
+        )
+        self.journal.add_commission_record(sealed)
+        return sealed, cr.last_passed([*records, sealed], cr.public_key_hex(key))
 
     def request(self, cmd: str, args: Mapping[str, Any] | None = None, reason: str = "") -> str:
         """An in-process request (the demo, tests): engineer `local`, answered in the journal."""
@@ -302,7 +509,12 @@ class Controller:
 
             # first: a second controller on the same state directory stops here
             server = ChannelServer(
-                self.channel, self.site.roles, self.submit, self.read, log=self.log
+                self.channel,
+                self.site.roles,
+                self.submit,
+                self.read,
+                log=self.log,
+                max_bytes=CHANNEL_MAX_BYTES,
             )
             await server.start()
         try:
@@ -375,9 +587,11 @@ class Controller:
             self.degraded(),
             self._take_requests(),
         )
+        self._update_proof(now, wall)
         self._snapshot_if_due(wall)
         result, fallback = self._decide(inp)
         decision = result.decision
+        self._heartbeat_hold(now, wall)
         notes: list[tuple[str, dict[str, Any]]] = []
         if link_ok:
             notes += await self._write(decision, image, now)
@@ -498,8 +712,37 @@ class Controller:
             "degraded": list(st.degraded),
             "recorder": self.recorder.stats() if self.recorder is not None else None,
             "bms": self._bms_view(),
+            "inputs": self._inputs_view(),
+            "site_sha256": self.site.source_sha256,
+            "version": self.version,
+            "heartbeat_hold_until_wall": (
+                op.heartbeat_hold.expires_wall
+                if op.heartbeat_hold is not None and self._hold_on
+                else None
+            ),
+            "proof_tests": {k: p.to_json() for k, p in self.proof_tests(st.wall).items()},
         }
         return view
+
+    def _inputs_view(self) -> dict[str, dict[str, Any]]:
+        """Every input as the last scan saw it: value and quality as read (an engineer's input
+        force shows as its forced value), and whether validation trusted it, and why not."""
+        st, op = self.status, self.core.operator
+        d = st.decision
+        invalid = d.invalid if d is not None else {}
+        out: dict[str, dict[str, Any]] = {}
+        for tag in self.site.inputs:
+            forced = op.input_forces.get(tag.name)
+            if forced is not None:
+                value, quality = forced.value, Quality.FORCED.value
+            else:
+                sample = st.image[tag.name]
+                value, quality = sample.value, sample.quality.value
+            why = invalid.get(tag.name, "")
+            if d is None:
+                why = "no scan yet"
+            out[tag.name] = {"value": value, "quality": quality, "valid": not why, "reason": why}
+        return out
 
     def _bms_view(self) -> dict[str, Any]:
         off = {"state": "off", "pid": None, "restarts": 0, "last_error": "", "endpoint": None}
@@ -572,41 +815,47 @@ class Controller:
 
     def _command_events(self, inp: ScanInput, result: ScanResult) -> list[Event]:
         """One journal entry per answered request: who, when, what, old and new, reason."""
-        events = []
-        for req, ans in zip(inp.requests, result.answers, strict=True):
-            events.append(
-                Event(
-                    COMMAND,
-                    inp.now_s,
-                    req.cmd,
-                    {
-                        "wall": inp.wall_s,
-                        "id": req.id,
-                        "principal": req.principal,
-                        "role": req.role,
-                        "via": req.via,
-                        "args": dict(req.args),
-                        "reason": req.reason,
-                        "accepted": ans.accepted,
-                        "why": ans.why,
-                        "kind": ans.kind,
-                        "old": ans.old,
-                        "new": ans.new,
-                    },
-                )
-            )
-        return events
+        return [
+            self._command_event(req, ans, inp.now_s, inp.wall_s)
+            for req, ans in zip(inp.requests, result.answers, strict=True)
+        ]
+
+    @staticmethod
+    def _command_event(
+        req: Request, ans: Answer, now: float, wall: float, args: Mapping[str, Any] | None = None
+    ) -> Event:
+        """`args`: what to journal of the arguments, when not all of them (a record)."""
+        return Event(
+            COMMAND,
+            now,
+            req.cmd,
+            {
+                "wall": wall,
+                "id": req.id,
+                "principal": req.principal,
+                "role": req.role,
+                "via": req.via,
+                "args": dict(req.args if args is None else args),
+                "reason": req.reason,
+                "accepted": ans.accepted,
+                "why": ans.why,
+                "kind": ans.kind,
+                "old": ans.old,
+                "new": ans.new,
+            },
+        )
 
     def _answered(self, e: Event) -> None:
         """The journal has this request's entry: answer whoever waits for it, and log it."""
         d = e.detail
         fut = self._answering.pop(str(d["id"]), None)
+        full = self._full_answers.pop(str(d["id"]), None)  # a sealed record goes back whole
         ans = Answer(
             str(d["id"]),
             bool(d["accepted"]),
             str(d["why"]),
             d["old"],
-            d["new"],
+            d["new"] if full is None else full,
             str(d.get("kind", "")),
         )
         if fut is not None and not fut.done():
@@ -811,8 +1060,10 @@ class Controller:
     ) -> list[tuple[str, dict[str, Any]]]:
         """Write the decision's outputs; note unacknowledged ones once per cause."""
         tripped = image["plc_watchdog_tripped"]
-        if (tripped.quality.usable and tripped.value is True) or (
-            now - self._resent_at >= RESEND_EVERY_S
+        if (
+            (tripped.quality.usable and tripped.value is True)
+            or now - self._resent_at >= RESEND_EVERY_S
+            or now < self._release_until
         ):
             # the PLC releases its safe hold only on fresh commands (DESIGN §7), and a PLC
             # that does not report its watchdog gets them all now and then anyway
@@ -834,6 +1085,42 @@ class Controller:
             self._write_causes = failed
         return notes
 
+    def _heartbeat_hold(self, now: float, wall: float) -> None:
+        """Tell the transport whether to hold the heartbeat this scan (by the wall clock, so a
+        hold ends on time even while the decision step fails)."""
+        h = self.core.operator.heartbeat_hold
+        on = h is not None and remaining_s(h, wall) > 0.0
+        hold = getattr(self.transport, "hold_heartbeat", None)
+        if hold is not None:
+            hold(on)
+        if on == self._hold_on:
+            return
+        self._hold_on = on
+        if on:
+            assert h is not None
+            self.log.warning("heartbeat_held", who=h.who, until_wall=h.expires_wall)
+        else:
+            # as after any watchdog trip: fresh commands each scan while the PLC's hold-off
+            # runs, so it releases even if it does not report its watchdog
+            p = self.site.plc
+            self._release_until = now + p.watchdog_holdoff_s + p.watchdog_s
+            self.log.info("heartbeat_resumed")
+
+    def proof_tests(self, wall: float) -> dict[str, ProofTest]:
+        """Each proof-test step's schedule at wall time `wall`."""
+        return proof_schedule(self.site.commissioning, self._last_passed, self.created_wall, wall)
+
+    def _update_proof(self, now: float, wall: float) -> None:
+        """Every PROOF_EVERY_S (and at once after a filing): which proof tests are overdue,
+        for the core's PROOF alarms. A change starts a new recorder snapshot (replay follows)."""
+        if now < self._proof_next:
+            return
+        self._proof_next = now + PROOF_EVERY_S
+        overdue = {k: p.detail for k, p in self.proof_tests(wall).items() if p.overdue}
+        if overdue != self.core.proof_overdue:
+            self.core.proof_overdue = overdue
+            self._new_core_built = True
+
     def _restore_latches(self, now: float, wall: float) -> None:
         """A journal that opened only after start-up may hold trips latched before it: restart
         the decision core with them, exactly as a controller restart would."""
@@ -845,7 +1132,9 @@ class Controller:
         latched = self.supervisor.latched | restored
         self.log.warning("trip_restored", latched=sorted(latched), late=True)
         state = self.core.durable(now, wall)
+        proof = self.core.proof_overdue
         self.core = self._new_core(now, wall, state, latched)
+        self.core.proof_overdue = proof
         self._new_core_built = True  # the recorder needs a new starting point
 
     def _note_scan_error(self, where: str, e: Exception) -> None:

@@ -415,6 +415,10 @@ class OpcuaTransport:
         """Send every output on the next pass, changed or not (e.g. to release the watchdog)."""
         self._out.reconnected()
 
+    def hold_heartbeat(self, on: bool) -> None:
+        """Write the heartbeat unchanged while on (a watchdog proof test)."""
+        self._out.hold = on
+
     async def read_outputs(self) -> ProcessImage:
         tags = list(self._outputs.values())
         if not await self._ensure_connected(self._clock()):

@@ -95,6 +95,10 @@ class Transport(Protocol):
     def resend_all(self) -> None:
         """Send every output on the next pass, changed or not."""
 
+    def hold_heartbeat(self, on: bool) -> None:
+        """While on, every pass writes the heartbeat unchanged (a PLC watchdog proof test: the
+        PLC sees a frozen heartbeat); the other outputs are written as usual."""
+
 
 # ---- shared bookkeeping for the transports (link health, back-off, change-only logging) ----
 
@@ -220,6 +224,7 @@ class OutputCache:
         self.desired: dict[str, Any] = {}
         self.written: dict[str, Any] = {}  # acknowledged by the PLC since the last connect
         self.heartbeat = 0
+        self.hold = False  # the counter stands still (still sent each pass: a frozen beat)
 
     def accept(self, values: Mapping[str, Value]) -> dict[str, str]:
         """Take a pass's values; return the refused ones. Raises UnknownTagError."""
@@ -238,7 +243,8 @@ class OutputCache:
         if HEARTBEAT in self.tags:
             if HEARTBEAT not in values:
                 # wraps to 0 after the tag's range high (the site check demands [0, N])
-                self.heartbeat = (self.heartbeat + 1) % (int(self.tags[HEARTBEAT].hi) + 1)
+                if not self.hold:
+                    self.heartbeat = (self.heartbeat + 1) % (int(self.tags[HEARTBEAT].hi) + 1)
                 self.desired[HEARTBEAT] = self.normalise(self.tags[HEARTBEAT], self.heartbeat)
             elif HEARTBEAT in failed:
                 self.desired.pop(HEARTBEAT, None)  # never resend an old beat as if alive
@@ -336,6 +342,9 @@ class PlannedTransport:
     def resend_all(self) -> None:
         """Send every output on the next pass, changed or not (e.g. to release the watchdog)."""
         self._out.reconnected()
+
+    def hold_heartbeat(self, on: bool) -> None:
+        self._out.hold = on
 
     async def _read(self, plan: Sequence[Block], prev: ProcessImage) -> ProcessImage:
         raise NotImplementedError
