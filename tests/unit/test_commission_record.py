@@ -25,6 +25,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 from controller import commission_record as cr
 from controller.journal import (
@@ -722,3 +724,42 @@ def test_key_files_are_only_made_on_first_use(tmp_path: Path) -> None:
     assert sorted(p.name for p in state.iterdir()) == [cr.KEY_FILE, cr.PUB_FILE]
     assert os.stat(state / cr.KEY_FILE).st_size > 0
     assert cr.public_key_hex(cr.load_or_create_key(state)) == cr.public_key_hex(key)
+
+
+# ---- any content survives the trip through a pretty copy, and any change shows ----
+
+_KEY = Ed25519PrivateKey.generate()
+_text = st.text(st.characters(exclude_categories=("Cs",)), max_size=40)  # no lone surrogates
+_value = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**63), 2**63),
+    st.floats(allow_nan=False, allow_infinity=False),
+    _text,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(comment=_text, before=_value, as_found=_value, at_s=_value, mutate=st.integers(0, 10**6))
+def test_any_content_round_trips_through_a_pretty_copy_and_any_change_is_detected(
+    comment: str, before: object, as_found: object, at_s: object, mutate: int
+) -> None:
+    effect = {"output": "reuse_valve_cmd", "before": before, "as_found": as_found, "at_s": at_s}
+    s = step("IL-04", comment=comment, effects=[effect])
+    rec = cr.seal(body(steps=[s]), None, _KEY, filed_wall=WALL, filed_by="x", controller={})
+    key = cr.public_key_hex(_KEY)
+    copy = json.loads(cr.to_json(rec))
+    assert cr.verify_record(copy, key) == []
+    # change one value the record holds (a different value of the same kind)
+    field = ["comment", "before", "as_found", "at_s"][mutate % 4]
+    target = copy["steps"][0] if field == "comment" else copy["steps"][0]["effects"][0]
+    old = target[field]
+    if isinstance(old, bool) or old is None:
+        new: object = not old
+    elif isinstance(old, int | float):
+        new = old + 1 if abs(old) < 1e15 else old / 2
+    else:
+        new = old + "x"
+    assume(new != old or type(new) is not type(old))
+    target[field] = new
+    assert any("altered" in p.what for p in cr.verify_record(copy, key))
