@@ -68,6 +68,7 @@ TEMP_MARGIN_K = 3.0
 # offset in steps of at most `ramp_k_per_s` × its tick (tick ≤ one scan) shows the controller at
 # most twice the ramp rate between two scans, still below the limit.
 RAMP_FRACTION = 0.4
+ALREADY = "not proven: already at this value before the cause"
 STATUS_BAD_MODES = ("LEAK_TRIP", "STARTUP", "MAINTENANCE")
 NOT_NORMAL_MODES = ("LEAK_TRIP", "STARTUP")
 # The reuse valve's position follows its command (the supervisor's own valve check).
@@ -1283,15 +1284,13 @@ def _judge_expects(
         at_s = None if i is None else max(0.0, window[i].t - t0)
         ok = at_s is not None and at_s <= step.required_s
         as_found = window[-1].outputs.get(e.output) if window else None
+        b = before.outputs.get(e.output)
+        # an output that already held the value proves nothing about the rule (e.g. a leak
+        # step run while DRY_COOLER_REJECT already bypasses the valve): say so in the record
+        note = ALREADY if ok and e.accepts(b) else ""
         effects.append(
             EffectResult(
-                e.output,
-                e.values,
-                before.outputs.get(e.output),
-                as_found,
-                at_s,
-                _last_level(window, e.output),
-                ok,
+                e.output, e.values, b, as_found, at_s, _last_level(window, e.output), ok, note
             )
         )
         times.append(at_s)
@@ -1319,26 +1318,48 @@ def _judge_link(
     blind = window[:back] if back is not None else window
     tripped_at = next((o.t for o in blind if o.inputs.get("plc_watchdog_tripped") is True), None)
     seen = window[back] if back is not None else None
+    trips = "plc_watchdog_trips"
+    counted: str | None = None  # the trip counter's evidence, when the site maps it
+    if seen is not None and any(t.name == trips for t in site.inputs):
+        b, a = before.inputs.get(trips), seen.inputs.get(trips)
+        if _is_num(a) and _is_num(b) and float(a) > float(b):  # type: ignore[arg-type]
+            counted = f"{trips} rose from {fmt(b)} to {fmt(a)}"
+        else:
+            fails.append(f"{trips}: as found {fmt(a)}, expected more than {fmt(b)} (a trip)")
+    released = seen is not None and seen.inputs.get("plc_watchdog_tripped") is not True
     effects: list[EffectResult] = []
     times: list[float | None] = []
     for e in step.expects:
+        b = before.outputs.get(e.output)
         v = seen.outputs.get(e.output) if seen is not None else None
-        ok_value = seen is not None and e.accepts(v)
+        ok = seen is not None and e.accepts(v)
         at_s: float | None = None
         note = ""
-        if ok_value and tripped_at is not None:
+        if ok and tripped_at is not None:
             at_s = max(0.0, tripped_at - t0)
-        elif ok_value:
+            ok = at_s <= step.required_s
+        elif ok:
             note = (
                 "seen at its safe value when the link came back; the watchdog's time is not "
                 "measurable through a dropped link (the WD step measures it)"
             )
-        ok = ok_value and (at_s is None or at_s <= step.required_s)
+        elif counted is not None and released:
+            # the PLC tripped (its counter says so) and had released again before the tool's
+            # own connection was back: the safe hold itself was not seen, the WD step sees it
+            ok, note = (
+                True,
+                (
+                    f"not seen: the PLC had released its safe hold before the tool could read it "
+                    f"again; {counted}"
+                ),
+            )
+        if ok and e.accepts(b):
+            note = "not proven: already at its safe value before the link dropped"
         effects.append(
             EffectResult(
                 e.output,
                 e.values,
-                before.outputs.get(e.output),
+                b,
                 v,
                 at_s,
                 seen.levels.get(e.output) if seen is not None else None,
@@ -1349,11 +1370,6 @@ def _judge_link(
         times.append(at_s)
         if seen is not None and not ok:
             fails.append(_expect_line(e, v, at_s, step, site) + " (on the link's return)")
-    trips = "plc_watchdog_trips"
-    if seen is not None and any(t.name == trips for t in site.inputs):
-        b, a = before.inputs.get(trips), seen.inputs.get(trips)
-        if not (_is_num(a) and _is_num(b) and float(a) > float(b)):  # type: ignore[arg-type]
-            fails.append(f"{trips}: as found {fmt(a)}, expected more than {fmt(b)} (a trip)")
     measured = [t for t in times if t is not None]
     response = max(measured) if measured and len(measured) == len(times) else None
     return effects, fails, response

@@ -586,7 +586,12 @@ def test_il08_is_judged_on_the_links_return() -> None:
     r = cp.judge(step, Method.SIM, 0.0, tl, obs(), SITE, "sim fault comms_drop = 6")
     assert r.result == "passed", r.failures
     assert r.rule_active and r.response_s is None
-    assert all(e.note.startswith("seen at its safe value") for e in r.effects)
+    notes = {e.output: e.note for e in r.effects}
+    already = {k for k, v in RUNNING.items() if SITE.safe_outputs().get(k) == v}
+    assert already == {"primary_pump_a_cmd", "primary_pump_speed_cmd"}
+    for out, note in notes.items():
+        want = "not proven: already" if out in already else "seen at its safe value"
+        assert note.startswith(want), (out, note)
     # the trip visible during the outage (the simulator's instrument view) is timed
     tl2 = list(tl)
     tl2[2] = replace(tl2[2], inputs={"plc_watchdog_tripped": True})
@@ -607,6 +612,36 @@ def test_il08_is_judged_on_the_links_return() -> None:
     r = cp.judge(step, Method.SIM, 0.0, [obs(0.0), obs(3.0)], obs(), SITE, "")
     assert "the PLC link did not go down (the cause was not applied)" in r.failures
     assert "the controller's PLC link did not go down" in r.failures
+
+
+def test_il08_a_release_before_the_tool_reads_again_counts_by_the_trip_counter() -> None:
+    """The tool's own connection may come back after the PLC has already released its safe
+    hold: the trip counter is then the evidence; without one mapped, the step fails."""
+    step = step_of("IL-08")
+    tl = [obs(0.0), obs(3.0, plc_ok=False, link_ok=False, inputs={}, outputs={})]
+    tl.append(obs(9.0, plc_watchdog_tripped=False, plc_watchdog_trips=1.0))
+    r = cp.judge(step, Method.SIM, 0.0, tl, obs(), SITE, "")
+    assert r.result == "passed", r.failures
+    moved = [e for e in r.effects if not e.note.startswith("not proven: already")]
+    assert moved and all("plc_watchdog_trips rose from 0 to 1" in e.note for e in moved)
+    tl[-1] = replace(tl[-1], inputs={**HEALTHY, "plc_watchdog_trips": 0.0})
+    r = cp.judge(step, Method.SIM, 0.0, tl, obs(), SITE, "")
+    assert r.result == "failed"
+    assert any(f.startswith("reuse_valve_cmd: as found 50 %") for f in r.failures)
+
+
+def test_an_effect_already_in_place_is_marked_not_proven() -> None:
+    isolated = {
+        **RUNNING,
+        "reuse_valve_cmd": 0.0,
+        "secondary_pump_cmd": False,
+        "reuse_isolation_cmd": False,
+        "customer_isolation_cmd": False,
+    }
+    tl = il04_timeline(0.5, 40.0)
+    before = obs(outputs=isolated, mode="DRY_COOLER_REJECT")
+    r = cp.judge(step_of("IL-04"), Method.SIM, 0.0, tl, before, SITE, "")
+    assert all(e.ok and e.note == cp.ALREADY for e in r.effects)
 
 
 def test_not_run_records_why() -> None:
