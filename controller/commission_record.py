@@ -13,10 +13,11 @@ from a pretty-printed copy gives the same bytes. What this detects, and what it 
 - a record re-signed or forged with another key: it is checked against the site's public key
   (`commission_ed25519.pub`, and printed on every record, so a copy off the machine is checked
   with the public key alone);
-- not detectable from the chain alone: deleting the newest records (no later record points to
-  them) or a person holding the private key re-signing the whole chain. Both are caught only by
-  comparing with the copies handed over (each names its seq and hash), which is why the
-  verifier prints the newest seq and hash.
+- the newest records deleted (no later record points to them) or the chain rebuilt by someone
+  who holds the private key: the chain alone cannot show either, so `verify_filings` compares
+  the records with the command audit, where the controller journals the seq and hash of every
+  record it filed. Someone who also edits the audit is caught only by the copies handed over
+  (each names its seq and hash), which is why the verifier prints the newest seq and hash.
 
 The private key is made once, on first use, in the state directory (PKCS8 PEM, 0600). A key file
 that cannot be read, is not Ed25519 or does not match its `.pub` stops filing with one line: a
@@ -487,6 +488,40 @@ def verify_chain(
                     )
                 )
         prev = rec
+    return out
+
+
+def verify_filings(
+    records: Sequence[Mapping[str, Any]], filings: Iterable[Mapping[str, Any]]
+) -> list[Problem]:
+    """The command audit's accepted filings (`journal.read_commission_filings`) against the
+    stored records: each seq filed is still there, with the hash it was filed with. This
+    catches what the chain alone cannot: the newest records deleted (no later record points
+    to them), or the whole chain rebuilt. [] = every filing accounted for."""
+    stored = {s: rec for rec in records if (s := _seq(rec)) is not None}
+    out: list[Problem] = []
+    for f in filings:
+        when = f"filed {_iso(f.get('wall_time'))} by {_txt(f.get('principal'))}"
+        seq = f.get("seq")
+        if isinstance(seq, bool) or not isinstance(seq, int):
+            what = _txt(f.get("unreadable") or seq)
+            out.append(
+                Problem(None, f"a filing in the command audit ({when}) is unreadable: {what}")
+            )
+            continue
+        rec = stored.get(seq)
+        if rec is None:
+            out.append(
+                Problem(seq, f"{when} (command audit) but missing from the records: deleted")
+            )
+        elif rec.get("hash") != f.get("hash"):
+            out.append(
+                Problem(
+                    seq,
+                    f"{when} with hash {_shown(f.get('hash'), 70)} (command audit), but the "
+                    f"stored record's hash is {_shown(rec.get('hash'), 70)}: replaced",
+                )
+            )
     return out
 
 
@@ -1069,7 +1104,11 @@ def _verify_file(path: Path, key_text: str) -> int:
 
 
 def _verify_site(site_path: str, key_text: str | None) -> int:
-    from controller.journal import StoreUnreadable, read_commission_records
+    from controller.journal import (
+        StoreUnreadable,
+        read_commission_filings,
+        read_commission_records,
+    )
     from plc_io.site import SiteError, load_site
 
     try:
@@ -1087,6 +1126,7 @@ def _verify_site(site_path: str, key_text: str | None) -> int:
     store = site.state_dir / "heatloop.db"
     try:
         records = read_commission_records(store)
+        filings = read_commission_filings(store)
     except StoreUnreadable as e:
         _err(str(e))
         return EXIT_RUNTIME
@@ -1103,7 +1143,7 @@ def _verify_site(site_path: str, key_text: str | None) -> int:
     if pinned is not None and on_disk is not None and on_disk != pinned:
         extra.append(f"{pub} holds {on_disk}, not the --public-key given ({pinned})")
     key = pinned or on_disk
-    problems = verify_chain(records, key)
+    problems = verify_chain(records, key) + verify_filings(records, filings)
     by_seq: dict[int | None, list[Problem]] = {}
     for p in problems:
         by_seq.setdefault(p.seq, []).append(p)
@@ -1115,7 +1155,7 @@ def _verify_site(site_path: str, key_text: str | None) -> int:
         _say(f"  {line}")
     if not records:
         _say(f"no commissioning records in {store}")
-        return EXIT_PROBLEM if extra else EXIT_OK
+        return EXIT_PROBLEM if extra or problems else EXIT_OK
     newest = records[-1]
     tail = f"newest seq {_txt(newest.get('seq'))}, hash {_txt(newest.get('hash'))}"
     if problems or extra:
@@ -1123,8 +1163,8 @@ def _verify_site(site_path: str, key_text: str | None) -> int:
         return EXIT_PROBLEM
     _say(
         f"intact: {len(records)} record(s), seq 1..{len(records)} chained, each signed by "
-        f"the site's key {key}; {tail} (a deleted newest record leaves no gap: compare with "
-        "the newest copy handed over)"
+        f"the site's key {key}, every filing in the command audit present; {tail} (compare "
+        "with the newest copy handed over)"
     )
     return EXIT_OK
 

@@ -626,6 +626,43 @@ def read_commission_records(path: Path) -> list[dict[str, Any]]:
     and it is read as immutable instead. A store of a schema before commissioning holds none
     ([]). StoreUnreadable (one line) when the file does not exist, is not an SQLite database
     or is not a heatloop state store."""
+    rows = _read_only(path, _commissioning_rows)
+    return [_commission_row(seq, text) for seq, text in rows]
+
+
+def read_commission_filings(path: Path) -> list[dict[str, Any]]:
+    """The command audit's accepted `commission` requests, oldest first, read-only as
+    `read_commission_records`: {"wall_time", "principal", "seq", "hash"} each (the controller
+    journals the seq and hash it filed), or {"wall_time", "principal", "unreadable"}. They
+    show a filed record that is no longer in the table (the newest ones leave no gap)."""
+    out: list[dict[str, Any]] = []
+    for wall, who, new in _read_only(path, _filing_rows):
+        d = _detail(new)
+        if isinstance(d, dict) and "seq" in d and "hash" in d:
+            out.append({"wall_time": wall, "principal": who, "seq": d["seq"], "hash": d["hash"]})
+        else:
+            out.append({"wall_time": wall, "principal": who, "unreadable": _cut(str(new), 100)})
+    return out
+
+
+def _commissioning_rows(db: sqlite3.Connection, tables: set[str]) -> list[Any]:
+    if "commissioning" not in tables:
+        return []  # written before commissioning records existed
+    return db.execute("SELECT seq, record FROM commissioning ORDER BY seq").fetchall()
+
+
+def _filing_rows(db: sqlite3.Connection, tables: set[str]) -> list[Any]:
+    if "commands" not in tables:
+        return []
+    return db.execute(
+        "SELECT wall_time, principal, new FROM commands"
+        " WHERE cmd = 'commission' AND accepted = 1 ORDER BY id"
+    ).fetchall()
+
+
+def _read_only(path: Path, read: Callable[[sqlite3.Connection, set[str]], list[Any]]) -> list[Any]:
+    """`read(db, tables)` on a read-only connection to the store at `path` (see
+    `read_commission_records` for when it is opened as immutable)."""
     if not path.exists():
         raise StoreUnreadable(
             f"{path}: no state store there (expected the controller's heatloop.db in the "
@@ -634,7 +671,7 @@ def read_commission_records(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise StoreUnreadable(f"{path}: expected a state store file, found a directory")
     try:
-        rows = _read_commissioning(path, "mode=ro")
+        return _read_with(path, "mode=ro", read)
     except sqlite3.OperationalError as e:
         if _side(path, "-wal").exists():
             raise StoreUnreadable(
@@ -642,15 +679,16 @@ def read_commission_records(path: Path) -> list[dict[str, Any]]:
                 "or with write access to its directory"
             ) from None
         try:
-            rows = _read_commissioning(path, "immutable=1")
+            return _read_with(path, "immutable=1", read)
         except sqlite3.Error as e2:
             raise StoreUnreadable(f"{path}: cannot read the state store ({e2})") from None
     except sqlite3.Error as e:
         raise StoreUnreadable(f"{path}: cannot read the state store ({e})") from None
-    return [_commission_row(seq, text) for seq, text in rows]
 
 
-def _read_commissioning(path: Path, how: str) -> list[tuple[int, str]]:
+def _read_with(
+    path: Path, how: str, read: Callable[[sqlite3.Connection, set[str]], list[Any]]
+) -> list[Any]:
     db = sqlite3.connect(f"{path.resolve().as_uri()}?{how}", uri=True)
     try:
         tables = _tables(db)
@@ -659,9 +697,7 @@ def _read_commissioning(path: Path, how: str) -> list[tuple[int, str]]:
                 f"{path}: not a heatloop state store (its tables: "
                 f"{', '.join(sorted(tables)) or 'none'})"
             )
-        if "commissioning" not in tables:
-            return []  # written before commissioning records existed
-        return db.execute("SELECT seq, record FROM commissioning ORDER BY seq").fetchall()
+        return read(db, tables)
     finally:
         db.close()
 

@@ -35,6 +35,7 @@ from controller.journal import (
     JournalKeeper,
     StoreUnreadable,
     open_checked,
+    read_commission_filings,
     read_commission_records,
 )
 from plc_io.site import demo_site_text
@@ -104,21 +105,26 @@ class Site:
         self.key = cr.load_or_create_key(self.state)
         self.pub = cr.public_key_hex(self.key)
 
-    def file_records(self, bodies: list[dict], key: Ed25519PrivateKey | None = None) -> list[dict]:
+    def file_records(
+        self, bodies: list[dict], key: Ed25519PrivateKey | None = None, audit: bool = True
+    ) -> list[dict]:
+        """Seal and file each body as the controller does: the record in its table, then the
+        accepted request in the command audit with the seq and hash it was filed as."""
         keeper = JournalKeeper(self.db)
         try:
             prev = (keeper.commission_records() or [None])[-1]
             out = []
             for i, b in enumerate(bodies):
+                wall = WALL + 1000.0 * (i + 1)
                 prev = cr.seal(
-                    b,
-                    prev,
-                    key or self.key,
-                    filed_wall=WALL + 1000.0 * (i + 1),
-                    filed_by="eve",
-                    controller=CONTROLLER,
+                    b, prev, key or self.key, filed_wall=wall, filed_by="eve", controller=CONTROLLER
                 )
                 keeper.add_commission_record(prev)
+                if audit:
+                    new = json.dumps({"seq": prev["seq"], "hash": prev["hash"]})
+                    row = (wall, f"r{i}", "eve", "engineer", "channel", "commission")
+                    row += (b["run_id"], "null", new, "file", 1, "")
+                    keeper.record([], frozenset(), commands=[row])
                 out.append(prev)
             return out
         finally:
@@ -229,8 +235,31 @@ def test_a_record_re_signed_with_another_key_is_detected(site: Site) -> None:
     assert seqs(unpinned) == {2} and "signing key changed at seq 2" in unpinned[0].what
     # the whole chain re-signed with the forger's key: every record fails the site key
     site.sql("DELETE FROM commissioning")
-    site.file_records([body(), body()], key=other)
+    site.file_records([body(), body()], key=other, audit=False)
     assert seqs(cr.verify_chain(read_commission_records(site.db), site.pub)) == {1, 2}
+
+
+def test_a_deleted_newest_record_is_caught_by_the_command_audit(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    filed = site.file_records([body(), body(), body()])
+    site.sql("DELETE FROM commissioning WHERE seq = 3")
+    records = read_commission_records(site.db)
+    assert cr.verify_chain(records, site.pub) == []  # the chain alone cannot see it
+    problems = cr.verify_filings(records, read_commission_filings(site.db))
+    assert [(p.seq, "missing from the records: deleted" in p.what) for p in problems] == [(3, True)]
+    assert verify(site=str(site.file)) == 2
+    out = capsys.readouterr().out
+    assert "seq 3: filed" in out and out.splitlines()[-1].startswith("NOT INTACT")
+    # the whole chain rebuilt with the site's own key (someone who holds it): each replaced
+    # record's hash differs from the one filed
+    site.sql("DELETE FROM commissioning")
+    site.file_records([body(comments="rewritten")] * 3, audit=False)
+    records = read_commission_records(site.db)
+    assert cr.verify_chain(records, site.pub) == []
+    problems = cr.verify_filings(records, read_commission_filings(site.db))
+    assert [p.seq for p in problems] == [1, 2, 3] and all("replaced" in p.what for p in problems)
+    assert filed[0]["hash"] in problems[0].what
 
 
 def test_an_unreadable_row_is_a_problem_not_a_crash(site: Site) -> None:
