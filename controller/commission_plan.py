@@ -538,15 +538,17 @@ def _forces(
     if recipe.forced is None:
         return None, recipe.forced_why
     by_name = {t.name: t for t in site.inputs}
-    for tag, _ in recipe.forced:
-        t = by_name.get(tag)
-        if t is None:
-            return None, f"{tag} is not an input of this site"
-        if not t.forceable:
-            return None, (
-                f"{tag} is not forceable on this site; the site's [tags.{tag}] "
-                "forceable = true allows it"
-            )
+    missing = [tag for tag, _ in recipe.forced if tag not in by_name]
+    if missing:
+        return None, f"{', '.join(missing)}: not an input of this site"
+    locked = [tag for tag, _ in recipe.forced if not by_name[tag].forceable]
+    if locked:
+        allow = " and ".join(f"[tags.{tag}] forceable = true" for tag in locked)
+        verb = "is" if len(locked) == 1 else "are"
+        return None, (
+            f"{', '.join(locked)} {verb} not forceable on this site; the site's {allow} "
+            f"allow{'s' if len(locked) == 1 else ''} it"
+        )
     return tuple(InputForce(tag, value(site, th)) for tag, value in recipe.forced), ""
 
 

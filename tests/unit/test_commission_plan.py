@@ -182,7 +182,11 @@ def test_forced_follows_forceable_on_the_site() -> None:
     assert steps["IL-05"].forced == (cp.InputForce("leak_primary", True),)
     why = steps["IL-01"].why_not["forced"]
     assert "it_supply_temp" in why and "[tags.it_supply_temp] forceable = true" in why
-    assert "ambient_temp" in steps["IL-09"].why_not["forced"]
+    assert steps["IL-09"].why_not["forced"] == (
+        "ambient_temp, drycooler_out_temp are not forceable on this site; the site's "
+        "[tags.ambient_temp] forceable = true and [tags.drycooler_out_temp] forceable = true "
+        "allow it"
+    )
     text = forceable(
         forceable(forceable(demo_site_text(), "it_supply_temp"), "ambient_temp"),
         "drycooler_out_temp",
