@@ -1108,6 +1108,7 @@ def _verify_site(site_path: str, key_text: str | None) -> int:
         StoreUnreadable,
         read_commission_filings,
         read_commission_records,
+        read_state_resets,
     )
     from plc_io.site import SiteError, load_site
 
@@ -1127,6 +1128,7 @@ def _verify_site(site_path: str, key_text: str | None) -> int:
     try:
         records = read_commission_records(store)
         filings = read_commission_filings(store)
+        resets = read_state_resets(store)
     except StoreUnreadable as e:
         _err(str(e))
         return EXIT_RUNTIME
@@ -1153,6 +1155,12 @@ def _verify_site(site_path: str, key_text: str | None) -> int:
         _say(f"  {p}")
     for line in extra:
         _say(f"  {line}")
+    for r in resets:  # not a problem: an engineer's fresh start, journalled with its reason
+        _say(
+            f"note: this store was started anew {_iso(r.get('wall_time'))} by "
+            f"{_txt(r.get('who'))} ({_txt(r.get('reason'))}); the records before that are in "
+            f"{_txt(r.get('old'))}"
+        )
     if not records:
         _say(f"no commissioning records in {store}")
         return EXIT_PROBLEM if extra or problems else EXIT_OK

@@ -645,6 +645,18 @@ def read_commission_filings(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def read_state_resets(path: Path) -> list[dict[str, Any]]:
+    """The `state_reset` events in `path` (read-only, oldest first): when the store was
+    started anew, by whom, why, and where the old one was kept (its records are there)."""
+    rows = _read_only(
+        path,
+        lambda db, tables: db.execute(
+            "SELECT wall_time, detail FROM events WHERE kind = 'state_reset' ORDER BY id"
+        ).fetchall(),
+    )
+    return [{"wall_time": wall, **_detail(detail)} for wall, detail in rows]
+
+
 def _commissioning_rows(db: sqlite3.Connection, tables: set[str]) -> list[Any]:
     if "commissioning" not in tables:
         return []  # written before commissioning records existed

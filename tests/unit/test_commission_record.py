@@ -37,6 +37,7 @@ from controller.journal import (
     open_checked,
     read_commission_filings,
     read_commission_records,
+    reset_state,
 )
 from plc_io.site import demo_site_text
 
@@ -719,6 +720,19 @@ def test_verify_site_exit_codes(site: Site, capsys: pytest.CaptureFixture[str]) 
     assert verify(site=str(site.file)) == 2
     out = capsys.readouterr().out
     assert "seq 3" in out and "PROBLEM" in out and out.splitlines()[-1].startswith("NOT INTACT")
+
+
+def test_verify_names_a_reset_store_and_where_the_old_records_are(
+    site: Site, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site.file_records([body()])
+    kept = reset_state(site.db, "store damaged by a disk fault", "eve", now_wall=WALL)
+    assert kept is not None
+    assert verify(site=str(site.file)) == 0  # a new, empty chain is intact
+    out = capsys.readouterr().out
+    assert "note: this store was started anew 2026-09-21T" in out
+    assert "by eve (store damaged by a disk fault)" in out and str(kept) in out
+    assert len(read_commission_records(kept)) == 1  # the old record is kept, and readable
 
 
 def test_verify_record_exit_codes(
