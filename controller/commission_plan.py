@@ -1448,48 +1448,54 @@ def judge_watchdog(
         fails.append("nothing proven: every output was at its safe value before the hold")
     feedback: list[FeedbackResult] = []
     tripped = "plc_watchdog_tripped"
-    # the hold after the heartbeat resumes, and the release
-    left = [
-        o for o in after if o.plc_ok and any(not e.accepts(o.outputs.get(e.output)) for e in proven)
-    ]
-    if tripped in mapped:
-        left = [o for o in after if o.plc_ok and o.inputs.get(tripped) is False] or left
-    released_at = left[0].t if left else None
-    early = released_at is not None and released_at < min_hold_end
-    feedback.append(
-        FeedbackResult(
-            "holdoff",
-            f"safe values kept ≥ {_n(holdoff - WD_MARGIN_S)} s after the heartbeat resumes",
-            None,
-            None if released_at is None else round(released_at - t_resume, 3),
-            holdoff,
-            None if released_at is None else max(0.0, released_at - t_resume),
-            not early,
+    # the hold after the heartbeat resumes, and the release: judged only once the PLC went safe
+    # (a watchdog that never tripped has nothing to hold or release; its failure is said above)
+    went_safe = any(e.at_s is not None and not e.note for e in effects)
+    if went_safe:
+        left = [
+            o
+            for o in after
+            if o.plc_ok and any(not e.accepts(o.outputs.get(e.output)) for e in proven)
+        ]
+        if tripped in mapped:
+            left = [o for o in after if o.plc_ok and o.inputs.get(tripped) is False] or left
+        released_at = left[0].t if left else None
+        early = released_at is not None and released_at < min_hold_end
+        feedback.append(
+            FeedbackResult(
+                "holdoff",
+                f"safe values kept ≥ {_n(holdoff - WD_MARGIN_S)} s after the heartbeat resumes",
+                None,
+                None if released_at is None else round(released_at - t_resume, 3),
+                holdoff,
+                None if released_at is None else max(0.0, released_at - t_resume),
+                not early,
+            )
         )
-    )
-    if early and released_at is not None:
-        fails.append(
-            f"PLC released {_n(released_at - t_resume)} s after the heartbeat resumed, expected "
-            f"a hold of at least {_n(holdoff - WD_MARGIN_S)} s (watchdog_holdoff_s "
-            f"{_n(holdoff)} s)"
+        if early and released_at is not None:
+            fails.append(
+                f"PLC released {_n(released_at - t_resume)} s after the heartbeat resumed, "
+                f"expected a hold of at least {_n(holdoff - WD_MARGIN_S)} s (watchdog_holdoff_s "
+                f"{_n(holdoff)} s)"
+            )
+        released_ok = released_at is not None and released_at <= release_by
+        feedback.append(
+            FeedbackResult(
+                "release",
+                f"PLC releases within {_n(holdoff + RELEASE_SLACK_S)} s after the heartbeat "
+                "resumes",
+                None,
+                None if released_at is None else round(released_at - t_resume, 3),
+                holdoff + RELEASE_SLACK_S,
+                None if released_at is None else max(0.0, released_at - t_resume),
+                released_ok,
+            )
         )
-    released_ok = released_at is not None and released_at <= release_by
-    feedback.append(
-        FeedbackResult(
-            "release",
-            f"PLC releases within {_n(holdoff + RELEASE_SLACK_S)} s after the heartbeat resumes",
-            None,
-            None if released_at is None else round(released_at - t_resume, 3),
-            holdoff + RELEASE_SLACK_S,
-            None if released_at is None else max(0.0, released_at - t_resume),
-            released_ok,
-        )
-    )
-    if proven and not released_ok:
-        fails.append(
-            "PLC did not release its safe hold within "
-            f"{_n(holdoff + RELEASE_SLACK_S)} s after the heartbeat resumed"
-        )
+        if not released_ok:
+            fails.append(
+                "PLC did not release its safe hold within "
+                f"{_n(holdoff + RELEASE_SLACK_S)} s after the heartbeat resumed"
+            )
     if tripped in mapped:
         seen = any(o.plc_ok and o.inputs.get(tripped) is True for o in hold)
         last = hold[-1].inputs.get(tripped) if hold else None

@@ -613,6 +613,8 @@ def test_il08_is_judged_on_the_links_return() -> None:
     bad[-1] = replace(tl[-1], inputs={**HEALTHY, "plc_watchdog_trips": 0.0})
     r = cp.judge(step, Method.SIM, 0.0, bad, obs(), SITE, "")
     assert any("plc_watchdog_trips" in f for f in r.failures)
+    # nothing was held, so nothing is said about a hold-off or a release
+    assert not any("release" in f for f in r.failures)
     r = cp.judge(step, Method.SIM, 0.0, [obs(0.0), obs(3.0)], obs(), SITE, "")
     assert "the PLC link did not go down (the cause was not applied)" in r.failures
     assert "the controller's PLC link did not go down" in r.failures
