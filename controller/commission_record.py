@@ -33,6 +33,7 @@ import json
 import math
 import re
 import sys
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -76,7 +77,6 @@ SEAL_KEYS = (
     "signature",
 )
 ORPHAN = "a new key would orphan the verification of every earlier record"
-VERIFY_HINT = "heatloop commission verify --record FILE.json --public-key HEX"
 
 
 class RecordError(ValueError):
@@ -301,8 +301,8 @@ def check_body(body: object) -> dict[str, Any]:
     _need(body, "signoff", "", "an object or null", optional=True)
     try:
         data = canonical(body)
-    except (TypeError, ValueError) as e:  # a lone surrogate cannot be UTF-8
-        raise RecordError(f"record: not storable as UTF-8 JSON ({_shown(str(e), 120)})") from None
+    except (TypeError, ValueError) as e:  # a lone surrogate; an integer of 4300+ digits
+        raise RecordError(f"record: not storable as JSON text ({_shown(str(e), 120)})") from None
     if len(data) > MAX_BYTES:
         raise RecordError(f"record: {len(data)} bytes as JSON, expected at most {MAX_BYTES}")
     copy: dict[str, Any] = json.loads(data)
@@ -1055,7 +1055,7 @@ MAX_RECORD_FILE = 4 * MAX_BYTES
 def summary_line(rec: object, ok: bool) -> str:
     """`seq 3 2026-12-01T19:30:00Z passed IL-01…WD live ok`."""
     r = _m(rec)
-    ids = [str(_m(s).get("id")) for s in _l(r.get("steps"))]
+    ids = [_plain(str(_m(s).get("id")), 40) for s in _l(r.get("steps"))]
     steps = "no steps" if not ids else ids[0] if len(ids) == 1 else f"{ids[0]}…{ids[-1]}"
     return (
         f"seq {_txt(r.get('seq'))} {_iso(r.get('filed_wall'))} {_txt(r.get('outcome'))} "
@@ -1063,12 +1063,20 @@ def summary_line(rec: object, ok: bool) -> str:
     )
 
 
+def _plain(text: str, limit: int = 2000) -> str:
+    """One printable line: a tampered record's text must not move the cursor, clear the
+    screen or print a line of its own (control characters become "?")."""
+    text = "".join("?" if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
 def _say(text: str) -> None:
-    print(" ".join(text.split()) if "\n" in text else text)
+    print(_plain(text))
 
 
 def _err(text: str) -> None:
-    print(f"heatloop: {' '.join(text.split())}", file=sys.stderr)
+    print(f"heatloop: {_plain(text)}", file=sys.stderr)
 
 
 def _verify_file(path: Path, key_text: str) -> int:

@@ -666,7 +666,7 @@ def test_body_sizes_are_bounded() -> None:
         cr.check_body(body(comments_extra=deep))
     with pytest.raises(cr.RecordError, match="record: list, expected a JSON object"):
         cr.check_body([])
-    with pytest.raises(cr.RecordError, match="not storable as UTF-8"):
+    with pytest.raises(cr.RecordError, match="not storable as JSON text"):
         cr.check_body(body(comments="\ud800"))
     ok = body(steps=[step("IL-04", effects=({"output": "x", "expected": (0.0,)},))])
     assert cr.check_body(ok)["steps"][0]["effects"][0]["expected"] == [0.0]  # a JSON copy
@@ -755,6 +755,13 @@ def test_verify_record_exit_codes(
     assert verify(record=str(bad), public_key=site.pub) == 2
     err = capsys.readouterr().err
     assert "not JSON" in err and len(err.strip().splitlines()) == 1
+    # a copy whose text would drive the terminal prints as one plain line per item
+    evil = {**rec, "outcome": "passed\x1b[2J\nseq 9 ok", "target": "live\rok"}
+    bad.write_text(json.dumps(evil))
+    assert verify(record=str(bad), public_key=site.pub) == 2
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\r" not in out
+    assert out.splitlines()[0].startswith("seq 1 ") and "passed?[2J?seq 9 ok" in out
     bad.write_text("[1, 2]")
     assert verify(record=str(bad), public_key=site.pub) == 2
     assert verify(record=str(tmp_path / "missing.json"), public_key=site.pub) == 2
