@@ -555,6 +555,19 @@ def last_passed(
 # ---- rendering ----
 
 
+# bidirectional overrides and isolates: they make text display in another order than it is
+# stored ("Trojan Source"), so a value could read differently from what was signed
+_BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
+def _clean(text: str, keep: str = "\n\t") -> str:
+    """`text` with control characters (but those in `keep`) and bidi controls shown as "?"."""
+    return "".join(
+        "?" if (c in _BIDI or (unicodedata.category(c) == "Cc" and c not in keep)) else c
+        for c in text
+    )
+
+
 def _m(x: object) -> Mapping[str, Any]:
     return x if isinstance(x, Mapping) else {}
 
@@ -819,7 +832,7 @@ _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>|#&!~{}])")
 def _md(text: str) -> str:
     """Text safe in Markdown: one line, every character that could format or open HTML
     backslash-escaped (a `<script>` in a comment stays text)."""
-    return _MD_SPECIAL.sub(r"\\\1", " ".join(text.split()))
+    return _MD_SPECIAL.sub(r"\\\1", " ".join(_clean(text).split()))
 
 
 def _md_table(cols: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
@@ -923,7 +936,7 @@ tr.bad td { background: #fde7ea; }
 
 
 def _h(text: str) -> str:
-    return html.escape(text, quote=True)
+    return html.escape(_clean(text), quote=True)
 
 
 def _html_table(
@@ -1066,8 +1079,7 @@ def summary_line(rec: object, ok: bool) -> str:
 def _plain(text: str, limit: int = 2000) -> str:
     """One printable line: a tampered record's text must not move the cursor, clear the
     screen or print a line of its own (control characters become "?")."""
-    text = "".join("?" if unicodedata.category(c) in ("Cc", "Cf") else c for c in text)
-    text = " ".join(text.split())
+    text = " ".join(_clean(text, keep="").split())
     return text if len(text) <= limit else text[:limit] + "…"
 
 

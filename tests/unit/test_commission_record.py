@@ -505,6 +505,8 @@ def test_reports_escape_what_people_typed(site: Site) -> None:
     assert re.search(r"(?<!\\)<", md) is None and "\\<script\\>" in md  # all escaped
     assert md.index("2 FAILED STEPS") < md.index("## Steps")
     assert f"--public-key {rec['public_key']}" in md
+    bidi = cr.to_html({**rec, "comments": "ok \u202edeliaf\u202c \x1b[2J"})
+    assert "\u202e" not in bidi and "\x1b" not in bidi and "ok ?deliaf? ?[2J" in bidi
     name = cr.report_name(rec)
     assert "/" not in name and "<" not in name and name.endswith("-commissioning-0001")
 
