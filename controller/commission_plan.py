@@ -918,6 +918,16 @@ def preconditions(step: Step, obs: Observation, site: Site) -> list[str]:
     return probs
 
 
+def already_in_place(step: Step, obs: Observation) -> list[str]:
+    """The step's expected outputs that already hold an accepted value (a step run now proves
+    nothing about them: e.g. IL-07 while DRY_COOLER_REJECT already closed the customer valve).
+    Not a precondition: the runner may wait for the plant to run (reuse) or go ahead, and the
+    record marks each such effect "not proven"."""
+    if not obs.plc_ok:
+        return []
+    return [e.output for e in step.expects if e.accepts(obs.outputs.get(e.output))]
+
+
 def normal(obs: Observation) -> list[str]:
     """Why the plant is not back to normal after a step; [] when it is. DRY_COOLER_REJECT is
     normal enough: after a trip reset its dwell keeps it there for minutes by design."""

@@ -448,6 +448,14 @@ def test_a_supervised_leak_input_with_its_fault_contact_true_is_a_leak() -> None
     assert not cp.cause_present(il04, obs(leak_reuse=False, drycooler_fault=False), site)
 
 
+def test_already_in_place_names_the_outputs_a_step_cannot_prove() -> None:
+    il07 = step_of("IL-07")
+    assert cp.already_in_place(il07, obs()) == []
+    closed = {**RUNNING, "customer_isolation_cmd": False}
+    assert cp.already_in_place(il07, obs(outputs=closed)) == ["customer_isolation_cmd"]
+    assert cp.already_in_place(step_of("IL-03"), obs()) == ["primary_pump_a_cmd"]
+
+
 def test_normal() -> None:
     assert cp.normal(obs()) == []
     assert cp.normal(obs(mode="DRY_COOLER_REJECT")) == []
