@@ -651,6 +651,35 @@ class Runner:
             )
             t.say(f"   FAILED: {why}")
             return bare_result(step, method, "failed", [why])
+        if step.kind == "rule" and step.expects:
+            # an effect already in place proves nothing: give the plant time to run (e.g. leave
+            # DRY_COOLER_REJECT after the last step's reset), then go ahead all the same; the
+            # record marks such effects "not proven"
+            await self._wait(
+                step,
+                lambda o: (
+                    len(cp.already_in_place(step, o)) < len(step.expects)
+                    and not cp.preconditions(step, o, site)
+                ),
+                self.opts.timeout_s,
+                lambda o: (
+                    "waiting for the plant to run (effects already in place: "
+                    + ", ".join(cp.already_in_place(step, o))
+                    + ")"
+                    if o
+                    else ""
+                ),
+                tags,
+            )
+            if cp.preconditions(step, self.observer.latest, site):
+                why = "pre-conditions lost: " + "; ".join(
+                    cp.preconditions(step, self.observer.latest, site)
+                )
+                t.say(f"   FAILED: {why}")
+                return bare_result(step, method, "failed", [why])
+            shown = cp.already_in_place(step, self.observer.latest)
+            if shown:
+                t.say(f"   note: already in place, not proven by this step: {', '.join(shown)}")
         before = self.observer.latest
         started_wall = time.time()
         if step.kind == "watchdog":
