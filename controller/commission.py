@@ -353,11 +353,11 @@ class Runner:
         try:
             st = await self.link.status()
         except NoController as e:
-            self.term.say(f"heatloop: {e}")
+            self.term.error(f"heatloop: {e}")
             return EXIT_RUNTIME
         theirs = st.get("site_sha256")
         if isinstance(theirs, str) and theirs != self.site_sha:
-            self.term.say(
+            self.term.error(
                 f"heatloop: the controller runs another site file (sha256 {theirs[:12]}…) than "
                 f"{opts.site_path} ({self.site_sha[:12]}…): restart it on this file first"
             )
@@ -367,7 +367,7 @@ class Runner:
             try:
                 prog = load_progress(self.progress_file, self.site_sha, opts.engineer)
             except ResumeError as e:
-                self.term.say(f"heatloop: {e}")
+                self.term.error(f"heatloop: {e}")
                 return EXIT_USAGE
             self.run_id = str(prog["run_id"])
             self.started_wall = float(prog.get("started_wall", self.started_wall))
@@ -379,14 +379,14 @@ class Runner:
         try:
             steps = cp.plan(self.site, opts.only, self.method)
         except cp.PlanError as e:
-            self.term.say(f"heatloop: {e}")
+            self.term.error(f"heatloop: {e}")
             return EXIT_USAGE
         try:
             if self.sim is not None:
                 await self.sim.connect()
             await self.observer.start()
         except Exception as e:
-            self.term.say(f"heatloop: cannot reach the PLC or its simulator: {e}")
+            self.term.error(f"heatloop: cannot reach the PLC or its simulator: {e}")
             return EXIT_RUNTIME
         self._intro(steps, done)
         stopped = False

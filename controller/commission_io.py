@@ -258,6 +258,11 @@ class Terminal:
         self._end_live()
         print(text, file=self.out, flush=True)
 
+    def error(self, text: str) -> None:
+        """One line on stderr: why the run cannot start."""
+        self._end_live()
+        print(text, file=sys.stderr, flush=True)
+
     def live(self, text: str) -> None:
         if self.tty:
             self.out.write("\r\x1b[K" + text[:200])

@@ -181,3 +181,13 @@ def test_outcome_names_the_worst_step() -> None:
     assert outcome_of(rs("passed", "aborted", "failed"), 3) == "aborted"
     assert outcome_of(rs("passed"), 2) == "incomplete"  # a step never ran
     assert outcome_of(rs("not_testable"), 1) == "incomplete"  # nothing was proved
+
+
+def test_no_controller_answering_exits_1_in_one_line_and_writes_nothing(
+    capsys: pytest.CaptureFixture[str], site_file: Path, tmp_path: Path
+) -> None:
+    report = tmp_path / "report"
+    code, err = run(capsys, "--site", str(site_file), "--sim", "--auto", "--report", str(report))
+    assert code == 1
+    assert "no controller" in err and err.count("\n") == 1
+    assert not report.exists()
