@@ -74,7 +74,7 @@ import structlog
 
 from controller import arbitration
 from controller.arbitration import Output
-from controller.authority import Answer, Cmd, Request, permitted, remaining_s
+from controller.authority import MAX_REASON, Answer, Cmd, Request, permitted, remaining_s
 from controller.core import Core, ProofTest, ScanInput, ScanResult, proof_schedule
 from controller.journal import JournalKeeper
 from controller.modes import Mode
@@ -381,7 +381,9 @@ class Controller:
         fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()
         self._answering[req.id] = fut
         self._full_answers[req.id] = full if ans.accepted else None
-        event = self._command_event(req, ans, self.clock(), self.wall(), summary)
+        # the reason is journalled and logged: never more than any request's reason may be
+        shown = replace(req, reason=str(req.reason)[:MAX_REASON])
+        event = self._command_event(shown, ans, self.clock(), self.wall(), summary)
         self._waiting.append(event)  # journalled with the next scan's commit, then answered
         try:
             answer = await fut
@@ -403,6 +405,13 @@ class Controller:
                 False,
                 f"role {str(req.role)[:40]} may not commission; needs engineer",
                 kind="denied",
+            )
+        if not isinstance(req.reason, str) or len(req.reason) > MAX_REASON:
+            return Answer(
+                req.id,
+                False,
+                f"reason: expected a string of at most {MAX_REASON} characters",
+                kind="invalid",
             )
         if set(args) != {"record"}:
             got = sorted(str(k)[:40] for k in args)

@@ -625,3 +625,18 @@ async def test_only_a_record_may_use_the_large_message_limit(tmp_path: Path) -> 
     finally:
         await srv.close()
     assert len(got) == 1
+
+
+async def test_a_record_with_an_overlong_reason_is_refused_and_journalled_bounded(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "heatloop.db"
+    clock = FakeClock()
+    rig = Rig(site_in(tmp_path), clock=clock, journal=keeper(db, clock))
+    await rig.scans(2)
+    ans = await ask(rig, req("commission", {"record": body()}, reason="r" * 100_000))
+    assert not ans.accepted and ans.kind == "invalid" and "reason" in ans.why
+    await rig.ctl.close_journal()
+    (row,) = [r for r in command_rows(db) if r["cmd"] == "commission"]
+    assert len(row["reason"]) <= 500
+    assert all(len(json.dumps(d)) < 2000 for d in rig.events("command_refused"))
