@@ -21,8 +21,10 @@ from datetime import UTC, datetime
 from typing import Any
 
 from controller.alarms import PROOF_PREFIX, WATCHDOG_STEP, AlarmTable, Priority, catalogue
+from controller.arbitration import Level
 from controller.authority import (
     Answer,
+    Cmd,
     Effects,
     Limits,
     OperatorState,
@@ -30,6 +32,7 @@ from controller.authority import (
     apply,
     expire,
     forced_image,
+    permitted,
     prune,
     to_commands,
 )
@@ -186,6 +189,10 @@ class Core:
         answers: list[Answer] = []
         resets: list[tuple[int, Request, frozenset[str]]] = []  # answered after the step
         for req in inp.requests:
+            undone = self._hold_would_undo(req)
+            if undone:
+                answers.append(_refused(req, undone))
+                continue
             op, ans, eff = apply(op, req, self.limits, wall, link_ok=inp.link_ok)
             if ans.accepted:
                 alarms, ans = self._alarm_effects(alarms, req, ans, eff, wall, events)
@@ -220,6 +227,33 @@ class Core:
             commands=cmds,
             answers=tuple(answers),
             events=(*decision.events, *events, *alarm_events),
+        )
+
+    def _hold_would_undo(self, req: Request) -> str:
+        """Why a heartbeat hold may not start now ("" if it may): an interlock holds an output
+        at a value other than its safe value (IL-09's fans at minimum against a freeze, IL-01's
+        reuse circuit opened as a heat sink), and the PLC's watchdog would replace it with the
+        safe value. The safe values isolate the reuse circuit as the leak and overpressure trips
+        do, so a hold during those is allowed: the PLC's fallback and the interlock agree."""
+        if req.cmd != Cmd.WATCHDOG_TEST or not permitted(req.role, req.cmd):
+            return ""
+        args = req.args if isinstance(req.args, Mapping) else {}
+        seconds = args.get("seconds")
+        ending = isinstance(seconds, int | float) and not isinstance(seconds, bool)
+        if (ending and seconds == 0) or self.last is None:
+            return ""  # ending a hold is always allowed; the argument checks come in `apply`
+        safe = self.cfg.safe
+        undone = sorted(
+            f"{k} = {o.value!r} ({o.why})"
+            for k, o in self.last.outputs.items()
+            if o.level is Level.INTERLOCK and k in safe and o.value != safe[k]
+        )
+        if not undone:
+            return ""
+        return (
+            "watchdog_test: an interlock holds "
+            + "; ".join(undone)[:300]
+            + ", which the PLC's safe values would undo during the test; test once it has cleared"
         )
 
     def _alarm_effects(

@@ -24,14 +24,15 @@ from controller import commission_record as cr
 from controller.alarms import catalogue
 from controller.authority import Answer, Request, max_heartbeat_hold_s
 from controller.channel import ChannelServer, call, socket_path
-from controller.core import DAY_S, PROOF_STEPS, Core
+from controller.core import DAY_S, PROOF_STEPS, Core, ScanInput
 from controller.journal import Journal, read_commission_records
 from controller.runtime import CHANNEL_MAX_BYTES
 from controller.sitecheck import checked
-from interlocks.rules import RULES
+from interlocks.rules import RULES, RULES_BY_ID
 from plc_io.memory import MemoryPlc, MemoryTransport
 from plc_io.site import Site, SiteError, demo_site_text, loads_site
 from plc_io.transport import HEARTBEAT
+from tests.unit.core_helpers import live
 from tests.unit.test_runtime import QUICK, FakeClock, Rig, keeper
 
 WAIT_S = 20.0  # generous bound for real sockets, never a speed assertion
@@ -640,3 +641,46 @@ async def test_a_record_with_an_overlong_reason_is_refused_and_journalled_bounde
     (row,) = [r for r in command_rows(db) if r["cmd"] == "commission"]
     assert len(row["reason"]) <= 500
     assert all(len(json.dumps(d)) < 2000 for d in rig.events("command_refused"))
+
+
+def _steps(core: Core, seconds: float, **changes: Any) -> float:
+    period = QUICK.scan.period_s
+    t = 0.0
+    for i in range(int(seconds / period)):
+        t = i * period
+        core.step(ScanInput(live(t, **changes), t, 1.8e9 + t, True))
+    return t + period
+
+
+def _hold(core: Core, t: float, **changes: Any) -> Answer:
+    r = req("watchdog_test", {"seconds": 5})
+    result = core.step(ScanInput(live(t, **changes), t, 1.8e9 + t, True, requests=(r,)))
+    return result.answers[0]
+
+
+def test_a_hold_during_a_leak_trip_is_allowed_the_safe_values_isolate_as_the_trip_does() -> None:
+    core = Core(QUICK, 0.0, 1.8e9)
+    t = _steps(core, 5.0, leak_reuse=True)
+    assert core.last is not None and "IL-04" in core.last.active
+    ans = _hold(core, t, leak_reuse=True)
+    assert ans.accepted, ans.why
+    safe = core.cfg.safe
+    for rule in ("IL-04",):
+        for effect in RULES_BY_ID[rule].forces:  # each of the trip's outputs is its safe value
+            assert effect.value == safe[effect.output], effect
+
+
+def test_a_hold_is_refused_while_an_interlock_holds_an_output_off_its_safe_value() -> None:
+    """IL-09 holds the fans at minimum against a freeze; the PLC's safe value is full speed."""
+    freeze = {"ambient_temp": -10.0, "drycooler_out_temp": 3.0, "it_power": 10.0}
+    core = Core(QUICK, 0.0, 1.8e9)
+    t = _steps(core, RULES_BY_ID["IL-09"].delay_s + 5.0, **freeze)
+    assert core.last is not None and "IL-09" in core.last.active
+    ans = _hold(core, t, **freeze)
+    assert not ans.accepted and ans.kind == "state"
+    assert "drycooler_fan_cmd" in ans.why and "safe values" in ans.why
+    assert core.operator.heartbeat_hold is None
+    # ending a hold is never refused
+    end = req("watchdog_test", {"seconds": 0}, n=2)
+    result = core.step(ScanInput(live(t, **freeze), t, 1.8e9 + t, True, requests=(end,)))
+    assert result.answers[0].accepted
