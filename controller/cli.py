@@ -901,7 +901,8 @@ def add_commission_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
         "verify",
         help="check the chain and signatures of the filed records, or one record file",
     )
-    v.add_argument("--site", default=None, help="site file (TOML)")
+    # SUPPRESS: `commission --site S verify` keeps the --site given before the word verify
+    v.add_argument("--site", default=argparse.SUPPRESS, help="site file (TOML)")
     v.add_argument("--record", default=None, help="a record's JSON file (copied off the machine)")
     v.add_argument("--public-key", default=None, help="the site's public key (hex)")
     v.set_defaults(func=cmd_commission)
