@@ -217,6 +217,15 @@ class Core:
         decision = self.supervisor.step(image, now, cmds)
         for i, req, rules in resets:
             answers[i] = _reset_answer(req, rules, latched_before, decision)
+        held = op.heartbeat_hold
+        if held is not None:
+            undone = self._off_safe(decision)
+            if undone:  # such an interlock started during the test: the PLC must not undo it
+                op = replace(op, heartbeat_hold=None)
+                why = "an interlock holds " + "; ".join(undone)[:300]
+                events.append(
+                    Event("heartbeat_hold_ended", now, "heartbeat", {"who": held.who, "why": why})
+                )
         present = conditions(decision, inp, op, self.proof_overdue)
         alarms, alarm_events = alarms.update(present, wall)
         self.operator, self.alarms, self.last = op, alarms, decision
@@ -242,18 +251,22 @@ class Core:
         ending = isinstance(seconds, int | float) and not isinstance(seconds, bool)
         if (ending and seconds == 0) or self.last is None:
             return ""  # ending a hold is always allowed; the argument checks come in `apply`
-        safe = self.cfg.safe
-        undone = sorted(
-            f"{k} = {o.value!r} ({o.why})"
-            for k, o in self.last.outputs.items()
-            if o.level is Level.INTERLOCK and k in safe and o.value != safe[k]
-        )
+        undone = self._off_safe(self.last)
         if not undone:
             return ""
         return (
             "watchdog_test: an interlock holds "
             + "; ".join(undone)[:300]
             + ", which the PLC's safe values would undo during the test; test once it has cleared"
+        )
+
+    def _off_safe(self, d: Decision) -> list[str]:
+        """The outputs an interlock holds away from their safe values, as `name = value (why)`."""
+        safe = self.cfg.safe
+        return sorted(
+            f"{k} = {o.value!r} ({o.why})"
+            for k, o in d.outputs.items()
+            if o.level is Level.INTERLOCK and k in safe and o.value != safe[k]
         )
 
     def _alarm_effects(

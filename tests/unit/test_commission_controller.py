@@ -652,8 +652,8 @@ def _steps(core: Core, seconds: float, **changes: Any) -> float:
     return t + period
 
 
-def _hold(core: Core, t: float, **changes: Any) -> Answer:
-    r = req("watchdog_test", {"seconds": 5})
+def _hold(core: Core, t: float, seconds: float = 5, **changes: Any) -> Answer:
+    r = req("watchdog_test", {"seconds": seconds})
     result = core.step(ScanInput(live(t, **changes), t, 1.8e9 + t, True, requests=(r,)))
     return result.answers[0]
 
@@ -684,3 +684,24 @@ def test_a_hold_is_refused_while_an_interlock_holds_an_output_off_its_safe_value
     end = req("watchdog_test", {"seconds": 0}, n=2)
     result = core.step(ScanInput(live(t, **freeze), t, 1.8e9 + t, True, requests=(end,)))
     assert result.answers[0].accepted
+
+
+def test_a_hold_ends_at_once_when_such_an_interlock_starts_during_it() -> None:
+    freeze = {"ambient_temp": -10.0, "drycooler_out_temp": 3.0, "it_power": 10.0}
+    core = Core(QUICK, 0.0, 1.8e9)
+    delay = RULES_BY_ID["IL-09"].delay_s
+    t = _steps(core, delay - 10.0, **freeze)  # freezing, IL-09 not yet past its delay
+    assert core.last is not None and "IL-09" not in core.last.active
+    assert _hold(core, t, max_heartbeat_hold_s(QUICK.plc.watchdog_s), **freeze).accepted
+    period = QUICK.scan.period_s
+    ended = []
+    for _ in range(int(20.0 / period)):
+        t += period
+        result = core.step(ScanInput(live(t, **freeze), t, 1.8e9 + t, True))
+        ended += [e for e in result.events if e.kind == "heartbeat_hold_ended"]
+        if core.operator.heartbeat_hold is None:
+            break
+    assert core.last is not None and "IL-09" in core.last.active
+    assert core.operator.heartbeat_hold is None
+    (e,) = ended
+    assert e.detail["who"] == "alice" and "drycooler_fan_cmd" in e.detail["why"]
