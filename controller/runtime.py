@@ -376,6 +376,9 @@ class Controller:
                 finally:
                     self._filings -= 1
         full = ans.new
+        if self.journal is None:  # nothing to journal it in (and so nothing was filed)
+            self.log.info("command_refused", cmd=req.cmd, principal=req.principal, why=ans.why)
+            return ans
         if ans.accepted and isinstance(full, Mapping):
             ans = replace(ans, new={"seq": full.get("seq"), "hash": full.get("hash")})
         fut: asyncio.Future[Answer] = asyncio.get_running_loop().create_future()

@@ -705,3 +705,10 @@ def test_a_hold_ends_at_once_when_such_an_interlock_starts_during_it() -> None:
     assert core.operator.heartbeat_hold is None
     (e,) = ended
     assert e.detail["who"] == "alice" and "drycooler_fan_cmd" in e.detail["why"]
+
+
+async def test_a_controller_without_a_journal_refuses_a_record_at_once(tmp_path: Path) -> None:
+    rig = Rig(site_in(tmp_path))
+    await rig.scans(2)
+    ans = await ask(rig, req("commission", {"record": body()}))
+    assert not ans.accepted and ans.kind == "state" and "journal" in ans.why
