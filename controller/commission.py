@@ -51,6 +51,9 @@ WD = "WD"
 FORCE_MINUTES = 3.0  # an input force's expiry: it ends by itself if the tool dies
 LINK_LOST_S = 1.0  # the observer's PLC reads failing this long mid-step: the link is lost
 RAMP_EVERY_S = 0.25
+# A drifting cause (a ramp, a person warming a sensor) crosses its limit with noise: it counts as
+# present from the start of a run of readings that shows it this long without a break.
+CAUSE_STEADY_S = 0.5
 RESET_RETRY_S = 1.0
 WD_SAFE_SEEN_S = 0.5  # the PLC seen safe this long before the hold is ended
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
@@ -722,7 +725,7 @@ class Runner:
         self, step: Any, method: str, ctx: dict[str, Any], tags: Sequence[str]
     ) -> tuple[str, float]:
         """Apply the cause; (what was applied, t0 on the tool's monotonic clock)."""
-        cp = self.cp
+        cp, site = self.cp, self.site
         if method == str(cp.Method.SIM):
             assert self.sim is not None
             before = self.observer.latest
@@ -733,12 +736,16 @@ class Runner:
             applied = cp.applied_text(step, cp.Method.SIM, actions)
             ctx["applied"] = applied
             ramped = [a for a in actions if a.ramp_k_per_s]
+            t_call = time.monotonic()
             for a in actions:
                 self.applied.faults.append((a.name, a.target))
                 if not a.ramp_k_per_s:
                     await self.sim.inject(a.name, a.target, a.value)
             if not ramped:
-                return applied, time.monotonic()
+                # the call returned; or earlier, if the PLC showed the cause before the reply came
+                t0 = time.monotonic()
+                seen = [o.t for o in self.observer.since(t_call) if cp.cause_present(step, o, site)]
+                return applied, min([t0, *seen[:1]])
             self.applied.ramped = ramped
             self.applied.ramps.append(
                 asyncio.create_task(self._ramp_to(ramped, lambda a: float(a.value)))
@@ -785,6 +792,7 @@ class Runner:
         cp, site = self.cp, self.site
         deadline = time.monotonic() + timeout_s
         since_ok = [time.monotonic()]
+        onset: float | None = None
         while True:
             o = await self.observer.next(1.0)
             self._check_stop(step, since_ok)
@@ -793,7 +801,11 @@ class Runner:
                     "aborted", "aborted by the engineer (Enter) while waiting for the cause"
                 )
             if o is not None and cp.cause_present(step, o, site):
-                return float(o.t)
+                onset = o.t if onset is None else onset
+                if o.t - onset >= CAUSE_STEADY_S:
+                    return float(onset)
+            else:
+                onset = None
             if time.monotonic() >= deadline:
                 raise StepStop(
                     "failed", f"the cause was not seen at the PLC within {timeout_s:g} s"
