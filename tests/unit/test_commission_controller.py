@@ -15,6 +15,7 @@ import json
 import os
 import sqlite3
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -712,3 +713,53 @@ async def test_a_controller_without_a_journal_refuses_a_record_at_once(tmp_path:
     await rig.scans(2)
     ans = await ask(rig, req("commission", {"record": body()}))
     assert not ans.accepted and ans.kind == "state" and "journal" in ans.why
+
+
+async def test_a_flood_of_large_messages_is_refused_and_the_channel_goes_on(
+    tmp_path: Path,
+) -> None:
+    """Every client sends a line just under the 2 MiB limit for a command that may not be
+    large: each is refused in one line, none reaches the controller, and the channel answers
+    afterwards. At most max_clients lines of max_bytes are buffered at once, and one is parsed
+    at a time (the parse is synchronous), so the memory a flood can take is bounded."""
+    got: list[Request] = []
+
+    async def submit(r: Request) -> Answer:
+        got.append(r)
+        return Answer(r.id, True)
+
+    async def read(cmd: str, args: Mapping[str, object]) -> dict[str, Any]:
+        return {"cmd": cmd}
+
+    srv = ChannelServer(
+        socket_path(tmp_path),
+        {"alice": "engineer"},
+        submit,
+        read,
+        peer=lambda _s: (1001, "alice"),
+        max_bytes=CHANNEL_MAX_BYTES,
+        rate_per_s=1000.0,
+        burst=1000.0,
+        user_rate_per_s=1000.0,
+        user_burst=1000.0,
+    )
+    await srv.start()
+    pad = "z" * (CHANNEL_MAX_BYTES - 200)
+    loop = asyncio.get_running_loop()
+    # the clients in threads of their own: the server's peer lookups use the default executor
+    pool = ThreadPoolExecutor(srv.max_clients)
+    try:
+        replies = await asyncio.gather(
+            *(
+                loop.run_in_executor(pool, call, srv.path, "force", {"pad": pad}, "", WAIT_S)
+                for _ in range(srv.max_clients)
+            )
+        )
+        assert all(r["ok"] is False for r in replies), [r["why"][:80] for r in replies]
+        assert all("16384" in r["why"] or r["why"].startswith("busy") for r in replies), replies
+        assert got == []
+        reply = await asyncio.to_thread(call, srv.path, "status", {}, "", WAIT_S)
+        assert reply["ok"] is True
+    finally:
+        pool.shutdown()
+        await srv.close()
