@@ -236,8 +236,14 @@ SIM_AMBIENT_MIN_C = -50.0  # sim.faults: ambient_override takes -50 … 60 °C
 LEAK_LPM = 1.0
 
 
+# IL-01 by sim: the supply reading is a bias on the true supply, and IL-01's fans at 100 % cool
+# the true supply by several kelvin while the step runs (the demo plant: about 5 K), so the
+# reading is taken well past the limit, or the plant's own reaction would clear the cause.
+SUPPLY_SIM_MARGIN_K = 12.0
+
+
 def _supply_target(s: Site, th: Thresholds) -> float:
-    return _beyond(s, "it_supply_temp", th.it_supply_high_c, TEMP_MARGIN_K)
+    return _beyond(s, "it_supply_temp", th.it_supply_high_c, SUPPLY_SIM_MARGIN_K)
 
 
 # IL-03 by sim: the standby pump the rule starts adds flow (the demo plant: ×1.25 with both

@@ -271,7 +271,7 @@ def test_sim_actions_offset_from_the_as_found_reading() -> None:
     il01 = step_of("IL-01")
     before = obs(it_supply_temp=33.0)
     acts = cp.sim_actions(il01, before, SITE)
-    target = SITE.interlocks.it_supply_high_c + cp.TEMP_MARGIN_K
+    target = SITE.interlocks.it_supply_high_c + cp.SUPPLY_SIM_MARGIN_K
     assert [a.target for a in acts] == ["it_supply_temp", "it_return_temp", "drycooler_out_temp"]
     assert all(a.value == pytest.approx(target - 33.0) and a.relative_to is None for a in acts)
     with pytest.raises(PlanError, match="it_supply_temp"):
