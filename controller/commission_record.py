@@ -609,6 +609,12 @@ def _ok(v: object) -> str:
     return {True: "ok", False: "NOT OK"}.get(v, "—") if isinstance(v, bool) else "—"
 
 
+def _verdict(row: Mapping[str, Any]) -> str:
+    """ok / NOT OK, with the judge's note (e.g. "not proven: already at this value")."""
+    note = row.get("note")
+    return f"{_ok(row.get('ok'))}; {_txt(note)}" if note else _ok(row.get("ok"))
+
+
 def failed_steps(record: Mapping[str, Any]) -> int:
     return sum(1 for s in _l(record.get("steps")) if _m(s).get("result") == "failed")
 
@@ -743,7 +749,7 @@ def _effect_rows(step: Mapping[str, Any]) -> list[tuple[str, ...]]:
             _txt(e.get("as_found")),
             _secs(e.get("at_s")),
             _txt(e.get("level")),
-            _ok(e.get("ok")),
+            _verdict(e),
         )
         for e in map(_m, _l(step.get("effects")))
     ]
@@ -758,7 +764,7 @@ def _feedback_rows(step: Mapping[str, Any]) -> list[tuple[str, ...]]:
             _txt(f.get("as_found")),
             _secs(f.get("within_s")),
             _secs(f.get("at_s")),
-            _ok(f.get("ok")),
+            _verdict(f),
         )
         for f in map(_m, _l(step.get("feedback")))
     ]
@@ -944,7 +950,7 @@ def _html_table(
 ) -> list[str]:
     out = ["<table>", "<tr>" + "".join(f"<th>{_h(c)}</th>" for c in cols) + "</tr>"]
     for r in rows:
-        bad = bad_col is not None and r[bad_col] in ("NOT OK", "FAILED", "ABORTED")
+        bad = bad_col is not None and r[bad_col].split(";")[0] in ("NOT OK", "FAILED", "ABORTED")
         cells = "".join(f"<td>{_h(c)}</td>" for c in r)
         out.append(("<tr class='bad'>" if bad else "<tr>") + cells + "</tr>")
     out.append("</table>")

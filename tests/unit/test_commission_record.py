@@ -525,6 +525,16 @@ def test_a_passing_live_record_says_so_without_warnings(site: Site) -> None:
     assert "commission verify" not in unfiled
 
 
+def test_an_effect_the_step_could_not_prove_says_so_in_every_report(site: Site) -> None:
+    row = {"output": "reuse_valve_cmd", "expected": [0.0], "before": 0.0, "as_found": 0.0}
+    unproven = {**row, "at_s": 0.0, "ok": True, "note": "not proven: already at this value"}
+    late = {**row, "at_s": None, "ok": False}
+    (rec,) = site.file_records([body(steps=[step("IL-04", effects=[unproven, late])])])
+    for text in (cr.to_markdown(rec), cr.to_html(rec)):
+        assert "ok; not proven: already at this value" in text
+    assert cr.to_html(rec).count("<tr class='bad'>") == 1  # the late row only
+
+
 # ---- the key ----
 
 
