@@ -191,3 +191,86 @@ def test_no_controller_answering_exits_1_in_one_line_and_writes_nothing(
     assert code == 1
     assert "no controller" in err and err.count("\n") == 1
     assert not report.exists()
+
+
+# ---- the observer: read only ----
+
+
+class _ReadOnlyPlc:
+    """A transport that fails the test if anything is written to it."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    @property
+    def health(self) -> object:
+        from plc_io.transport import CommsHealth, LinkState
+
+        return CommsHealth(LinkState.OK)
+
+    async def connect(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    async def read_inputs(self) -> object:
+        from plc_io.image import ProcessImage, Quality, Sample
+
+        self.reads += 1
+        return ProcessImage({"leak_reuse": Sample(True, Quality.GOOD, 0.0)})
+
+    async def read_outputs(self) -> object:
+        from plc_io.image import ProcessImage, Quality, Sample
+
+        return ProcessImage(
+            {
+                "reuse_valve_cmd": Sample(0.0, Quality.GOOD, 0.0),
+                "secondary_pump_cmd": Sample(None, Quality.COMMS_LOST, 0.0),
+            }
+        )
+
+    async def write_outputs(self, values: object) -> object:
+        raise AssertionError("the commissioning observer wrote the PLC")
+
+    def resend_all(self) -> None:
+        raise AssertionError("the commissioning observer asked for a write")
+
+
+class _Link:
+    async def status(self) -> dict[str, object]:
+        return {
+            "mode": "LEAK_TRIP",
+            "interlocks": {"active": ["IL-04"], "latched": ["IL-04"], "bypassed": []},
+            "outputs": {"reuse_valve_cmd": {"value": 0.0, "level": "interlock"}},
+            "link": {"state": "ok"},
+        }
+
+
+async def test_the_observer_only_reads_and_never_serves_an_unreadable_point_as_a_value(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import controller.runtime as runtime
+    from controller.commission_io import Observer
+    from controller.commission_plan import Observation
+
+    plc = _ReadOnlyPlc()
+    monkeypatch.setattr(runtime, "make_transport", lambda site: plc)
+    obs = Observer(cli.demo_site(), _Link(), Observation)  # type: ignore[arg-type]
+    await obs.start()
+    try:
+        o = await obs.next(2.0)
+        o = await obs.next(2.0)
+    finally:
+        await obs.close()
+    assert plc.reads >= 2
+    assert o.inputs == {"leak_reuse": True}
+    # a point the PLC could not give is None, and the whole reading is not ok
+    assert o.outputs == {"reuse_valve_cmd": 0.0, "secondary_pump_cmd": None}
+    assert o.plc_ok is False
+    assert (o.mode, o.active, o.latched, o.levels) == (
+        "LEAK_TRIP",
+        frozenset({"IL-04"}),
+        frozenset({"IL-04"}),
+        {"reuse_valve_cmd": "interlock"},
+    )
