@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -244,7 +245,8 @@ class Terminal:
 
     A live line is redrawn in place on a TTY and printed as plain lines (at most one a second)
     otherwise, so a test's captured output stays short. Input is read through the event loop
-    (`add_reader`), never a blocking thread, so Ctrl-C can abort a prompt.
+    (`add_reader`, raw reads into a line buffer), never a blocking thread, so Ctrl-C can abort a
+    prompt and the process never waits on a thread stuck in `input()` at exit.
     """
 
     def __init__(self, out: TextIO | None = None, inp: TextIO | None = None) -> None:
@@ -253,6 +255,8 @@ class Terminal:
         self.tty = bool(getattr(self.out, "isatty", lambda: False)())
         self._live_shown = False
         self._last_plain = -math.inf
+        self._buf = ""  # typed input read but not yet taken, as text
+        self._eof = False
 
     def say(self, text: str = "") -> None:
         self._end_live()
@@ -277,72 +281,99 @@ class Terminal:
             self.out.write("\n")
             self._live_shown = False
 
-    async def ask(self, prompt: str, abort: asyncio.Event | None = None) -> str | None:
-        """One line from the person (without its newline); None at end of input or abort."""
-        self.say(prompt)
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[str | None] = loop.create_future()
+    def _fd(self) -> int | None:
         try:
-            fd = self.inp.fileno()
+            return self.inp.fileno()
         except (AttributeError, OSError, ValueError):
             return None
 
-        def readable() -> None:
-            if not fut.done():
-                line = self.inp.readline()
-                fut.set_result(None if line == "" else line.rstrip("\r\n"))
+    def _take_line(self) -> str | None:
+        """A whole line already read (without its newline); the rest at end of input (None if
+        nothing is left); None while a line is incomplete."""
+        if "\n" in self._buf:
+            line, self._buf = self._buf.split("\n", 1)
+            return line.rstrip("\r")
+        if self._eof:
+            line, self._buf = self._buf, ""
+            return line or None
+        return None
 
+    def _fill(self) -> None:
+        """Read what the input holds now (its fd is readable) as raw bytes, so several lines that
+        arrive at once all wait here for the next questions."""
+        fd = self._fd()
         try:
-            loop.add_reader(fd, readable)
+            chunk = os.read(fd, 4096) if fd is not None else b""
+        except BlockingIOError:
+            return
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._eof = True
+        self._buf += chunk.decode("utf-8", "replace")
+
+    async def line(self, abort: asyncio.Event | None = None) -> str | None:
+        """The next line the person types; None at end of input or on `abort`."""
+        got = self._take_line()
+        if got is not None or self._eof:
+            return got
+        fd = self._fd()
+        if fd is None:
+            return None
+        loop = asyncio.get_running_loop()
+        ready = asyncio.Event()
+        try:
+            loop.add_reader(fd, ready.set)
         except (OSError, ValueError, NotImplementedError):
             return None
         try:
-            waits: list[asyncio.Future[Any]] = [fut]
-            ab = None
-            if abort is not None:
-                ab = asyncio.ensure_future(abort.wait())
-                waits.append(ab)
-            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            if ab is not None:
-                ab.cancel()
-            return fut.result() if fut.done() else None
+            while True:
+                waits = [asyncio.ensure_future(ready.wait())]
+                if abort is not None:
+                    waits.append(asyncio.ensure_future(abort.wait()))
+                _, pending = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                for w in pending:
+                    w.cancel()
+                if abort is not None and abort.is_set():
+                    return None
+                ready.clear()
+                self._fill()
+                got = self._take_line()
+                if got is not None or self._eof:
+                    return got
         finally:
             loop.remove_reader(fd)
+
+    async def ask(self, prompt: str, abort: asyncio.Event | None = None) -> str | None:
+        """Show `prompt`, then one line from the person; None at end of input or abort."""
+        self.say(prompt)
+        return await self.line(abort)
 
     def line_reader(self) -> LineWatch:
         return LineWatch(self)
 
 
 class LineWatch:
-    """A pending "press Enter" while something else is awaited (a step in progress)."""
+    """A pending "press Enter" while something else is awaited (a step in progress): `pressed`
+    is set when a line arrives (end of input is not a press)."""
 
     def __init__(self, term: Terminal) -> None:
         self.term = term
         self.pressed = asyncio.Event()
-        self._fd: int | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    async def _watch(self) -> None:
+        if await self.term.line() is not None:
+            self.pressed.set()
 
     def __enter__(self) -> LineWatch:
-        loop = asyncio.get_running_loop()
-        try:
-            fd = self.term.inp.fileno()
-            loop.add_reader(fd, self._readable)
-            self._fd = fd
-        except (AttributeError, OSError, ValueError, NotImplementedError):
-            self._fd = None
+        self._task = asyncio.ensure_future(self._watch())
         return self
 
-    def _readable(self) -> None:
-        line = self.term.inp.readline()
-        if line == "":  # end of input: stop watching, never an abort
-            self.__exit__()
-            return
-        self.pressed.set()
-
     def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            with contextlib.suppress(Exception):
-                asyncio.get_running_loop().remove_reader(self._fd)
-            self._fd = None
+        if self._task is not None:
+            self._task.cancel()
+            self._task = None
 
 
 def live_text(obs: Any, tags: Sequence[str]) -> str:

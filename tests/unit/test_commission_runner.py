@@ -274,3 +274,41 @@ async def test_the_observer_only_reads_and_never_serves_an_unreadable_point_as_a
         frozenset({"IL-04"}),
         {"reuse_valve_cmd": "interlock"},
     )
+
+
+# ---- the terminal ----
+
+
+async def test_the_terminal_takes_lines_that_arrive_together_one_question_at_a_time() -> None:
+    import io
+
+    from controller.commission_io import Terminal
+
+    r, w = os.pipe()
+    os.write(w, b"\nyes\r\nlast")
+    os.close(w)
+    out = io.StringIO()
+    with os.fdopen(r) as inp:
+        term = Terminal(out=out, inp=inp)
+        assert await term.ask("go?") == ""
+        assert await term.ask("sign?") == "yes"
+        assert await term.ask("more?") == "last"  # no newline before the end
+        assert await term.ask("again?") is None  # end of input
+    assert out.getvalue().splitlines() == ["go?", "sign?", "more?", "again?"]
+
+
+async def test_an_abort_ends_a_question_nobody_answers() -> None:
+    import asyncio
+    import io
+
+    from controller.commission_io import Terminal
+
+    r, w = os.pipe()
+    try:
+        with os.fdopen(r) as inp:
+            term = Terminal(out=io.StringIO(), inp=inp)
+            abort = asyncio.Event()
+            asyncio.get_running_loop().call_later(0.05, abort.set)
+            assert await asyncio.wait_for(term.ask("go?", abort), 10.0) is None
+    finally:
+        os.close(w)
