@@ -336,6 +336,35 @@ async def test_ctrl_c_mid_step_takes_the_cause_back_and_leaves_the_plant_in_reje
     await back_to_automatic(plant)
 
 
+async def test_a_bypassed_rule_fails_its_step_and_sign_off_needs_a_reason(
+    plant: Plant, tmp_path: Path
+) -> None:
+    site = plant.site_path
+    r = await asyncio.to_thread(cli, site, "bypass", "IL-06", "--minutes", "10", "--reason", "t")
+    assert r.returncode == 0, r.stderr
+    try:
+        report = tmp_path / "report"
+        why = "tank sensor replaced next week"
+        r = await commission(
+            plant, report, "--sim", "--auto", "--only", "IL-06,IL-07", "--bypass-reason", why
+        )
+        assert r.returncode == 2, f"{r.stdout}\n{r.stderr}"
+        assert "IL-06" in r.stdout.split("── IL-06")[0]  # listed before the first step
+        rec = record_of(report)
+        il06, il07 = rec["steps"]
+        assert il06["result"] == "failed" and "bypassed" in il06["failures"][0], il06
+        assert il07["result"] == "passed", il07  # the run went on: nothing was applied
+        assert [b["rule"] for b in rec["bypasses_at_start"]] == ["IL-06"]
+        assert [b["rule"] for b in rec["bypasses_at_end"]] == ["IL-06"]
+        assert rec["bypasses_removed"] == [] and rec["bypass_signoff_reason"] == why
+        assert rec["signoff"]["engineer"] and rec["outcome"] == "failed"
+        st = await asyncio.to_thread(status, site)
+        assert st["reject_requested"] is False  # a bypass is no fault of the plant
+    finally:
+        r = await asyncio.to_thread(cli, site, "bypass", "IL-06", "--end")
+        assert r.returncode == 0, r.stderr
+
+
 async def test_a_stuck_reuse_valve_fails_il04_on_its_feedback(
     plant: Plant, faults: SimFaults, probe: ModbusProbe, tmp_path: Path
 ) -> None:
