@@ -1291,6 +1291,19 @@ def judge(
     )
 
 
+# The levels at which an interlock's value reaches an output (the guard only ever adds cooling).
+RULE_LEVELS = frozenset({"interlock", "guard"})
+
+
+def _responded(o: Observation, e: Expect) -> bool:
+    """The PLC output holds an accepted value, and the controller says an interlock set it: an
+    output the sequence had already driven there (IL-01's fans, when the supply rises slowly) has
+    responded only once the interlock holds it. A level not reported (no status yet) is not held
+    against it; the pre-conditions require a fresh status before a step starts."""
+    level = o.levels.get(e.output)
+    return o.plc_ok and e.accepts(o.outputs.get(e.output)) and level in (None, *RULE_LEVELS)
+
+
 def _judge_expects(
     step: Step, t0: float, window: Sequence[Observation], before: Observation, site: Site
 ) -> tuple[list[EffectResult], list[str], float | None]:
@@ -1298,7 +1311,7 @@ def _judge_expects(
     fails: list[str] = []
     times: list[float | None] = []
     for e in step.expects:
-        i = _kept_from(window, lambda o, e=e: o.plc_ok and e.accepts(o.outputs.get(e.output)))
+        i = _kept_from(window, lambda o, e=e: _responded(o, e))
         at_s = None if i is None else max(0.0, window[i].t - t0)
         ok = at_s is not None and at_s <= step.required_s
         as_found = window[-1].outputs.get(e.output) if window else None

@@ -658,6 +658,22 @@ def test_an_effect_already_in_place_is_marked_not_proven() -> None:
     assert all(e.ok and e.note == cp.ALREADY for e in r.effects)
 
 
+def test_a_value_the_sequence_set_responds_only_once_the_interlock_holds_it() -> None:
+    """IL-01's fans: a slowly rising supply drives them to 100 % through the sequence before the
+    limit is crossed; the rule has responded when the controller says the interlock holds them."""
+    step = step_of("IL-04")
+    outs = {e.output for e in step.expects}
+    tl = [
+        replace(o, levels={k: "interlock" if o.t >= 0.5 else "sequence" for k in outs})
+        for o in il04_timeline(0.0, 40.0)
+    ]
+    r = cp.judge(step, Method.SIM, 0.0, tl, obs(), SITE, "")
+    assert r.result == "passed" and r.response_s == pytest.approx(0.5)
+    late = [replace(o, levels=dict.fromkeys(outs, "sequence")) for o in tl]
+    r = cp.judge(step, Method.SIM, 0.0, late, obs(), SITE, "")
+    assert r.result == "failed" and r.response_s is None
+
+
 def test_not_run_records_why() -> None:
     s = step_of("IL-02", method=Method.FORCED)
     r = cp.not_run(s, Method.FORCED, "not_testable", s.why_not["forced"])
