@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 NODE_DIR := tests/hil/nodeopcua
 NODE_STAMP := $(NODE_DIR)/node_modules/.installed
 
-.PHONY: demo test bench lint fmt docs clean
+.PHONY: demo commission-demo test bench lint fmt docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -22,6 +22,11 @@ $(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
 
 demo: $(STAMP)
 	$(BIN)/heatloop demo $(or $(ARGS),--minutes 2)
+
+# a whole `heatloop commission --sim --auto` run on the demo site; the record lands in
+# build/commission-demo/report (HTML, Markdown, JSON)
+commission-demo: $(STAMP)
+	$(BIN)/python -m controller.commission_demo build/commission-demo
 
 test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/ruff check .

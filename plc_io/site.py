@@ -8,6 +8,7 @@ values) then run over whatever parsed. The result names field path, bad value an
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import tomllib
 from dataclasses import dataclass
@@ -987,6 +988,22 @@ def loads_site(text: str, source: str = "<site>", folder: Path | None = None) ->
 def demo_site_text() -> str:
     """The embedded demo site file, as `heatloop init` writes it."""
     return resources.files("plc_io").joinpath("demo_site.toml").read_text(encoding="utf-8")
+
+
+def set_key(text: str, section: str, key: str, value: Any) -> str:
+    """Site file `text` with `key = value` (as TOML) in `[section]`, where the key already
+    stands: a copy of the demo site made for a test or a demonstration keeps its comments."""
+    lines = text.splitlines(keepends=True)
+    inside = False
+    for i, line in enumerate(lines):
+        s = line.strip()
+        if s.startswith("["):
+            inside = s == f"[{section}]"
+            continue
+        if inside and s.split("=", 1)[0].strip() == key:
+            lines[i] = f"{key} = {json.dumps(value)}\n"
+            return "".join(lines)
+    raise KeyError(f"[{section}] {key} not in the site file text")
 
 
 def demo_site(folder: Path | None = None) -> Site:

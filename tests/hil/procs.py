@@ -28,7 +28,7 @@ from typing import Any
 import pytest
 from asyncua import Client
 
-from plc_io.site import Site, demo_site_text, load_site
+from plc_io.site import Site, demo_site_text, load_site, set_key
 from tests.hil.conftest import ModbusProbe, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -62,21 +62,6 @@ OPEN_IN_REUSE = ("secondary_pump_cmd", "reuse_isolation_cmd", "customer_isolatio
 
 
 # ---- site files ----
-
-
-def set_key(text: str, section: str, key: str, value: Any) -> str:
-    """`text` with `key = value` replaced in `[section]` (the key must already be there)."""
-    lines = text.splitlines(keepends=True)
-    inside = False
-    for i, line in enumerate(lines):
-        s = line.strip()
-        if s.startswith("["):
-            inside = s == f"[{section}]"
-            continue
-        if inside and s.split("=", 1)[0].strip() == key:
-            lines[i] = f"{key} = {json.dumps(value)}\n"
-            return "".join(lines)
-    raise KeyError(f"[{section}] {key} not in the demo site text")
 
 
 @dataclass(frozen=True)
