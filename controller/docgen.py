@@ -147,6 +147,60 @@ def site_rules_markdown() -> str:
     return "\n".join(out)
 
 
+def procedure_markdown(site: Site) -> str:
+    """The commissioning steps (docs/commissioning.md), from the same plan the tool runs."""
+    from controller.commission_plan import plan
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    def sim(step: Any) -> str:
+        if not step.sim:
+            return "—"
+        acts = []
+        for a in step.sim:
+            what = f"{a.name} {a.target}".strip()
+            if a.relative_to:
+                what += f" until it reads {a.value:g}"
+            elif a.name != "sensor_fail":
+                what += f" = {a.value:g}"
+            acts.append(what + (f" (ramped, {a.ramp_k_per_s:g}/s)" if a.ramp_k_per_s else ""))
+        return "; ".join(acts)
+
+    def forced(step: Any) -> str:
+        if step.forced:
+            return "; ".join(f"force {f.tag} = {f.value}" for f in step.forced)
+        return "not testable: " + step.why_not.get("forced", "no input force applies")
+
+    cols = ("step", "hazard", "required", "sim", "forced", "in the field", "expected at the PLC")
+    rows = ["| " + " | ".join((*cols, "confirmed by")) + " |", "|---" * (len(cols) + 1) + "|"]
+    for s in plan(site):
+        if s.kind == "watchdog":
+            sim_text = forced_text = field_text = "heartbeat held through the command channel"
+        else:
+            sim_text, forced_text, field_text = sim(s), forced(s), s.physical or "—"
+        expects = "; ".join(e.text for e in s.expects)
+        feedback = "; ".join(f"{f.tag} {f.text} within {f.within_s:g} s" for f in s.feedback)
+        rows.append(
+            "| "
+            + " | ".join(
+                cell(x)
+                for x in (
+                    s.id,
+                    s.hazard,
+                    f"{s.required_s:g} s",
+                    sim_text,
+                    forced_text,
+                    field_text,
+                    expects,
+                    feedback or "—",
+                )
+            )
+            + " |"
+        )
+    return "\n".join(rows)
+
+
 def blocks(site: Site | None = None) -> dict[str, str]:
     site = site or demo_site()
     return {
@@ -159,6 +213,7 @@ def blocks(site: Site | None = None) -> dict[str, str]:
         "permissions": permission_table_markdown(),
         "alarms": catalogue_markdown(catalogue(RULES, site.inputs, site.outputs)),
         "bms-points": points_markdown(space(site)).rstrip("\n"),
+        "commission-steps": procedure_markdown(site),
     }
 
 
@@ -172,7 +227,7 @@ def render(text: str, generated: dict[str, str]) -> str:
     return text
 
 
-GENERATED_FILES = ("operation.md", "site-file.md", "bms.md")
+GENERATED_FILES = ("operation.md", "site-file.md", "bms.md", "commissioning.md")
 
 
 def main() -> int:
