@@ -50,6 +50,7 @@ FORMAT = "heatloop-commissioning/1"
 WD = "WD"
 FORCE_MINUTES = 3.0  # an input force's expiry: it ends by itself if the tool dies
 LINK_LOST_S = 1.0  # the observer's PLC reads failing this long mid-step: the link is lost
+CONTROLLER_LOST_S = 5.0  # no controller status for this long mid-step: it stopped answering
 RAMP_EVERY_S = 0.25
 # A drifting cause (a ramp, a person warming a sensor) crosses its limit with noise: it counts as
 # present from the start of a run of readings that shows it this long without a break.
@@ -289,6 +290,12 @@ class Runner:
         """StepStop on an abort, or when the PLC link is lost mid-step (not IL-08's own cause)."""
         if self.abort.is_set():
             raise StepStop("aborted", "aborted by the engineer (Ctrl-C or Enter)")
+        st = self.observer.status_t
+        if st is not None and time.monotonic() - st > CONTROLLER_LOST_S:
+            raise StepStop(
+                "failed",
+                f"the controller stopped answering mid-step ({self.observer.status_error})",
+            )
         if step.id == "IL-08":
             return
         o = self.observer.latest
