@@ -1295,13 +1295,26 @@ def judge(
 RULE_LEVELS = frozenset({"interlock", "guard"})
 
 
-def _responded(o: Observation, e: Expect) -> bool:
-    """The PLC output holds an accepted value, and the controller says an interlock set it: an
-    output the sequence had already driven there (IL-01's fans, when the supply rises slowly) has
-    responded only once the interlock holds it. A level not reported (no status yet) is not held
-    against it; the pre-conditions require a fresh status before a step starts."""
-    level = o.levels.get(e.output)
-    return o.plc_ok and e.accepts(o.outputs.get(e.output)) and level in (None, *RULE_LEVELS)
+def _held(o: Observation, e: Expect) -> bool:
+    return o.plc_ok and e.accepts(o.outputs.get(e.output))
+
+
+def _claimed(o: Observation, e: Expect) -> bool:
+    """The PLC output holds an accepted value and the controller says an interlock set it (a
+    level not reported, before any status, is not held against it)."""
+    return _held(o, e) and o.levels.get(e.output) in (None, *RULE_LEVELS)
+
+
+def _response_index(window: Sequence[Observation], e: Expect) -> int | None:
+    """Where the expect was met, to stay: the PLC output's change, timed by the observer's own
+    reads; but an output that already held the value when the cause arrived (IL-01's fans,
+    which the sequence drives up while the supply rises slowly) has responded only once the
+    controller says an interlock holds it. Either way an interlock must hold it by the end."""
+    i = _kept_from(window, lambda o: _held(o, e))
+    j = _kept_from(window, lambda o: _claimed(o, e))
+    if i is None or j is None:
+        return None
+    return j if i == 0 else i
 
 
 def _judge_expects(
@@ -1311,7 +1324,7 @@ def _judge_expects(
     fails: list[str] = []
     times: list[float | None] = []
     for e in step.expects:
-        i = _kept_from(window, lambda o, e=e: _responded(o, e))
+        i = _response_index(window, e)
         at_s = None if i is None else max(0.0, window[i].t - t0)
         ok = at_s is not None and at_s <= step.required_s
         as_found = window[-1].outputs.get(e.output) if window else None

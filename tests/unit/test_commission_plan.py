@@ -672,6 +672,13 @@ def test_a_value_the_sequence_set_responds_only_once_the_interlock_holds_it() ->
     late = [replace(o, levels=dict.fromkeys(outs, "sequence")) for o in tl]
     r = cp.judge(step, Method.SIM, 0.0, late, obs(), SITE, "")
     assert r.result == "failed" and r.response_s is None
+    # an output that changes at the cause is timed by the PLC reads, not by the status poll
+    lagging = [
+        replace(o, levels={k: "interlock" if o.t >= 1.0 else "sequence" for k in outs})
+        for o in il04_timeline(0.5, 40.0)
+    ]
+    r = cp.judge(step, Method.SIM, 0.0, lagging, obs(), SITE, "")
+    assert r.result == "passed" and r.response_s == pytest.approx(0.5)
 
 
 def test_not_run_records_why() -> None:
