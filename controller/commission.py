@@ -959,14 +959,14 @@ class Runner:
             res["failures"].append(f"plant did not return to normal: {why}")
             res["result"] = "failed"
 
-    async def _reset(self, step: Any, timeout_s: float, check: bool = True) -> bool:
+    async def _reset(self, step: Any, timeout_s: float) -> bool:
         """Ask for the reset until the controller takes it (its condition holds) and the latch
-        is gone; False after `timeout_s`."""
+        is gone; False after `timeout_s`. StepStop on an abort, a lost link or controller."""
         deadline = time.monotonic() + timeout_s
         accepted = False
+        since_ok = [time.monotonic()]
         while time.monotonic() < deadline:
-            if check and self.abort.is_set():
-                return False
+            self._check_stop(step, since_ok)
             if not accepted:
                 reply = await self._cmd(
                     "reset",

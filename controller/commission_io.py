@@ -104,6 +104,7 @@ class Observer:
         self._fields["link_ok"] = False
         self._transport: Any = None
         self._tasks: list[asyncio.Task[None]] = []
+        self._running = True
         self._new = asyncio.Event()
 
     @property
@@ -123,11 +124,16 @@ class Observer:
         ]
 
     async def close(self) -> None:
-        for t in self._tasks:
-            t.cancel()
-        for t in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await t
+        # A flag first, not Task.cancel(): pymodbus awaits asyncio.wait_for, which on Python 3.11
+        # can swallow a cancel that lands as a reply arrives (CPython gh-86296), and the loop
+        # would poll for ever. Cancel only what has not stopped by itself, and never wait long.
+        self._running = False
+        if self._tasks:
+            _, pending = await asyncio.wait(self._tasks, timeout=2.0)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
         self._tasks = []
         if self._transport is not None:
             with contextlib.suppress(Exception):
@@ -171,13 +177,13 @@ class Observer:
         self._fields = status_fields(st)
 
     async def _plc_loop(self) -> None:
-        while True:
+        while self._running:
             t = self.clock()
             await self._poll_plc_once()
             await asyncio.sleep(max(0.0, PLC_POLL_S - (self.clock() - t)))
 
     async def _status_loop(self) -> None:
-        while True:
+        while self._running:
             t = self.clock()
             await self._poll_status_once()
             await asyncio.sleep(max(0.0, STATUS_POLL_S - (self.clock() - t)))
@@ -220,7 +226,7 @@ class SimLink:
     async def close(self) -> None:
         if self._client is not None:
             with contextlib.suppress(Exception):
-                await self._client.disconnect()
+                await asyncio.wait_for(self._client.disconnect(), self.timeout_s)
             self._client = None
 
     async def inject(self, name: str, target: str, value: float) -> None:

@@ -251,6 +251,7 @@ class Running:
     """`heatloop commission` in the background, its output read line by line."""
 
     def __init__(self, plant: Plant, report: Path, *args: str) -> None:
+        self.report = report
         argv = ("--site", str(plant.site_path), "--report", str(report), *args)
         self.proc = subprocess.Popen(
             heatloop("commission", *argv),
@@ -267,10 +268,14 @@ class Running:
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            if "applied:" in line:
-                self.applied.set()
+        log = self.report.parent / "tool.log"  # kept for a failing test's reader
+        with log.open("a", encoding="utf-8") as keep:
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                keep.write(line)
+                keep.flush()
+                if "applied:" in line:
+                    self.applied.set()
 
     async def wait_applied(self) -> None:
         ok = await asyncio.to_thread(self.applied.wait, 60.0)
@@ -363,6 +368,33 @@ async def test_a_bypassed_rule_fails_its_step_and_sign_off_needs_a_reason(
     finally:
         r = await asyncio.to_thread(cli, site, "bypass", "IL-06", "--end")
         assert r.returncode == 0, r.stderr
+
+
+async def test_a_controller_killed_mid_step_fails_it_takes_the_fault_back_and_keeps_the_record(
+    plant: Plant, probe: ModbusProbe, tmp_path: Path
+) -> None:
+    """Next to last: it kills the module's controller (the valve test starts its own)."""
+    report = tmp_path / "report"
+    run = Running(plant, report, "--sim", "--auto", "--only", "IL-04")
+    await run.wait_applied()
+    plant.ctl.kill9()
+    code = await run.wait()
+    assert code == 1, run.out  # nothing could be filed
+    (path,) = report.glob("*-UNFILED.json")
+    rec = json.loads(path.read_text(encoding="utf-8"))
+    (step,) = rec["steps"]
+    assert step["result"] == "failed" and "stopped answering" in step["failures"][0], step
+    assert step["restored"] is True  # the leak was cleared through the simulator
+    assert (report / path.name.replace(".json", ".md")).exists()
+    assert "could NOT be filed" in run.out
+    # the PLC's watchdog, not the dead controller, now holds the plant safe
+    await poll_until(
+        lambda: read_outputs(probe, ("plc_watchdog_tripped",)),
+        lambda v: v["plc_watchdog_tripped"] is True,
+        10.0,
+        "the PLC watchdog's safe hold",
+    )
+    await shut_at_plc(probe)
 
 
 async def test_a_stuck_reuse_valve_fails_il04_on_its_feedback(
