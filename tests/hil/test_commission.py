@@ -250,13 +250,13 @@ async def test_a_broken_plc_watchdog_fails_wd_and_leaves_the_plant_cooling(
 class Running:
     """`heatloop commission` in the background, its output read line by line."""
 
-    def __init__(self, plant: Plant, report: Path, *args: str) -> None:
+    def __init__(self, plant: Plant, report: Path, *args: str, typing: bool = False) -> None:
         self.report = report
         argv = ("--site", str(plant.site_path), "--report", str(report), *args)
         self.proc = subprocess.Popen(
             heatloop("commission", *argv),
             cwd=ROOT,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE if typing else subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
@@ -280,6 +280,20 @@ class Running:
     async def wait_applied(self) -> None:
         ok = await asyncio.to_thread(self.applied.wait, 60.0)
         assert ok, "".join(self.lines)
+
+    async def seen(self, text: str, timeout_s: float = 60.0) -> None:
+        """Wait until the tool has printed a line containing `text`."""
+        deadline = time.monotonic() + timeout_s
+        while not any(text in line for line in list(self.lines)):
+            assert self.proc.poll() is None, f"exited before {text!r}:\n{self.out}"
+            assert time.monotonic() < deadline, f"no {text!r} within {timeout_s} s:\n{self.out}"
+            await asyncio.sleep(0.05)
+
+    def type(self, line: str) -> None:
+        """What the engineer types at the prompt."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
 
     async def wait(self) -> int:
         try:
@@ -368,6 +382,28 @@ async def test_a_bypassed_rule_fails_its_step_and_sign_off_needs_a_reason(
     finally:
         r = await asyncio.to_thread(cli, site, "bypass", "IL-06", "--end")
         assert r.returncode == 0, r.stderr
+
+
+async def test_a_physical_step_waits_for_the_engineer_and_is_signed_off_at_the_prompt(
+    plant: Plant, faults: SimFaults, tmp_path: Path
+) -> None:
+    """The engineer's part is played by the test: the sim's leak stands in for a wetted rope."""
+    report = tmp_path / "report"
+    run = Running(plant, report, "--only", "IL-04", "--engineer", "Ada", typing=True)
+    await run.seen("APPLY THE CAUSE NOW")
+    await faults.inject("leak", "reuse", 1.0)
+    await run.seen("RESTORE NOW")
+    await faults.clear("leak", "reuse")
+    await run.seen("sign off as Ada?")
+    run.type("yes")
+    code = await run.wait()
+    assert code == 0, run.out
+    rec = record_of(report)
+    (step,) = rec["steps"]
+    assert (step["method"], step["result"], rec["target"]) == ("physical", "passed", "live")
+    assert step["reset"]["done"] is True and step["back_to_normal"] is True
+    assert step["response_s"] is not None and step["response_s"] <= step["required_s"]
+    assert rec["signoff"]["engineer"] == "Ada" and rec["outcome"] == "passed"
 
 
 async def test_a_controller_killed_mid_step_fails_it_takes_the_fault_back_and_keeps_the_record(
