@@ -859,6 +859,19 @@ def cmd_commission(args: argparse.Namespace) -> int:
     return run_commission(site, opts)
 
 
+def _text(limit: int) -> Callable[[str], str]:
+    """An argparse type: text of 1 to `limit` characters, not only blanks."""
+
+    def parse(text: str) -> str:
+        if not text.strip() or len(text) > limit:
+            raise argparse.ArgumentTypeError(
+                f"{text[:40]!r}: expected 1 to {limit} characters, not only blanks"
+            )
+        return text
+
+    return parse
+
+
 def add_commission_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser(
         "commission",
@@ -882,10 +895,20 @@ def add_commission_commands(sub: argparse._SubParsersAction[argparse.ArgumentPar
         help="how each cause is applied (default: physical; sim with --sim)",
     )
     s.add_argument("--report", default=None, help="report folder (default ./commissioning)")
-    s.add_argument("--engineer", default=None, help="who runs the test (default: the OS user)")
-    s.add_argument("--purpose", choices=tuple(("handover", "proof-test")), default="handover")
+    s.add_argument(
+        "--engineer",
+        type=_text(200),
+        default=None,
+        help="who runs the test, as signed (default: the OS user)",
+    )
+    s.add_argument(
+        "--purpose",
+        choices=("handover", "proof-test"),
+        default="handover",
+        help="handover (default) or a periodic proof test",
+    )
     s.add_argument("--resume", action="store_true", help="continue this site's unfinished run")
-    s.add_argument("--comment", default=None, help="a comment for the record")
+    s.add_argument("--comment", type=_text(4000), default=None, help="a comment for the record")
     s.add_argument(
         "--bypass-reason", type=_reason, default=None, help="why sign off while a bypass stands"
     )

@@ -312,3 +312,11 @@ async def test_an_abort_ends_a_question_nobody_answers() -> None:
             assert await asyncio.wait_for(term.ask("go?", abort), 10.0) is None
     finally:
         os.close(w)
+
+
+def test_an_empty_engineer_or_comment_is_refused_by_the_parser(
+    capsys: pytest.CaptureFixture[str], site_file: Path
+) -> None:
+    for argv in (("--engineer", " "), ("--comment", "x" * 4001)):
+        code, err = run(capsys, "--site", str(site_file), "--sim", *argv)
+        assert code == 2 and argv[0] in err
