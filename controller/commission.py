@@ -268,6 +268,7 @@ class Runner:
         self.run_id = uuid.uuid4().hex
         self.started_wall = time.time()
         self.bypasses_at_start: list[dict[str, Any]] = []
+        self.only = opts.only  # a resumed run keeps the steps it was started with
         self.progress_file = progress_path(opts.report_dir, site.site.name)
 
     # ---- plumbing ----
@@ -379,6 +380,16 @@ class Runner:
             except ResumeError as e:
                 self.term.error(f"heatloop: {e}")
                 return EXIT_USAGE
+            target = "sim" if opts.sim else "live"
+            if (prog.get("method"), prog.get("target")) != (str(self.method), target):
+                self.term.error(
+                    f"heatloop: --resume: run {prog.get('run_id')} used method "
+                    f"{prog.get('method')} on {prog.get('target')}; give the same options "
+                    f"(now {self.method} on {target})"
+                )
+                return EXIT_USAGE
+            only = prog.get("only")
+            self.only = [str(i) for i in only] if isinstance(only, list) else None
             self.run_id = str(prog["run_id"])
             self.started_wall = float(prog.get("started_wall", self.started_wall))
             self.forces_used = list(prog.get("forces_used", []))
@@ -387,7 +398,7 @@ class Runner:
         else:
             self.bypasses_at_start = _bypasses(st)
         try:
-            steps = cp.plan(self.site, opts.only, self.method)
+            steps = cp.plan(self.site, self.only, self.method)
         except cp.PlanError as e:
             self.term.error(f"heatloop: {e}")
             return EXIT_USAGE
@@ -448,7 +459,7 @@ class Runner:
             "engineer": self.opts.engineer,
             "method": str(self.method),
             "target": "sim" if self.opts.sim else "live",
-            "only": self.opts.only,
+            "only": self.only,
             "started_wall": self.started_wall,
             "bypasses_at_start": self.bypasses_at_start,
             "forces_used": self.forces_used,
@@ -479,7 +490,8 @@ class Runner:
             signoff_reason = (
                 await t.ask(
                     f"bypasses still stand ({', '.join(sorted(map(str, end_rules)))}): type why "
-                    "you sign off anyway (Enter: do not sign)"
+                    "you sign off anyway (Enter: do not sign)",
+                    self.abort,
                 )
                 or ""
             ).strip() or None
@@ -490,7 +502,9 @@ class Runner:
         else:
             name = opts.engineer
             if not opts.auto:
-                answer = await t.ask(f"sign off as {name}? type yes to sign (Enter: do not sign)")
+                answer = await t.ask(
+                    f"sign off as {name}? type yes to sign (Enter: do not sign)", self.abort
+                )
                 if (answer or "").strip().lower() not in ("y", "yes"):
                     name = ""
             if name:

@@ -355,6 +355,30 @@ async def test_ctrl_c_mid_step_takes_the_cause_back_and_leaves_the_plant_in_reje
     await back_to_automatic(plant)
 
 
+async def test_a_run_cut_short_resumes_without_repeating_its_finished_steps(
+    plant: Plant, tmp_path: Path
+) -> None:
+    report = tmp_path / "report"
+    run = Running(plant, report, "--sim", "--auto", "--only", "IL-04,IL-07")
+    await run.seen("── IL-07")
+    await run.wait_applied()  # IL-04's cause: wait for IL-07's
+    await run.seen("sim fault sensor_bias/customer_supply_temp")
+    run.proc.send_signal(signal.SIGINT)
+    assert await run.wait() == 2, run.out
+    first = record_of(report)
+    assert [s["result"] for s in first["steps"]] == ["passed", "aborted"]
+    await back_to_automatic(plant)
+    r = await commission(plant, report, "--sim", "--auto", "--resume")
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr}"
+    assert "IL-04 already done" in r.stdout and "── IL-04" not in r.stdout
+    again = record_of(report)
+    assert again["run_id"] == first["run_id"] and again["seq"] == first["seq"] + 1
+    assert again["steps"][0] == first["steps"][0]  # IL-04 as it was, not run again
+    assert [s["result"] for s in again["steps"]] == ["passed", "passed"]
+    r = await commission(plant, report, "--sim", "--auto", "--resume")
+    assert r.returncode == 2 and "finished" in r.stderr and r.stderr.count("\n") == 1
+
+
 async def test_a_bypassed_rule_fails_its_step_and_sign_off_needs_a_reason(
     plant: Plant, tmp_path: Path
 ) -> None:
