@@ -634,6 +634,7 @@ class Runner:
         for f in step.feedback:
             t.say(f"     then   {f.tag} {f.text} (within {f.within_s:g} s)")
         t.say(f"   method: {method}")
+        t.say(f"   pre-conditions: {_precondition_text(step)}")
         why_not = _why_not(step, method)
         if why_not:
             t.say(f"   not testable by {method}: {why_not}")
@@ -1104,6 +1105,22 @@ class Runner:
             + ("plant left in reject" if reply.get("ok") else "reject request failed")
         )
         res["ended_wall"] = time.time()
+
+
+def _precondition_text(step: Any) -> str:
+    """What the plan's pre-conditions ask, in words (they are checked on each observation)."""
+    if step.kind == "watchdog":
+        return (
+            "PLC link up, the controller's status fresh, no interlock active, and some output "
+            "away from its safe value (so the fallback can be seen)"
+        )
+    tags = ", ".join(step.cause_tags)
+    return (
+        "PLC link up, the controller's status fresh, no interlock active or latched, "
+        f"{step.id} not bypassed, a running mode (not LEAK_TRIP, STARTUP or MAINTENANCE)"
+        + (f", {tags} valid" if tags else "")
+        + ", the cause not present yet"
+    )
 
 
 def _secs(v: object) -> str:
