@@ -232,3 +232,39 @@ async def test_status_says_what_reuse_still_waits_for_when_no_cause_is_left() ->
     assert any("reuse resumes in about" in line for line in status_lines(st))
     await rig.until_mode(Mode.NORMAL_REUSE)
     assert rig.ctl.status_view()["waiting"] is None
+
+
+async def test_a_commissioning_input_force_is_journalled_acts_and_expires_by_itself(
+    tmp_path: Path,
+) -> None:
+    """A tool that forced an input and died: the force ends at its expiry all the same, the
+    journal says who forced it, why and when it ended, and the real reading is back."""
+    db = tmp_path / "heatloop.db"
+    clock = FakeClock()
+    rig = Rig(clock=clock, journal=keeper(db, clock))
+    await rig.scans(3)
+    why = "commissioning run 1f2e IL-03"
+    ans = await ask(rig, req("force", {"tag": "primary_flow", "value": 2.5, "minutes": 0.05}, why))
+    assert ans.accepted, ans
+    await rig.scans(2)
+    st = rig.ctl.status_view()
+    assert st["inputs"]["primary_flow"]["value"] == 2.5
+    assert st["inputs"]["primary_flow"]["quality"] == "forced"
+    assert [(f["tag"], f["input"]) for f in st["forces"]] == [("primary_flow", True)]
+    (row,) = [r for r in rows(db) if r["cmd"] == "force"]
+    assert (row["principal"], row["reason"], row["accepted"]) == ("alice", why, 1)
+
+    await rig.scans(int(0.05 * 60 / rig.ctl.site.scan.period_s) + 4)  # past the 3 s expiry
+    st = rig.ctl.status_view()
+    assert st["forces"] == []
+    assert st["inputs"]["primary_flow"]["quality"] != "forced"
+    assert st["inputs"]["primary_flow"]["value"] != 2.5  # the plant's own flow again
+    (ended,) = rig.events("input_force_expired")
+    assert (ended["source"], ended["reason"]) == ("primary_flow", why)
+    rig.ctl.journal.close()
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        kinds = [k for (k,) in con.execute("SELECT kind FROM events")]
+    finally:
+        con.close()
+    assert "input_force_expired" in kinds
