@@ -1506,7 +1506,7 @@ def judge_watchdog(
         feedback.append(
             FeedbackResult(
                 "holdoff",
-                f"safe values kept ≥ {_n(holdoff - WD_MARGIN_S)} s after the heartbeat resumes",
+                f"safe values kept ≥ {_n(min_hold_end - t_resume)} s after the heartbeat resumes",
                 None,
                 None if released_at is None else round(released_at - t_resume, 3),
                 holdoff,
@@ -1517,7 +1517,7 @@ def judge_watchdog(
         if early and released_at is not None:
             fails.append(
                 f"PLC released {_n(released_at - t_resume)} s after the heartbeat resumed, "
-                f"expected a hold of at least {_n(holdoff - WD_MARGIN_S)} s (watchdog_holdoff_s "
+                f"expected a hold of at least {_n(min_hold_end - t_resume)} s (watchdog_holdoff_s "
                 f"{_n(holdoff)} s)"
             )
         released_ok = released_at is not None and released_at <= release_by
