@@ -278,6 +278,20 @@ def _outlet_sim(s: Site, th: Thresholds) -> float:
     return _beyond(s, "drycooler_out_temp", th.freeze_drycooler_out_c, -10.0)
 
 
+def _leak_recipe(zone: str) -> Recipe:
+    """A leak zone's rule: the simulated leak, its input forced wet, the rope wetted."""
+    tag = f"leak_{zone}"
+    return Recipe(
+        cause_tags=(tag,),
+        sim=(SimSpec(LEAK, zone, lambda s, th: LEAK_LPM),),
+        sim_why="",
+        forced=((tag, lambda s, th: True),),
+        forced_why="",
+        physical=lambda s, th: f"Wet the leak detection rope in zone {zone}",
+        physical_restore=f"Dry the leak detection rope in zone {zone} until {tag} reads dry",
+    )
+
+
 RECIPES: dict[str, Recipe] = {
     "IL-01": Recipe(
         cause_tags=("it_supply_temp",),
@@ -323,24 +337,8 @@ RECIPES: dict[str, Recipe] = {
         ),
         physical_restore="Open the primary flow hand valve fully again",
     ),
-    "IL-04": Recipe(
-        cause_tags=("leak_reuse",),
-        sim=(SimSpec(LEAK, "reuse", lambda s, th: LEAK_LPM),),
-        sim_why="",
-        forced=(("leak_reuse", lambda s, th: True),),
-        forced_why="",
-        physical=lambda s, th: "Wet the leak detection rope in zone reuse",
-        physical_restore="Dry the leak detection rope in zone reuse until leak_reuse reads dry",
-    ),
-    "IL-05": Recipe(
-        cause_tags=("leak_primary",),
-        sim=(SimSpec(LEAK, "primary", lambda s, th: LEAK_LPM),),
-        sim_why="",
-        forced=(("leak_primary", lambda s, th: True),),
-        forced_why="",
-        physical=lambda s, th: "Wet the leak detection rope in zone primary",
-        physical_restore="Dry the leak detection rope in zone primary until leak_primary reads dry",
-    ),
+    "IL-04": _leak_recipe("reuse"),
+    "IL-05": _leak_recipe("primary"),
     "IL-06": Recipe(
         cause_tags=("tank_top_temp", "secondary_pressure"),
         sim=(SimSpec(SENSOR_BIAS, "secondary_pressure", _pressure_target, "secondary_pressure"),),
