@@ -461,6 +461,9 @@ def status_lines(st: Mapping[str, object]) -> list[str]:
         flags.append("MAINTENANCE on")
     if st.get("reject_requested"):
         flags.append("reject requested")
+    hold = st.get("heartbeat_hold_until_wall")
+    if isinstance(hold, (int, float)):
+        flags.append(f"HEARTBEAT HELD (watchdog proof test) until {_until(hold, now)}")
     if flags:
         out.append(" · ".join(flags))
     degraded = _list(st.get("degraded"))
@@ -511,6 +514,15 @@ def status_lines(st: Mapping[str, object]) -> list[str]:
     setpoints = _map(st.get("setpoints"))
     if setpoints:
         out += ["", "setpoints: " + ", ".join(f"{k} = {_shown(v)}" for k, v in setpoints.items())]
+
+    proofs = {str(k): _map(v) for k, v in _map(st.get("proof_tests")).items()}
+    if proofs:
+        overdue = [k for k, v in proofs.items() if v.get("overdue")]
+        line = "proof tests: " + (f"OVERDUE {', '.join(overdue)}" if overdue else "none overdue")
+        dues = [d for v in proofs.values() if isinstance(d := v.get("due_wall"), (int, float))]
+        if dues:
+            line += f"; next due {_when(min(dues))}"
+        out += ["", line]
 
     link, scan = _map(st.get("link")), _map(st.get("scan"))
     errors = link.get("failures", link.get("errors", 0))

@@ -389,6 +389,23 @@ def test_the_status_page_shows_what_an_operator_needs() -> None:
     )
 
 
+def test_the_status_page_shows_a_held_heartbeat_and_overdue_proof_tests() -> None:
+    now = STATUS["wall"]
+    st = {
+        **STATUS,
+        "heartbeat_hold_until_wall": now + 8.0,
+        "proof_tests": {
+            "IL-04": {"overdue": True, "due_wall": now - 86400.0, "last_passed_wall": None},
+            "WD": {"overdue": False, "due_wall": now + 3600.0, "last_passed_wall": now},
+        },
+    }
+    page = "\n".join(status_lines(st))
+    assert "HEARTBEAT HELD (watchdog proof test) until" in page
+    assert "proof tests: OVERDUE IL-04; next due 2025-11-30" in page
+    page = "\n".join(status_lines({**st, "proof_tests": {"WD": st["proof_tests"]["WD"]}}))
+    assert "proof tests: none overdue; next due" in page
+
+
 def test_the_status_page_survives_an_empty_or_odd_status() -> None:
     assert status_lines({})[0].startswith("site ?")
     odd = {"mode": 5, "alarms": "x", "outputs": [1], "interlocks": None, "wall": float("nan")}
