@@ -242,11 +242,10 @@ def wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout_s: fl
         time.sleep(0.05)
 
 
-def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimServer]:
-    """`heatloop sim serve` for the whole module (each test leaves no fault behind)."""
-    folder = tmp_path_factory.mktemp("hil-sim")
-    ports = Ports(free_port(), free_port(), free_port())
-    site_path = write_site(folder, ports, folder / "state")
+@contextlib.contextmanager
+def serving(site_path: Path, ports: Ports) -> Iterator[SimServer]:
+    """`heatloop sim serve` on `site_path` until the block ends."""
+    folder = site_path.parent
     log_path = folder / "sim.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -262,6 +261,14 @@ def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimServer]:
         yield SimServer(proc, ports, folder, load_site(site_path), log_path)
     finally:
         stop_process(proc)
+
+
+def sim_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimServer]:
+    """`heatloop sim serve` for the whole module (each test leaves no fault behind)."""
+    folder = tmp_path_factory.mktemp("hil-sim")
+    ports = Ports(free_port(), free_port(), free_port())
+    with serving(write_site(folder, ports, folder / "state"), ports) as sim:
+        yield sim
 
 
 def controller_starter(

@@ -28,7 +28,6 @@ from typing import Any
 import pytest
 
 from interlocks.rules import RULES
-from plc_io.site import load_site
 from tests.hil.conftest import ModbusProbe, free_port
 from tests.hil.procs import (
     ROOT,
@@ -41,10 +40,10 @@ from tests.hil.procs import (
     heatloop,
     poll_until,
     read_outputs,
+    serving,
     sim_faults,
     status,
     stop_process,
-    wait_port,
     wait_status,
     write_site,
 )
@@ -94,23 +93,8 @@ def sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SimServer]:
     """The module's simulated plant on the commissioning test site (overrides conftest's)."""
     folder = tmp_path_factory.mktemp("commission")
     ports = Ports(free_port(), free_port(), free_port())
-    path = quick_valve_site(folder, ports)
-    site = load_site(path)
-    log_path = folder / "sim.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            heatloop("sim", "serve", "--site", str(path)),
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_port(ports.plc, proc, log_path, 30.0)
-        wait_port(ports.opcua, proc, log_path, 30.0)
-        yield SimServer(proc, ports, folder, site, log_path)
-    finally:
-        stop_process(proc)
+    with serving(quick_valve_site(folder, ports), ports) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
