@@ -56,6 +56,10 @@ RAMP_EVERY_S = 0.25
 # present from the start of a run of readings that shows it this long without a break.
 CAUSE_STEADY_S = 0.5
 RESET_RETRY_S = 1.0
+# The safe stop tries the resets this long (a leak rope takes a while to read dry) …
+SAFE_STOP_RESET_S = 30.0
+# … and trusts "nothing latched" only from a status read this long after the take-back.
+SETTLE_S = 2.0
 WD_SAFE_SEEN_S = 0.5  # the PLC seen safe this long before the hold is ended
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE = 0, 1, 2
 PURPOSES = {"handover": "handover", "proof-test": "proof test"}
@@ -1075,13 +1079,17 @@ class Runner:
         except Exception as e:
             t.say(f"   taking back failed: {type(e).__name__}: {e}")
         res["restored"] = not (self.applied.faults or self.applied.forces or self.applied.hold)
-        # latches whose condition holds (the cause taken back is gone) are reset; others stay
-        deadline = time.monotonic() + min(10.0, self.opts.timeout_s)
+        # latches whose condition holds (the cause taken back is gone) are reset; others stay.
+        # A trip the step raised just before the stop may not be in the status read yet: no
+        # latch counts as none only in a status read SETTLE_S after the take-back.
+        taken_back = time.monotonic()
+        deadline = taken_back + min(SAFE_STOP_RESET_S, self.opts.timeout_s)
         tried: dict[str, str] = {}
         while time.monotonic() < deadline:
             o = self.observer.latest
             latched = sorted(o.latched) if o is not None else []
-            if not latched:
+            settled = o is not None and (o.status_t or 0.0) >= taken_back + SETTLE_S
+            if not latched and settled:
                 break
             for rid in latched:
                 reply = await self._cmd(

@@ -15,6 +15,7 @@ required time. The wall time of each test is printed (`-s`) for the CI budget.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import subprocess
@@ -147,15 +148,28 @@ def record_of(report: Path) -> dict[str, Any]:
 
 
 async def back_to_automatic(plant: Plant) -> None:
-    """Reject off (the tool leaves it on after a failure) and reuse again, for the next test."""
+    """Reject off (the tool leaves it on after a failure), any latch reset, and reuse again, for
+    the next test."""
     r = await asyncio.to_thread(cli, plant.site_path, "reject", "off", "--reason", "test done")
     assert r.returncode == 0, r.stderr
+    latched = (await asyncio.to_thread(status, plant.site_path))["interlocks"]["latched"]
+    if latched:
+        await asyncio.to_thread(cli, plant.site_path, "reset", "--reason", "test done", *latched)
     await wait_status(
         plant.site_path,
         lambda st: st["mode"] == "NORMAL_REUSE" and not st["interlocks"]["latched"],
         30.0,
         "NORMAL_REUSE again",
     )
+
+
+@pytest.fixture(autouse=True)
+async def leave_the_plant_automatic(request: pytest.FixtureRequest) -> AsyncIterator[None]:
+    """After a test on the shared plant, even a failed one, the next starts from reuse."""
+    yield
+    if "plant" in request.fixturenames:
+        with contextlib.suppress(Exception):
+            await back_to_automatic(request.getfixturevalue("plant"))
 
 
 def report_line(rec: dict[str, Any]) -> str:
