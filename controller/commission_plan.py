@@ -29,6 +29,7 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 from controller.supervisor import PUMP_FEEDBACK, SupervisorConfig
 from interlocks.rules import RULES, Effect, Rule, Thresholds
@@ -1066,20 +1067,32 @@ class StepResult:
         }
 
 
-def not_run(step: Step, method: Method | str, result: str, why: str) -> StepResult:
-    """A step that was not run: `skipped`, `not_testable` or `aborted` before its cause, with
-    why as its one failure line (an empty `why` gives none)."""
-    if result not in RESULTS:
-        raise PlanError(f"result: {result!r}: expected one of {', '.join(RESULTS)}")
+def _result(step: Step, failures: Sequence[str], **fields: Any) -> StepResult:
+    """A step's result: the step's own texts and required time, `fields` for the rest, and
+    "passed" only with no failure line (unless `fields` names the result)."""
+    fields.setdefault("result", "failed" if failures else "passed")
     return StepResult(
         id=step.id,
         kind=step.kind,
         hazard=step.hazard,
         cause=step.cause_text,
         effect=step.effect_text,
+        required_s=step.required_s,
+        failures=tuple(failures),
+        **fields,
+    )
+
+
+def not_run(step: Step, method: Method | str, result: str, why: str) -> StepResult:
+    """A step that was not run: `skipped`, `not_testable` or `aborted` before its cause, with
+    why as its one failure line (an empty `why` gives none)."""
+    if result not in RESULTS:
+        raise PlanError(f"result: {result!r}: expected one of {', '.join(RESULTS)}")
+    return _result(
+        step,
+        (why,) if why else (),
         method=str(Method(method)) if step.kind == "rule" else Method.HEARTBEAT_HOLD.value,
         applied="",
-        required_s=step.required_s,
         response_s=None,
         effects=(),
         feedback=(),
@@ -1088,7 +1101,6 @@ def not_run(step: Step, method: Method | str, result: str, why: str) -> StepResu
         mode_before=None,
         mode_during=None,
         result=result,
-        failures=(why,) if why else (),
         reset={"needed": False, "done": False, "how": ""},
     )
 
@@ -1267,15 +1279,11 @@ def judge(
     latched = step.latching and any(step.id in o.latched for o in window)
     if step.latching and not latched:
         fails.append(f"{step.id} did not latch")
-    return StepResult(
-        id=step.id,
-        kind=step.kind,
-        hazard=step.hazard,
-        cause=step.cause_text,
-        effect=step.effect_text,
+    return _result(
+        step,
+        fails,
         method=method.value,
         applied=applied,
-        required_s=step.required_s,
         response_s=response,
         effects=tuple(effects),
         feedback=tuple(fb_rows),
@@ -1283,8 +1291,6 @@ def judge(
         latched=latched,
         mode_before=before.mode,
         mode_during=_last_mode(judged),
-        result="failed" if fails else "passed",
-        failures=tuple(fails),
         reset={"needed": step.latching, "done": False, "how": ""},
     )
 
@@ -1565,15 +1571,11 @@ def judge_watchdog(
             fails.append(f"{trips}: as found {fmt(a)}, expected more than {fmt(b)} (a trip)")
     response = None if not times or any(t is None for t in times) else max(times)  # type: ignore[type-var]
     any_safe = any(e.ok and e.at_s is not None for e in effects)
-    return StepResult(
-        id=step.id,
-        kind=step.kind,
-        hazard=step.hazard,
-        cause=step.cause_text,
-        effect=step.effect_text,
+    return _result(
+        step,
+        fails,
         method=Method.HEARTBEAT_HOLD.value,
         applied="controller heartbeat held (watchdog_test)",
-        required_s=step.required_s,
         response_s=response,
         effects=tuple(effects),
         feedback=tuple(feedback),
@@ -1581,7 +1583,5 @@ def judge_watchdog(
         latched=False,
         mode_before=before.mode,
         mode_during=_last_mode(hold),
-        result="failed" if fails else "passed",
-        failures=tuple(fails),
         reset={"needed": False, "done": False, "how": ""},
     )
