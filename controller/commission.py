@@ -628,6 +628,7 @@ class Runner:
 
     async def _step(self, step: Any, method: str, ctx: dict[str, Any]) -> dict[str, Any]:
         cp, t, site = self.cp, self.term, self.site
+        self.observer.forget_before(self.observer.clock())  # a step judges its own reads only
         tags = self._tags(step)
         t.say("")
         t.say(f"── {step.id}: {step.hazard}")

@@ -81,8 +81,9 @@ def status_fields(st: Mapping[str, Any]) -> dict[str, Any]:
 class Observer:
     """Polls the PLC (read only, ~20 Hz) and the controller's status (~4 Hz) into Observations.
 
-    `history` holds every observation since start, oldest first; `latest` the newest. The
-    Observation class comes from the plan module (it is what the judge reads).
+    `history` holds the observations since the current step began (`forget_before`), oldest
+    first, so a run of hours at 20 Hz stays small; `latest` is the newest. The Observation
+    class comes from the plan module (it is what the judge reads).
     """
 
     def __init__(
@@ -194,6 +195,11 @@ class Observer:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._new.wait(), timeout_s)
         return self.latest
+
+    def forget_before(self, t: float) -> None:
+        """Drop the observations older than `t`, keeping the newest (`latest` stays)."""
+        keep = [o for o in self.history if o.t >= t]
+        self.history = keep or self.history[-1:]
 
     def since(self, t: float) -> list[Any]:
         return [o for o in self.history if o.t >= t]

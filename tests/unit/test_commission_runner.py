@@ -320,3 +320,17 @@ def test_an_empty_engineer_or_comment_is_refused_by_the_parser(
     for argv in (("--engineer", " "), ("--comment", "x" * 4001)):
         code, err = run(capsys, "--site", str(site_file), "--sim", *argv)
         assert code == 2 and argv[0] in err
+
+
+def test_the_observer_keeps_only_the_current_steps_reads() -> None:
+    """At 20 Hz a run of hours would otherwise hold every read it ever made."""
+    from controller.commission_io import Observer
+    from controller.commission_plan import Observation
+
+    obs = Observer(cli.demo_site(), _Link(), Observation)  # type: ignore[arg-type]
+    fields = {"plc_ok": True, "inputs": {}, "outputs": {}, "status_t": None}
+    obs.history = [obs.make(t=float(t), **fields, **obs._fields) for t in range(10)]
+    obs.forget_before(7.0)
+    assert [o.t for o in obs.history] == [7.0, 8.0, 9.0] and obs.latest.t == 9.0
+    obs.forget_before(100.0)  # nothing newer yet: the newest stays as `latest`
+    assert [o.t for o in obs.history] == [9.0]
