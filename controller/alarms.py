@@ -246,6 +246,7 @@ def catalogue(
             "operator",
         )
     )
+    defs += [AlarmDef(i, p, m, METER_GROUP) for i, p, m in METER_ALARMS]
     # periodic proof tests (commissioning): one per rule and the PLC watchdog, while overdue
     for step, what in (*((r.id, f"interlock {r.id} ({r.hazard})") for r in rules), _PROOF_WD):
         defs.append(
@@ -264,6 +265,30 @@ def catalogue(
     return out
 
 
+# metering plausibility (controller.metering sets them; docs/metering.md)
+METER_GROUP = "metering"
+METER_ALARMS: tuple[tuple[str, Priority, str], ...] = (
+    (
+        "METER:TOTALISER",
+        Priority.MEDIUM,
+        "Heat meter totaliser went backwards or jumped: the step is flagged and not billed",
+    ),
+    (
+        "METER:CROSSCHECK",
+        Priority.LOW,
+        "Heat meter and flow x dT cross-check disagree beyond the tolerance",
+    ),
+    (
+        "METER:BALANCE",
+        Priority.LOW,
+        "Heat balance off over the last hour: IT heat is not delivered + rejected + stored",
+    ),
+    (
+        "METER:LOW-DT",
+        Priority.LOW,
+        "Customer dT below the heat meter's rated minimum: its reading is not within its class",
+    ),
+)
 PROOF_PREFIX = "PROOF:"
 PROOF_GROUP = "proof test"
 WATCHDOG_STEP = "WD"  # the PLC watchdog's proof-test step id

@@ -77,6 +77,15 @@ class ScanResult:
     events: tuple[Event, ...]  # the decision's, then expiries, commands and alarms
 
 
+def _id_texts(snap: Mapping[str, Any], key: str) -> dict[str, str]:
+    got = snap.get(key, {})
+    if not isinstance(got, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in got.items()
+    ):
+        raise ValueError(f"snapshot {key}: {str(got)[:60]!r}: expected id -> text")
+    return dict(got)
+
+
 def _refused(req: Request, why: str, kind: str = "state") -> Answer:
     return Answer(req.id, False, why, kind=kind)
 
@@ -117,6 +126,9 @@ class Core:
         # proof tests overdue now: step id -> the alarm's detail (the runtime sets it from the
         # journal's records and the wall clock, every few seconds; a snapshot carries it)
         self.proof_overdue: Mapping[str, str] = {}
+        # metering plausibility conditions now: alarm id -> detail (the runtime sets them from
+        # controller.metering after each scan; a snapshot carries them)
+        self.meter_conditions: Mapping[str, str] = {}
 
     # ---- snapshots: replay starts from one; a restart from `durable` ----
 
@@ -130,6 +142,8 @@ class Core:
         }
         if self.proof_overdue:  # absent when none: older snapshots read the same
             snap["proof_overdue"] = dict(self.proof_overdue)
+        if self.meter_conditions:
+            snap["meter_conditions"] = dict(self.meter_conditions)
         return snap
 
     @classmethod
@@ -141,12 +155,8 @@ class Core:
         core.supervisor = Supervisor.from_snapshot(core.cfg, snap["supervisor"])
         core.operator, core._pruned = OperatorState.restore(snap["operator"]), []
         core.alarms = AlarmTable.restore(core.defs, snap["alarms"])
-        proof = snap.get("proof_overdue", {})
-        if not isinstance(proof, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in proof.items()
-        ):
-            raise ValueError(f"snapshot proof_overdue: {str(proof)[:60]!r}: expected id -> text")
-        core.proof_overdue = dict(proof)
+        core.proof_overdue = _id_texts(snap, "proof_overdue")
+        core.meter_conditions = _id_texts(snap, "meter_conditions")
         return core
 
     def durable(self, now_s: float, wall_s: float) -> dict[str, Any]:
@@ -226,7 +236,7 @@ class Core:
                 events.append(
                     Event("heartbeat_hold_ended", now, "heartbeat", {"who": held.who, "why": why})
                 )
-        present = conditions(decision, inp, op, self.proof_overdue)
+        present = conditions(decision, inp, op, {**self.proof_overdue, **self.meter_conditions})
         alarms, alarm_events = alarms.update(present, wall)
         self.operator, self.alarms, self.last = op, alarms, decision
         return ScanResult(
@@ -333,9 +343,11 @@ def conditions(
     d: Decision,
     inp: ScanInput,
     op: OperatorState,
-    proof_overdue: Mapping[str, str] | None = None,
+    later: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """Every abnormal condition of this scan, as alarm id -> detail."""
+    """Every abnormal condition of this scan, as alarm id -> detail. `later` holds what the
+    runtime found between scans: overdue proof-test steps by step id, and metering alarms by
+    their whole id (METER:...)."""
     present: dict[str, str] = {}
     for rid in d.active:
         rule = RULE_BY_ID.get(rid)
@@ -368,8 +380,8 @@ def conditions(
         present[f"FORCE:{tag}"] = f"{held.value!r} by {held.who}: {held.reason}"
     if op.maintenance:
         present["MAINTENANCE"] = "maintenance on"
-    for step, why in (proof_overdue or {}).items():
-        present[f"{PROOF_PREFIX}{step}"] = why
+    for key, why in (later or {}).items():  # proof-test step ids, and whole metering ids
+        present[key if key.startswith("METER:") else f"{PROOF_PREFIX}{key}"] = why
     return present
 
 

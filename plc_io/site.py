@@ -16,7 +16,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, TypeAdapter, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    Strict,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+)
 
 from plc_io.plant_config import PlantConfig
 from plc_io.tags import (
@@ -142,6 +150,55 @@ class CommissioningConfig(BaseModel):
         return self.proof_test_days_by_rule.get(step, self.proof_test_days)
 
 
+class MeteringConfig(BaseModel):
+    """Metering and availability (docs/metering.md). Always on; the defaults suit the demo site."""
+
+    model_config = _FROZEN
+    # the statement's interval: the counters are kept and stored per interval of this length,
+    # aligned to UTC (900 s: quarter hours); it must divide a day
+    interval_s: int = Field(900, ge=60, le=3600)
+    # the heat meter's totaliser (heat_meter_energy) wraps to 0 at this count
+    meter_rollover_kwh: float = Field(100_000_000.0, gt=0, le=1e12)
+    # the largest power the meter can count (its qp x the largest dT): a totaliser step faster
+    # than this is a jump (flagged, not billed)
+    meter_max_kw: float = Field(1000.0, gt=0, le=1e6)
+    # EN 1434 accuracy class of the meter (1, 2 or 3) and its smallest rated dT
+    meter_class: int = Field(2, ge=1, le=3)
+    meter_dt_min_k: float = Field(3.0, gt=0, le=20)
+    # the cross-check (flow x dT x rho cp) may differ from the meter by this share of an
+    # interval's energy before METER:CROSSCHECK; intervals below crosscheck_min_kwh are not judged
+    crosscheck_tolerance_pct: float = Field(10.0, gt=0, le=100)
+    crosscheck_min_kwh: float = Field(5.0, ge=0, le=1e6)
+    # over an hour, IT heat = delivered + rejected + stored + losses to within this share of IT
+    # heat, or METER:BALANCE
+    balance_tolerance_pct: float = Field(15.0, gt=0, le=100)
+    balance_min_kwh: float = Field(20.0, ge=0, le=1e6)
+    # fluids of the loops (properties by temperature) and the buffer tank's volume
+    primary_fluid: Literal["water", "pg25"] = "pg25"
+    customer_fluid: Literal["water", "pg25"] = "water"
+    secondary_fluid: Literal["water", "pg25"] = "water"
+    tank_volume_m3: float = Field(10.0, gt=0, le=10_000)
+    # dry-cooler fans' electrical power at 100 % (fan energy is estimated from the command)
+    fan_rated_kw: float = Field(8.0, ge=0, le=500)
+    # energy not delivered during an interruption: the mean metered power over this long before
+    lost_energy_basis_h: float = Field(1.0, gt=0, le=168)
+
+    @field_validator("interval_s")
+    @classmethod
+    def _divides_a_day(cls, v: int) -> int:
+        if 86400 % v:
+            raise ValueError("a length that divides a day (e.g. 300, 900, 3600)")
+        return v
+
+
+class MetricsConfig(BaseModel):
+    """The Prometheus endpoint ([metrics]; off when the section is absent)."""
+
+    model_config = _FROZEN
+    host: str = Field("127.0.0.1", min_length=1, max_length=253)
+    port: int = Field(ge=1, le=65535)
+
+
 # A POSIX portable user name (IEEE Std 1003.1 §3.437: letters, digits, '.', '_', '-', not
 # starting with '-'); 32 characters is the useradd limit. Roles map OS users from SO_PEERCRED.
 USER_NAME = re.compile(r"^[A-Za-z0-9._][A-Za-z0-9._-]{0,31}$")
@@ -227,8 +284,11 @@ SECTIONS: dict[str, type[BaseModel]] = {
     "plant": PlantConfig,
     "recorder": RecorderConfig,
     "commissioning": CommissioningConfig,
+    "metering": MeteringConfig,
+    "metrics": MetricsConfig,  # optional: absent means no endpoint
     "roles": RolesConfig,
 }
+_OPTIONAL_SECTIONS = ("metrics",)
 _REQUIREDSECTIONS = ("site", "plc", "tags")
 
 
@@ -276,6 +336,8 @@ class Site(BaseModel):
     plant: PlantConfig
     recorder: RecorderConfig = RecorderConfig()
     commissioning: CommissioningConfig = CommissioningConfig()
+    metering: MeteringConfig = MeteringConfig()
+    metrics: MetricsConfig | None = None  # the Prometheus endpoint, off when [metrics] is absent
     # OS user name -> role ("viewer" | "operator" | "engineer"), from [roles]
     roles: dict[str, str] = Field(default_factory=dict)
     tags: tuple[Tag, ...]
@@ -841,6 +903,9 @@ def parse_site(
 
     sections: dict[str, Any] = {}
     for name, model in SECTIONS.items():
+        if name in _OPTIONAL_SECTIONS and name not in data:
+            sections[name] = None
+            continue
         try:
             sections[name] = TypeAdapter(model).validate_python(data.get(name, {}))
         except ValidationError as e:
