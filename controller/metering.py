@@ -1,0 +1,1 @@
+"""Metering and heat-loop availability, pure (docs/metering.md)."""
