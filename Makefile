@@ -29,20 +29,25 @@ commission-demo: $(STAMP)
 	$(BIN)/python -m controller.commission_demo build/commission-demo
 
 # The unit tests (CPU-bound) run beside the HIL tests (real processes, mostly waiting on real
-# time): the suite is built to stay green with both cores busy, and the run then takes about the
-# HIL tests' time instead of the sum. The unit tests' report follows the HIL tests'.
+# time), and the HIL tests in two halves side by side: the suite is built to stay green with
+# both cores busy, and the run then takes about the longer half's time instead of the sum. The
+# reports of the background runs follow the foreground one's.
+HIL_A := tests/hil/test_commission.py tests/hil/test_commission_controller_hil.py \
+	tests/hil/test_metering_hil.py tests/hil/test_service_hil.py tests/hil/test_operator_hil.py
 test: $(STAMP) $(NODE_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/lint-imports --no-cache
 	@mkdir -p build
 	@$(BIN)/pytest -q -p no:cacheprovider tests/unit > build/unit-tests.log 2>&1 & unit=$$!; \
-	trap 'kill $$unit 2>/dev/null' INT TERM; \
-	echo "pytest tests/unit (in the background, report below) and tests/hil"; \
-	$(BIN)/pytest -q tests/hil; hil=$$?; \
-	wait $$unit; unit=$$?; \
+	$(BIN)/pytest -q -p no:cacheprovider --durations=8 $(wildcard $(HIL_A)) > build/hil-a-tests.log 2>&1 & hila=$$!; \
+	trap 'kill $$unit $$hila 2>/dev/null' INT TERM; \
+	echo "pytest tests/unit and $(words $(wildcard $(HIL_A))) HIL files (in the background, reports below) and the other HIL files"; \
+	$(BIN)/pytest -q -p no:cacheprovider --durations=8 tests/hil $(addprefix --ignore=,$(wildcard $(HIL_A))); hil=$$?; \
+	wait $$hila; hila=$$?; wait $$unit; unit=$$?; \
+	echo "---- $(wildcard $(HIL_A)) ----"; cat build/hil-a-tests.log; \
 	echo "---- tests/unit ----"; cat build/unit-tests.log; \
-	test $$hil -eq 0 && test $$unit -eq 0
+	test $$hil -eq 0 && test $$hila -eq 0 && test $$unit -eq 0
 
 bench: $(STAMP)
 	$(BIN)/python -m bench
