@@ -45,6 +45,7 @@ import sqlite3
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -54,7 +55,7 @@ from interlocks.engine import Event
 if TYPE_CHECKING:  # the operator layer is duck-typed here: only its attributes are read
     from controller.authority import Answer, Request
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 RESET_HINT = "start a new one with: heatloop run --site SITE --reset-state --reason TEXT"
 MAX_REASON = 500  # characters, as for every operator reason
 _TEXT_LIMIT = 600  # a journalled text field is cut here (refused requests may carry anything)
@@ -106,6 +107,23 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             record TEXT NOT NULL
         )""",
     ),
+    (  # 3 -> 4: metering, per interval (upserted by start) and per interruption (by id); the
+        # rows are metering.py's dicts as JSON text, the columns are what the readers select on
+        """CREATE TABLE IF NOT EXISTS meter_intervals (
+            start_wall REAL PRIMARY KEY,
+            end_wall REAL NOT NULL,
+            closed INTEGER NOT NULL,
+            row TEXT NOT NULL
+        )""",
+        """CREATE TABLE IF NOT EXISTS meter_interruptions (
+            id INTEGER PRIMARY KEY,
+            start_wall REAL NOT NULL,
+            end_wall REAL,
+            cls TEXT NOT NULL,
+            row TEXT NOT NULL
+        )""",
+        "CREATE INDEX IF NOT EXISTS meter_interruptions_start ON meter_interruptions (start_wall)",
+    ),
 )
 assert len(MIGRATIONS) == SCHEMA_VERSION
 
@@ -128,6 +146,35 @@ COMMAND_COLUMNS = (
     "why",
 )
 MAX_READ = 100_000  # rows one reader may ask for
+# start_wall, end_wall, closed (0/1), the row as JSON text
+IntervalRow = tuple[float, float, int, str]
+# id, start_wall, end_wall (None while open), class, the row as JSON text
+InterruptionRow = tuple[int, float, float | None, str, str]
+METER_STATE_KEY = "meter"  # the meter's memory in the state table (metering.state_to_json)
+
+
+@dataclass(frozen=True)
+class MeterWrite:
+    """One scan's metering for the store: interval rows upserted by `start_wall`, interruption
+    rows upserted by `id` (metering.py's dicts), and the meter's memory (stored under the state
+    key "meter"; None: unchanged). Written in the same transaction as the scan's events, latch
+    set and state, so the memory on disk always matches the rows on disk."""
+
+    intervals: Sequence[Mapping[str, Any]] = ()
+    interruptions: Sequence[Mapping[str, Any]] = ()
+    state: Mapping[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class MeterData:
+    """What `read_meter` found in a range, oldest first."""
+
+    intervals: list[dict[str, Any]] = field(default_factory=list)  # start_wall in [from, to)
+    interruptions: list[dict[str, Any]] = field(default_factory=list)  # overlapping [from, to)
+    events: list[dict[str, Any]] = field(default_factory=list)  # wall_time, kind, source, detail
+    commands: list[dict[str, Any]] = field(default_factory=list)  # as Journal.commands()
+
+
 MAX_KINDS = 100  # kind names one reader may filter on
 
 
@@ -239,6 +286,51 @@ def encode_state(key: str, value: object) -> str:
         raise TypeError(f"state[{key!r}]: expected a JSON value ({e})") from None
     except (ValueError, RecursionError) as e:  # a cycle, or nesting too deep
         raise ValueError(f"state[{key!r}]: expected a JSON value ({e})") from None
+
+
+def _finite_wall(what: str, v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ValueError(f"{what} {_cut(repr(v), 80)}: expected a finite wall time in seconds")
+    return float(v)
+
+
+def _row_text(what: str, row: Mapping[str, Any]) -> str:
+    # NaN is kept rather than the row refused: a billing row is never lost over one bad
+    # figure (the statement shows a non-finite figure as unreadable, counted as 0)
+    try:
+        return json.dumps(dict(row), allow_nan=True, separators=(",", ":"))
+    except (TypeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{what}: expected a JSON object ({_cut(str(e), 100)})") from None
+
+
+def encode_interval(row: object) -> IntervalRow:
+    """The store's form of one interval row; ValueError naming the field that is wrong."""
+    if not isinstance(row, Mapping):
+        raise ValueError(f"meter interval: expected a mapping, got {type(row).__name__}")
+    start = _finite_wall("meter interval start_wall", row.get("start_wall"))
+    end = _finite_wall(f"meter interval {start:.0f} end_wall", row.get("end_wall"))
+    if end <= start:
+        raise ValueError(f"meter interval {start:.0f} end_wall {end!r}: expected after start_wall")
+    closed = row.get("closed")
+    if not isinstance(closed, bool):
+        raise ValueError(f"meter interval {start:.0f} closed {closed!r}: expected true or false")
+    return (start, end, int(closed), _row_text(f"meter interval {start:.0f}", row))
+
+
+def encode_interruption(row: object) -> InterruptionRow:
+    """The store's form of one interruption row; ValueError naming the field that is wrong."""
+    if not isinstance(row, Mapping):
+        raise ValueError(f"meter interruption: expected a mapping, got {type(row).__name__}")
+    rid = row.get("id")
+    if isinstance(rid, bool) or not isinstance(rid, int) or rid < 1:
+        raise ValueError(f"meter interruption id {_cut(repr(rid), 80)}: expected an integer from 1")
+    start = _finite_wall(f"meter interruption {rid} start_wall", row.get("start_wall"))
+    end_v = row.get("end_wall")
+    end = None if end_v is None else _finite_wall(f"meter interruption {rid} end_wall", end_v)
+    cls = row.get("cls")
+    if not isinstance(cls, str) or not cls:
+        raise ValueError(f"meter interruption {rid} cls {_cut(repr(cls), 80)}: expected a class")
+    return (rid, start, end, cls, _row_text(f"meter interruption {rid}", row))
 
 
 def _is_damage(e: BaseException) -> bool:
@@ -419,13 +511,22 @@ class Journal:
         latched: frozenset[str],
         state: Mapping[str, object] | None = None,
         commands: Sequence[CommandRow] = (),
+        meter: MeterWrite | None = None,
     ) -> None:
         """Insert `rows`, make the latch table equal `latched`, upsert `state` (JSON values by
-        key) and insert the command rows, in one transaction. A state value that is not JSON
-        raises TypeError/ValueError naming its key before anything is written."""
+        key), insert the command rows and upsert the meter's rows and memory, in one
+        transaction. A state value that is not JSON or a meter row that is malformed raises
+        TypeError/ValueError naming it before anything is written."""
         now = time.time()
         encoded = {k: (encode_state(k, v), now) for k, v in (state or {}).items()}
-        self.write_encoded(rows, latched, encoded, commands)
+        intervals: list[IntervalRow] = []
+        interruptions: list[InterruptionRow] = []
+        if meter is not None:
+            intervals = [encode_interval(r) for r in meter.intervals]
+            interruptions = [encode_interruption(r) for r in meter.interruptions]
+            if meter.state is not None:
+                encoded[METER_STATE_KEY] = (encode_state(METER_STATE_KEY, meter.state), now)
+        self.write_encoded(rows, latched, encoded, commands, intervals, interruptions)
 
     def write_encoded(
         self,
@@ -433,10 +534,20 @@ class Journal:
         latched: frozenset[str],
         state: Mapping[str, tuple[str, float]],
         commands: Sequence[CommandRow] = (),
+        intervals: Sequence[IntervalRow] = (),
+        interruptions: Sequence[InterruptionRow] = (),
     ) -> None:
-        """`write` with the state already JSON text: key -> (text, wall time it was taken)."""
+        """`write` with the state already JSON text (key -> (text, wall time it was taken))
+        and the meter rows encoded (`encode_interval`, `encode_interruption`)."""
         have = self.latched()
-        if not rows and have == latched and not state and not commands:
+        if (
+            not rows
+            and have == latched
+            and not state
+            and not commands
+            and not intervals
+            and not interruptions
+        ):
             return
         now = time.time()
         self.db.execute("BEGIN IMMEDIATE")
@@ -457,6 +568,21 @@ class Journal:
                 f"INSERT INTO commands ({', '.join(COMMAND_COLUMNS)})"
                 f" VALUES ({', '.join('?' * len(COMMAND_COLUMNS))})",
                 commands,
+            )
+            # a closed interval is final: a late or replayed open row never replaces it
+            self.db.executemany(
+                "INSERT INTO meter_intervals (start_wall, end_wall, closed, row)"
+                " VALUES (?, ?, ?, ?) ON CONFLICT (start_wall) DO UPDATE SET"
+                " end_wall = excluded.end_wall, closed = excluded.closed, row = excluded.row"
+                " WHERE meter_intervals.closed = 0 OR excluded.closed = 1",
+                intervals,
+            )
+            self.db.executemany(
+                "INSERT INTO meter_interruptions (id, start_wall, end_wall, cls, row)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+                " start_wall = excluded.start_wall, end_wall = excluded.end_wall,"
+                " cls = excluded.cls, row = excluded.row",
+                interruptions,
             )
             if self.before_commit is not None:
                 self.before_commit()
@@ -508,15 +634,8 @@ class Journal:
         sql = f"SELECT id, {', '.join(COMMAND_COLUMNS)} FROM commands"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        out = []
-        for row in self.db.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit)):
-            d = dict(zip(("id", *COMMAND_COLUMNS), row, strict=True))
-            for k in ("old", "new"):
-                with contextlib.suppress(TypeError, ValueError):
-                    d[k] = json.loads(d[k])
-            d["accepted"] = bool(d["accepted"])
-            out.append(d)
-        return out
+        cur = self.db.execute(sql + " ORDER BY id DESC LIMIT ?", (*params, limit))
+        return [_command_dict(row) for row in cur]
 
     # ---- commissioning records ----
 
@@ -571,6 +690,15 @@ class Journal:
 
     def close(self) -> None:
         self.db.close()
+
+
+def _command_dict(row: Sequence[Any]) -> dict[str, Any]:
+    d = dict(zip(("id", *COMMAND_COLUMNS), row, strict=True))
+    for k in ("old", "new"):
+        with contextlib.suppress(TypeError, ValueError):
+            d[k] = json.loads(d[k])
+    d["accepted"] = bool(d["accepted"])
+    return d
 
 
 def _seal_fields(record: object) -> tuple[int, str, str, float]:
@@ -655,6 +783,92 @@ def read_state_resets(path: Path) -> list[dict[str, Any]]:
         ).fetchall(),
     )
     return [{"wall_time": wall, **_detail(detail)} for wall, detail in rows]
+
+
+def read_meter(
+    path: Path, from_wall: float, to_wall: float, *, kinds: Iterable[str] | None = None
+) -> MeterData:
+    """The metering in [from_wall, to_wall) of the store at `path`, read-only (as
+    `read_commission_records`: works beside a running controller, never migrates or writes),
+    in one read transaction so the rows agree with each other: intervals starting in the
+    range, interruptions overlapping it, the journal's events (only `kinds`, when given) and
+    the command audit in it, each oldest first. A store of a schema before metering holds
+    no intervals or interruptions. ValueError for a range that is not two finite wall times in
+    order; StoreUnreadable as `read_commission_records`."""
+    lo = _finite_wall("from_wall", from_wall)
+    hi = _finite_wall("to_wall", to_wall)
+    if hi < lo:
+        raise ValueError(f"to_wall {hi!r}: expected at or after from_wall {lo!r}")
+    names = None if kinds is None else _names(kinds)
+
+    def read(db: sqlite3.Connection, tables: set[str]) -> list[Any]:
+        db.execute("BEGIN")
+        try:
+            return [_meter_read(db, tables, lo, hi, names)]
+        finally:
+            db.execute("COMMIT")
+
+    got = _read_only(path, read)[0]
+    assert isinstance(got, MeterData)
+    return got
+
+
+def _meter_read(
+    db: sqlite3.Connection, tables: set[str], lo: float, hi: float, kinds: list[str] | None
+) -> MeterData:
+    out = MeterData()
+    if "meter_intervals" in tables:
+        for start, end, closed, text in db.execute(
+            "SELECT start_wall, end_wall, closed, row FROM meter_intervals"
+            " WHERE start_wall >= ? AND start_wall < ? ORDER BY start_wall",
+            (lo, hi),
+        ):
+            d = _stored_row(text)
+            d.update(start_wall=start, end_wall=end, closed=bool(closed))  # the columns rule
+            out.intervals.append(d)
+    if "meter_interruptions" in tables:
+        for rid, start, end, cls, text in db.execute(
+            "SELECT id, start_wall, end_wall, cls, row FROM meter_interruptions"
+            " WHERE start_wall < ? AND (end_wall IS NULL OR end_wall > ?) ORDER BY id",
+            (hi, lo),
+        ):
+            d = _stored_row(text)
+            d.update(id=rid, start_wall=start, end_wall=end, cls=cls)
+            out.interruptions.append(d)
+    sql = (
+        "SELECT wall_time, kind, source, detail FROM events WHERE wall_time >= ? AND wall_time < ?"
+    )
+    params: list[object] = [lo, hi]
+    if kinds is not None:
+        if not kinds:
+            sql += " AND 0"
+        else:
+            sql += f" AND kind IN ({', '.join('?' * len(kinds))})"
+            params += kinds
+    for wall, kind, source, detail in db.execute(sql + " ORDER BY wall_time, id", params):
+        out.events.append(
+            {"wall_time": wall, "kind": kind, "source": source, "detail": _detail(detail)}
+        )
+    if "commands" in tables:
+        for row in db.execute(
+            f"SELECT id, {', '.join(COMMAND_COLUMNS)} FROM commands"
+            " WHERE wall_time >= ? AND wall_time < ? ORDER BY wall_time, id",
+            (lo, hi),
+        ):
+            out.commands.append(_command_dict(row))
+    return out
+
+
+def _stored_row(text: str) -> dict[str, Any]:
+    """A stored meter row; one that is not a JSON object is shown as unreadable (the
+    statement counts it as such), never fatal to a reader."""
+    try:
+        d = json.loads(text)
+    except (TypeError, ValueError, RecursionError) as e:
+        return {"unreadable": f"not JSON ({_cut(str(e), 100)})"}
+    if not isinstance(d, dict):
+        return {"unreadable": f"not a JSON object ({type(d).__name__})"}
+    return d
 
 
 def _commissioning_rows(db: sqlite3.Connection, tables: set[str]) -> list[Any]:
@@ -865,7 +1079,10 @@ class JournalKeeper:
     back off from `retry_min_s` to `retry_max_s`; at most `max_pending` events (and as many
     command rows) wait in memory (the oldest are dropped first and counted in `dropped` /
     `dropped_commands`, and a `journal_events_dropped` / `journal_commands_dropped` event says
-    so). State waits as one dict: the newest value per key wins.
+    so). State waits as one dict: the newest value per key wins. Meter rows wait the same way:
+    the newest row per interval start and per interruption id (a scan rewrites the open
+    interval each time, so an outage of hours holds one row per interval, not per scan); at
+    most `max_pending_meter` of each (the oldest dropped first, `journal_meter_dropped`).
 
     At construction the store is opened with `opener` (by default `open_checked`): a
     `StateCorrupt` there propagates (start-up stops: a damaged store is never silently
@@ -880,6 +1097,7 @@ class JournalKeeper:
         wall: Callable[[], float] = time.time,
         opener: Callable[[Path], Journal] = open_checked,
         max_pending: int = 1000,
+        max_pending_meter: int = 10_000,
         retry_min_s: float = 1.0,
         retry_max_s: float = 60.0,
     ) -> None:
@@ -893,6 +1111,11 @@ class JournalKeeper:
         self.pending_commands: deque[CommandRow] = deque(maxlen=max_pending)
         self.dropped_commands = 0
         self.pending_state: dict[str, tuple[str, float]] = {}  # key -> (JSON, wall time)
+        # newest row per key; 10,000 intervals are 104 days of 15-minute intervals
+        self.pending_intervals: dict[float, IntervalRow] = {}
+        self.pending_interruptions: dict[int, InterruptionRow] = {}
+        self.max_pending_meter = max_pending_meter
+        self.dropped_meter = 0
         self.latest: frozenset[str] | None = None  # the newest latch set to persist
         self.problem: str | None = None
         self.failures = 0
@@ -934,15 +1157,21 @@ class JournalKeeper:
         latched: frozenset[str],
         state: Mapping[str, object] | None = None,
         commands: Iterable[CommandRow] = (),
+        meter: MeterWrite | None = None,
     ) -> None:
-        """Queue this scan's events, latch set, state and command rows, then persist them if
-        the store allows. Never raises: a state value that is not JSON is stored as null (a
-        fresh start for that part) and a `journal_state_refused` event names it."""
+        """Queue this scan's events, latch set, state, command rows and meter write, then
+        persist them if the store allows (all in one transaction). Never raises: a state value
+        that is not JSON is stored as null (a fresh start for that part) and a
+        `journal_state_refused` event names it; a malformed meter row is left out and a
+        `journal_meter_refused` event names it."""
         now_wall = self.wall()
         for e in events:
-            if len(self.pending) == self.pending.maxlen:
-                self.dropped += 1
-            self.pending.append(event_row(e, now_wall))
+            self._queue(event_row(e, now_wall))
+        if meter is not None:
+            state = dict(state or {})
+            if meter.state is not None:
+                state[METER_STATE_KEY] = meter.state
+            self._queue_meter(meter, now_wall)
         for c in commands:
             if len(self.pending_commands) == self.pending_commands.maxlen:
                 self.dropped_commands += 1
@@ -953,12 +1182,39 @@ class JournalKeeper:
             except (TypeError, ValueError) as err:
                 key, text = str(key), "null"
                 refused = Event("journal_state_refused", now_wall, "journal", {"why": str(err)})
-                if len(self.pending) == self.pending.maxlen:
-                    self.dropped += 1
-                self.pending.append(event_row(refused, now_wall))
+                self._queue(event_row(refused, now_wall))
             self.pending_state[key] = (text, now_wall)
         self.latest = latched
         self.flush()
+
+    def _queue(self, row: Row) -> None:
+        if len(self.pending) == self.pending.maxlen:
+            self.dropped += 1
+        self.pending.append(row)
+
+    def _queue_meter(self, meter: MeterWrite, now_wall: float) -> None:
+        def refused(err: ValueError) -> None:
+            e = Event("journal_meter_refused", now_wall, "journal", {"why": str(err)})
+            self._queue(event_row(e, now_wall))
+
+        for r in meter.intervals:
+            try:
+                iv = encode_interval(r)
+            except ValueError as err:
+                refused(err)
+                continue
+            self.pending_intervals[iv[0]] = iv
+        for r in meter.interruptions:
+            try:
+                ir = encode_interruption(r)
+            except ValueError as err:
+                refused(err)
+                continue
+            self.pending_interruptions[ir[0]] = ir
+        for pending in (self.pending_intervals, self.pending_interruptions):
+            while len(pending) > self.max_pending_meter:  # the oldest key first
+                del pending[next(iter(pending))]  # type: ignore[arg-type]
+                self.dropped_meter += 1
 
     def flush(self) -> bool:
         """Try to persist what is queued (respecting the back-off); True when all is on disk."""
@@ -972,6 +1228,7 @@ class JournalKeeper:
         for kind, n in (
             ("journal_events_dropped", self.dropped),
             ("journal_commands_dropped", self.dropped_commands),
+            ("journal_meter_dropped", self.dropped_meter),
         ):
             if n:
                 rows.append(event_row(Event(kind, now, "journal", {"dropped": n}), self.wall()))
@@ -980,7 +1237,12 @@ class JournalKeeper:
         latched = latched | self._restored
         try:
             self.store.write_encoded(
-                rows, latched, dict(self.pending_state), list(self.pending_commands)
+                rows,
+                latched,
+                dict(self.pending_state),
+                list(self.pending_commands),
+                list(self.pending_intervals.values()),
+                list(self.pending_interruptions.values()),
             )
         except Exception as e:  # any store failure is a degraded journal
             self._failed(now, e)
@@ -988,7 +1250,9 @@ class JournalKeeper:
         self.pending.clear()
         self.pending_commands.clear()
         self.pending_state.clear()
-        self.dropped = self.dropped_commands = 0
+        self.pending_intervals.clear()
+        self.pending_interruptions.clear()
+        self.dropped = self.dropped_commands = self.dropped_meter = 0
         self._known = latched
         self.problem = None
         self.failures = 0

@@ -401,7 +401,7 @@ def test_a_schema_2_store_migrates_and_keeps_everything(tmp_path: Path) -> None:
     shutil.copyfile(V2, path)
     assert read_commission_records(path) == []  # before any migration: no table, no records
     j = open_checked(path)
-    assert j.version == SCHEMA_VERSION == 3
+    assert j.version == SCHEMA_VERSION == 4
     assert j.latched() == {"IL-05"}
     assert [k for _, k, _, _ in reversed(j.events())] == ["mode_changed", "trip_latched"]
     assert j.load_state() == {"operator": {"reject": True}}

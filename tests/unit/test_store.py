@@ -86,7 +86,7 @@ def test_a_store_from_the_first_schema_migrates_and_keeps_latches_and_events(
 ) -> None:
     path = old_store(tmp_path)
     j = open_checked(path)
-    assert j.version == SCHEMA_VERSION == 3
+    assert j.version == SCHEMA_VERSION == 4
     assert j.latched() == V0_LATCHED
     assert [k for _, k, _, _ in reversed(j.events())] == V0_KINDS
     assert j.events(kinds=["trip_latched"])[0][3] == {"cause": "leak_reuse"}
