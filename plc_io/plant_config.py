@@ -84,8 +84,12 @@ class PlantConfig(BaseModel):
     ambient_daily_amp_k: float = Field(5.0, ge=0, le=20)
     ambient_coldest_day: float = Field(15.0, ge=0, le=365)
 
-    # heat meter totaliser reading at t0
+    # heat meter on the customer flow: its totaliser reading at t0, the count at which it wraps
+    # to 0 (the reading is (start + counted) mod rollover), and its systematic error (a class-2
+    # meter may read up to a few % off: counted = (1 + error/100) x delivered, power alike)
     heat_meter_start_kwh: float = Field(0.0, ge=0, le=1e12)
+    heat_meter_rollover_kwh: float = Field(100_000_000.0, gt=0, le=1e12)
+    heat_meter_error_pct: float = Field(0.0, ge=-20, le=20)
 
     # sensors: seeded Gaussian noise when enabled (standard deviations)
     sensor_noise: bool = False
@@ -99,6 +103,12 @@ class PlantConfig(BaseModel):
             raise ValueError(
                 "primary_rack_volume_fraction + primary_return_volume_fraction must be <= 0.9 "
                 "(the supply node keeps the rest)"
+            )
+        if not self.heat_meter_start_kwh < self.heat_meter_rollover_kwh:
+            raise ValueError(
+                f"heat_meter_start_kwh {self.heat_meter_start_kwh:g} must be below "
+                f"heat_meter_rollover_kwh {self.heat_meter_rollover_kwh:g} (a meter never "
+                "shows its rollover count)"
             )
         last_s = -1.0
         for at_s, power_kw in self.it_steps:

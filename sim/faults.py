@@ -23,6 +23,7 @@ FAULT_NAMES: tuple[str, ...] = (
     "it_load_step",
     "ambient_override",
     "hx_fouling",
+    "meter_replace",
 )
 
 _SENSOR_TARGETS = tuple(REQUIRED_INPUTS)
@@ -41,6 +42,7 @@ _TARGETS: dict[str, tuple[str, ...]] = {
     "it_load_step": (),
     "ambient_override": (),
     "hx_fouling": (),
+    "meter_replace": (),
 }
 # Value ranges where the value means something: (lo, hi, what it is).
 _VALUES: dict[str, tuple[float, float, str]] = {
@@ -49,6 +51,7 @@ _VALUES: dict[str, tuple[float, float, str]] = {
     "ambient_override": (-50.0, 60.0, "an ambient temperature in °C, -50..60"),
     "hx_fouling": (0.0, 0.9, "the fraction of HX UA lost, 0..0.9"),
     "sensor_bias": (-1e6, 1e6, "a finite offset in the sensor's unit"),
+    "meter_replace": (0.0, 1e12, "the new heat meter's reading in kWh, 0..1e12"),
 }
 
 
@@ -98,10 +101,21 @@ def inject(state: PlantState, name: str, target: str = "", value: float = 1.0) -
     """State with the fault active from now; re-injecting the same name and target replaces it.
 
     sensor_stuck freezes the reading the sensor gives at injection; valve_stuck holds the valve
-    where it is; the other values are described in docs/plant.md.
+    where it is; meter_replace fits a heat meter showing `value` kWh, which counts on from there
+    (it remembers the delivered energy at the swap); the other values are described in
+    docs/plant.md.
     """
     target = check(name, target, value)
-    frozen = measure(state)[target] if name == "sensor_stuck" else None
+    frozen: float | bool | None = None
+    if name == "sensor_stuck":
+        frozen = measure(state)[target]
+    elif name == "meter_replace":
+        rollover_kwh = state.model.meter_rollover_kwh
+        if not value < rollover_kwh:
+            raise FaultError(
+                name, "value", value, f"a reading below the meter's rollover {rollover_kwh:g} kWh"
+            )
+        frozen = state.acc_kj[2] / 3600.0  # delivered kWh at the swap
     fault = Fault(name, target, float(value), state.t_s, frozen)
     kept = tuple(f for f in state.faults if (f.name, f.target) != (name, target))
     return _with_faults(state, (*kept, fault))

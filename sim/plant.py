@@ -105,6 +105,9 @@ class Effects(NamedTuple):
     it_override_kw: float = _NAN
     ambient_override_c: float = _NAN
     hx_ua_factor: float = 1.0
+    # meter_replace: the new meter's reading at the swap, and the delivered kWh at that moment
+    meter_new_kwh: float = _NAN
+    meter_since_kwh: float = 0.0
     # (tag, kind, value, frozen) ordered bias, stuck, fail so the strongest fault applies last
     sensors: tuple[tuple[str, str, float, float | bool | None], ...] = ()
 
@@ -136,6 +139,9 @@ def effects_of(faults: tuple[Fault, ...]) -> Effects:
             kw["ambient_override_c"] = f.value
         elif f.name == "hx_fouling":
             ua_factor = 1.0 - f.value
+        elif f.name == "meter_replace":
+            kw["meter_new_kwh"] = f.value
+            kw["meter_since_kwh"] = float(f.frozen or 0.0)
         elif f.name in _SENSOR_ORDER:
             sensors.append((f.target, f.name, f.value, f.frozen))
     sensors.sort(key=lambda s: _SENSOR_ORDER[s[1]])
@@ -211,6 +217,9 @@ class Model:
         "it_step_kw",
         "it_step_s",
         "liquid_fraction",
+        "meter_gain",
+        "meter_rollover_kwh",
+        "meter_start_kwh",
         "n_tank",
         "natural_draft",
         "noise_a",
@@ -285,6 +294,9 @@ class Model:
         self.c_air_kw_k = p.drycooler_air_kw_k
         self.natural_draft = p.drycooler_natural_draft_pct / 100.0
         self.fan_kw = p.drycooler_fan_kw
+        self.meter_start_kwh = p.heat_meter_start_kwh
+        self.meter_rollover_kwh = p.heat_meter_rollover_kwh
+        self.meter_gain = 1.0 + p.heat_meter_error_pct / 100.0
         self.amb_mean_c = p.ambient_mean_c
         self.amb_seasonal_k = p.ambient_seasonal_amp_k
         self.amb_daily_k = p.ambient_daily_amp_k
@@ -745,6 +757,20 @@ def accounts(state: PlantState) -> Accounts:
     )
 
 
+def meter_reading_kwh(state: PlantState) -> float:
+    """The heat meter's totaliser as its display shows it: what it has counted (delivered heat
+    times its systematic error) from its start reading, or from the reading a replacement meter
+    was fitted with, modulo its rollover count."""
+    m = state.model
+    fx = state.fx
+    delivered_kwh = state.acc_kj[2] / 3600.0
+    if fx.meter_new_kwh == fx.meter_new_kwh:  # a replacement meter is fitted
+        counted = fx.meter_new_kwh + m.meter_gain * (delivered_kwh - fx.meter_since_kwh)
+    else:
+        counted = m.meter_start_kwh + m.meter_gain * delivered_kwh
+    return counted % m.meter_rollover_kwh
+
+
 def _leak_drop_bar(lpm: float, since_s: float, t_s: float, bar_per_l: float) -> float:
     return lpm * max(0.0, t_s - since_s) / 60.0 * bar_per_l if lpm > 0.0 else 0.0
 
@@ -796,7 +822,6 @@ def _now(state: PlantState) -> _Now:
 def truth(state: PlantState) -> dict[str, float]:
     """True plant values by name, for test instruments and the simulated PLC's Plant folder."""
     m = state.model
-    p = m.params
     fx = state.fx
     t_r, t_t, t_s = state.primary_c
     tank = state.tank_c
@@ -845,7 +870,7 @@ def truth(state: PlantState) -> dict[str, float]:
         "stored_kwh": a.stored_kwh,
         "losses_kwh": a.losses_kwh,
         "fan_energy_kwh": a.fan_energy_kwh,
-        "heat_meter_energy_kwh": p.heat_meter_start_kwh + a.delivered_kwh,
+        "heat_meter_energy_kwh": meter_reading_kwh(state),
         "peak_it_supply_temp_c": a.peak_it_supply_temp_c,
     }
     for i, x in enumerate(tank):
@@ -881,8 +906,8 @@ def measure(state: PlantState) -> dict[str, float | bool]:
         "drycooler_out_temp": t_mix - q_dc / c.cp_kw_k if c.cp_kw_k > 0.0 else t_s,
         "ambient_temp": c.ambient_c,
         "it_power": c.it_kw,
-        "heat_meter_power": q_c,
-        "heat_meter_energy": m.params.heat_meter_start_kwh + state.acc_kj[2] / 3600.0,
+        "heat_meter_power": q_c * m.meter_gain,
+        "heat_meter_energy": meter_reading_kwh(state),
         "reuse_valve_pos": state.valve_pos_pct,
         "leak_primary": fx.leak_primary_lpm > 0.0,
         "leak_reuse": fx.leak_reuse_lpm > 0.0,
