@@ -22,6 +22,7 @@ from tests.unit.test_runtime import PERIOD_S, QUICK, Rig
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana-dashboard.json"
+RULES = ROOT / "deploy" / "prometheus-rules.yml"
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -270,7 +271,22 @@ async def test_every_metric_the_dashboard_uses_is_served(rig: tuple[Rig, Metrics
     used = {name for e in exprs(dash) for name in METRIC.findall(e)}
     assert len(used) >= 15, used
     assert used <= served, f"not served: {sorted(used - served)}"
-    # every panel query is scoped to the chosen instance(s)
-    for e in exprs(dash):
-        if "heatloop_" in e:
-            assert 'instance=~"$instance"' in e, e
+    # every panel query is scoped to the chosen node(s)
+    for e in exprs(dash["panels"]):
+        for name in METRIC.findall(e):
+            assert re.search(name + r'\{[^}]*instance=~"\$instance"', e), e
+
+
+async def test_every_metric_the_alert_rules_use_is_served(rig: tuple[Rig, Metrics]) -> None:
+    r, m = rig
+    await r.scans(3)
+    r.ctl.meter_view = view  # type: ignore[attr-defined]
+    served = metric_names(m)
+    rules = [
+        line.split("expr:", 1)[1].strip()
+        for line in RULES.read_text(encoding="utf-8").splitlines()
+        if line.strip().startswith("expr:")
+    ]
+    assert len(rules) >= 8
+    used = {name for e in rules for name in METRIC.findall(e)}
+    assert used <= served, f"not served: {sorted(used - served)}"
