@@ -199,6 +199,11 @@ def cmd_study(args: argparse.Namespace) -> int:
     print(f"study of {site.site.name!r}: {args.days:g} days at {args.step:g} s steps")
     print("\n".join(result.lines()))
     print(f"speed                  {result.sim_s / wall:10.0f} × real time ({wall:.1f} s wall)")
+    if args.report is not None:
+        from controller.study import write_statement
+
+        for p in write_statement(loop, Path(args.report), site):
+            print(f"statement written: {p}")
     return EXIT_OK
 
 
@@ -669,6 +674,13 @@ def cmd_setpoint(args: argparse.Namespace) -> int:
     return _accepted("setpoint", request(load_site(args.site), "setpoint", body))
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    site = load_site(args.site)  # a bad site file: SiteError, exit 2
+    from controller.report import run_report
+
+    return run_report(site, args.from_text, args.to_text, args.format, args.plot, args.out)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     site = load_checked_site(args.site)
     from controller.replay import run_replay_cli
@@ -1010,7 +1022,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--seed", type=_seed, default=0)
     s.add_argument("--scenario", default=None, help="scenario file (TOML) of timed faults")
+    s.add_argument(
+        "--report",
+        default=None,
+        help="write the energy and availability statement (JSON, Markdown, HTML) to this folder",
+    )
     s.set_defaults(func=cmd_study)
+
+    s = sub.add_parser(
+        "report",
+        help="the energy and availability statement over a range of days",
+        description=(
+            "The heat-delivery and availability statement of a site from its state store "
+            "(read-only; a running controller may keep running). Dates: ISO 8601, a date "
+            "(UTC midnight; as --to it includes that whole day) or a date-time with offset. "
+            "Exit 0 written (an empty range says so), 2 bad usage, 1 the store cannot be read "
+            "or the --plot could not be drawn."
+        ),
+    )
+    s.add_argument("--site", required=True, help="site file (TOML)")
+    s.add_argument("--from", dest="from_text", required=True, help="first day (2026-12-01)")
+    s.add_argument("--to", dest="to_text", required=True, help="last day, included (2026-12-31)")
+    s.add_argument(
+        "--format",
+        default="md",
+        help="md (default), html, csv (one row per UTC day) or json (the contract)",
+    )
+    s.add_argument("--plot", default=None, help="also draw a PNG here (needs heatloop[plots])")
+    s.add_argument("--out", default=None, help="write the statement here (default: stdout)")
+    s.set_defaults(func=cmd_report)
 
     sim = sub.add_parser("sim", help="the simulated plant and PLC")
     sim_sub = sim.add_subparsers(dest="sim_command", required=True)
