@@ -384,8 +384,8 @@ class _W:
                 self.flags |= _F_CC
                 self.alarms[1] = (
                     start + 2 * iv,
-                    f"meter {m:.1f} kWh, flow x dT {k:.1f} kWh over the interval: "
-                    f"{100 * (k - m) / big:+.1f} %, tolerance {cfg.crosscheck_tolerance_pct:g} %",
+                    f"meter {m:.1f} kWh vs flow x dT {k:.1f} kWh over the interval: "
+                    f"{100 * (m - k) / big:+.1f} %, tolerance {cfg.crosscheck_tolerance_pct:g} %",
                 )
         self.balance(start, acc)
         self.rows.append(self.row(True))
@@ -792,7 +792,7 @@ def step(
             if e0 != e0:
                 w.missing |= _M_CALC
                 e0 = 0.0
-            if e1 != e1 or e2 != e2 or e3 != e3 or e4 != e4 or tank_missing:
+            if e2 != e2 or e3 != e3 or tank_missing:  # the heat balance's own terms
                 w.missing |= _M_BAL
             energies = (
                 e0,
