@@ -69,3 +69,21 @@ def vol_heat_capacity_kj_m3k(fluid: Fluid, temp_c: float) -> float:
 def vol_enthalpy_kj_m3(fluid: Fluid, temp_c: float) -> float:
     """Volumetric enthalpy relative to 0 °C: the integral of rho*cp from 0 °C to temp_c."""
     return _horner(_RCP_INT[fluid], temp_c)
+
+
+def density_coeffs(fluid: Fluid) -> tuple[float, float, float]:
+    """Coefficients c0..c2 of the density (kg/m³) in T (°C), for inlined evaluation."""
+    c = _DENSITY_KG_M3[fluid]
+    return (c[0], c[1], c[2])
+
+
+def cp_coeffs(fluid: Fluid) -> tuple[float, float, float]:
+    """Coefficients c0..c2 of cp (kJ/(kg K)) in T (°C), for inlined evaluation."""
+    c = _CP_KJ_KGK[fluid]
+    return (c[0], c[1], c[2])
+
+
+def vol_enthalpy_coeffs(fluid: Fluid) -> tuple[float, float, float, float, float, float]:
+    """Coefficients c0..c5 of the volumetric enthalpy (kJ/m³ from 0 °C) in T (°C)."""
+    c = _RCP_INT[fluid]
+    return (c[0], c[1], c[2], c[3], c[4], c[5])
