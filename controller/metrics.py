@@ -8,8 +8,10 @@ served by its threaded HTTP server on `site.metrics.host:port`, bound at `start(
 that cannot be bound stops start-up with one line (`MetricsBindError`), never mid-run.
 
 A scrape never breaks the scan: it runs in the server's threads, reads frozen values or whole
-references, and each family is built inside its own `try`; a family that raises is left out of
-that scrape and logged once per cause (the rest of the scrape is served).
+references, and each family is built inside its own `try`; it first waits (at most one period)
+for the next scan to complete, so its few milliseconds of CPU fall in the idle rest of the
+period instead of stretching a scan through the GIL (`on_scan` wakes it). A family that raises
+is left out of that scrape and logged once per cause (the rest of the scrape is served).
 
 Nothing stale is served as fresh (DESIGN §4): when the newest completed scan is older than
 `stale_after_s`, `heatloop_scan_fresh` is 0 and every input's `heatloop_input_good` is 0; the
@@ -35,7 +37,7 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from controller.alarms import AlarmState
+from controller.alarms import AlarmState, Priority
 from controller.arbitration import Level
 from controller.modes import Mode
 from interlocks.rules import RULES
@@ -121,6 +123,7 @@ class _Collector:
         return []
 
     def collect(self) -> Iterator[Metric]:
+        self.owner.wait_for_scan()
         yield from self.owner.families()
 
 
@@ -136,14 +139,19 @@ class Metrics:
         self.port = cfg.port if cfg is not None else 0
         period = site.scan.period_s
         self.stale_after_s = max(4.0 * period, 2.0)
+        # a scrape waits (at most `align_s`) for the next scan to complete, then builds at once:
+        # its CPU time falls in the idle rest of the period, not across a scan (the GIL)
+        self.align_s = period
+        self._scan_seq = 0
+        self._scanned = threading.Condition()
         self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(_Collector(self))  # first: the wait comes before any formatting
         self.scan_time = Histogram(
             PREFIX + "scan_duration_seconds",
             "Compute and I/O time of each completed scan",
             buckets=SCAN_BUCKETS_S,
             registry=self.registry,
         )
-        self.registry.register(_Collector(self))
         self._units = {t.name: t.unit for t in site.tags}
         self._inputs = tuple(t.name for t in site.inputs)
         self._rules = tuple(r.id for r in RULES)
@@ -200,8 +208,20 @@ class Metrics:
             self._thread = None
 
     def on_scan(self, st: Status) -> None:
-        """A scan hook: one histogram observation, nothing else."""
+        """A scan hook: one histogram observation and a wake-up for a waiting scrape."""
         self.scan_time.observe(st.last_scan_s)
+        with self._scanned:
+            self._scan_seq += 1
+            self._scanned.notify_all()
+
+    def wait_for_scan(self) -> None:
+        """Block the scraping thread until the next scan completes, at most `align_s` (a hung
+        scan delays a scrape by that, never more; it is then served with scan_fresh 0)."""
+        if self.align_s <= 0:
+            return
+        with self._scanned:
+            seq = self._scan_seq
+            self._scanned.wait_for(lambda: self._scan_seq != seq, timeout=self.align_s)
 
     # ---- the scrape ----
 
@@ -313,27 +333,54 @@ class Metrics:
         return out
 
     def _alarms(self) -> Iterable[Metric]:
+        """Per alarm only those not normal (active, returned unacknowledged, or shelved): a
+        site has over a hundred alarms, nearly all normal, and a series for each would make
+        every scrape several times dearer (and the scrape shares the CPU with the scan). A
+        series that ends is marked stale by Prometheus, so an alert on it resolves. The
+        counts per priority are always there, for dashboards."""
         table = self.ctl.core.alarms  # a frozen value: one reference, consistent
         labels = ["alarm", "priority"]
         active = GaugeMetricFamily(
-            PREFIX + "alarm_active", "1 while the alarm's condition holds", labels=labels
+            PREFIX + "alarm_active",
+            "1 while the alarm's condition holds (listed: alarms not normal, or shelved)",
+            labels=labels,
         )
         acked = GaugeMetricFamily(
             PREFIX + "alarm_acknowledged",
-            "1 when no acknowledgement is pending (normal or active-acknowledged); 0 for "
+            "1 when no acknowledgement is pending (active-acknowledged); 0 for "
             "active-unacknowledged and returned-unacknowledged",
             labels=labels,
         )
         shelved = GaugeMetricFamily(
             PREFIX + "alarm_shelved", "1 while the alarm is shelved", labels=labels
         )
+        prios = [p.name.lower() for p in Priority]
+        n_active = dict.fromkeys(prios, 0)
+        n_unacked = dict.fromkeys(prios, 0)
+        n_shelved = dict.fromkeys(prios, 0)
         for a in table.alarms.values():
-            lv = [a.id, a.priority.name.lower()]
-            active.add_metric(lv, 1.0 if a.active else 0.0)
+            if a.state is AlarmState.NORMAL and not a.shelved:
+                continue
+            prio = a.priority.name.lower()
+            lv = [a.id, prio]
             pending = a.state in (AlarmState.UNACK, AlarmState.RTN_UNACK)
+            active.add_metric(lv, 1.0 if a.active else 0.0)
             acked.add_metric(lv, 0.0 if pending else 1.0)
             shelved.add_metric(lv, 1.0 if a.shelved else 0.0)
-        return [active, acked, shelved]
+            n_active[prio] += a.active
+            n_unacked[prio] += pending
+            n_shelved[prio] += a.shelved
+        out: list[Metric] = [active, acked, shelved]
+        for stem, counts, text in (
+            ("alarms_active", n_active, "Alarms whose condition holds, by priority"),
+            ("alarms_unacknowledged", n_unacked, "Alarms waiting for an acknowledgement"),
+            ("alarms_shelved", n_shelved, "Alarms shelved, by priority"),
+        ):
+            g = GaugeMetricFamily(PREFIX + stem, text, labels=["priority"])
+            for prio in prios:
+                g.add_metric([prio], float(counts[prio]))
+            out.append(g)
+        return out
 
     def _inputs_families(self) -> Iterable[Metric]:
         st = self.ctl.status
@@ -494,8 +541,12 @@ class Metrics:
 
 
 def metric_names(m: Metrics) -> set[str]:
-    """Every sample name the endpoint can serve now (the dashboard test uses it)."""
+    """Every sample name the endpoint serves now, and the gauges it would list if anything
+    stood (per-alarm families are empty while every alarm is normal); the dashboard test uses
+    it."""
     names: set[str] = set()
     for fam in m.registry.collect():
         names.update(s.name for s in fam.samples)
+        if fam.type == "gauge":
+            names.add(fam.name)
     return names

@@ -7,6 +7,7 @@ import json
 import math
 import re
 import socket
+import threading
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,7 @@ def with_metrics(site: Site, port: int, host: str = "127.0.0.1") -> Site:
 def rig() -> Iterator[tuple[Rig, Metrics]]:
     r = Rig(with_metrics(QUICK, free_port()))
     m = Metrics(r.ctl.site, r.ctl)
+    m.align_s = 0.0  # scans are driven by hand here: a scrape waits for none
     r.ctl.scan_hooks.append(m.on_scan)
     m.start()
     try:
@@ -121,6 +123,15 @@ async def test_a_nan_input_is_served_as_nan_with_quality_not_good(
     assert one(s, "heatloop_input_good", tag="tank_mid_temp") == 0.0
     assert one(s, "heatloop_input_valid", tag="tank_mid_temp") == 0.0
     assert one(s, "heatloop_input_good", tag="tank_top_temp") == 1.0
+    # and its alarm is listed, active and waiting for an acknowledgement, with its priority
+    alarm = r.ctl.core.alarms.alarms["INPUT:tank_mid_temp"]
+    prio = alarm.priority.name.lower()
+    assert one(s, "heatloop_alarm_active", alarm=alarm.id, priority=prio) == 1.0
+    assert one(s, "heatloop_alarm_acknowledged", alarm=alarm.id, priority=prio) == 0.0
+    assert one(s, "heatloop_alarms_unacknowledged", priority=prio) >= 1.0
+    # alarms that are normal are not listed one by one (counted per priority instead)
+    listed = set(series(s, "heatloop_alarm_active", "alarm"))
+    assert listed == {a.id for a in r.ctl.core.alarms.standing()}
 
 
 async def test_a_scan_that_stops_is_not_served_as_fresh(rig: tuple[Rig, Metrics]) -> None:
@@ -203,6 +214,7 @@ def view(**over: Any) -> dict[str, Any]:
 async def test_energy_counters_come_from_the_meter_view(rig: tuple[Rig, Metrics]) -> None:
     r, m = rig
     await r.scans(2)
+    r.ctl.meter_view = lambda: None  # type: ignore[method-assign]
     s = scrape(m)
     assert not any(k[0].endswith("_kwh_total") for k in s)  # metering off: absent, not zero
     r.ctl.meter_view = view  # type: ignore[attr-defined]
@@ -290,3 +302,44 @@ async def test_every_metric_the_alert_rules_use_is_served(rig: tuple[Rig, Metric
     assert len(rules) >= 8
     used = {name for e in rules for name in METRIC.findall(e)}
     assert used <= served, f"not served: {sorted(used - served)}"
+
+
+async def test_a_scrape_waits_for_the_next_scan_and_then_answers(
+    rig: tuple[Rig, Metrics],
+) -> None:
+    """The scrape's CPU time goes in the idle rest of the period: it starts building when a
+    scan completes (and a hung scan delays it by at most `align_s`)."""
+    r, m = rig
+    await r.scans(2)
+    m.align_s = 60.0  # far longer than the test: the scan, not the timeout, must release it
+    got: list[Samples] = []
+    t = threading.Thread(target=lambda: got.append(scrape(m)), daemon=True)
+    t.start()
+    t.join(0.3)
+    assert t.is_alive() and not got  # waiting for a scan
+    scans = r.ctl.status.scans
+    await r.scans(1)
+    t.join(30.0)
+    assert not t.is_alive() and got
+    assert one(got[0], "heatloop_scans_total") == scans + 1
+
+
+async def test_the_energy_counters_are_the_running_meter_s_totals(
+    rig: tuple[Rig, Metrics],
+) -> None:
+    """The controller's own meter (controller.metering): the counters are its lifetime totals,
+    read at scrape time, and the billable one grows with the heat meter's totaliser."""
+    r, m = rig
+    await r.until_mode(Mode.NORMAL_REUSE)
+    for _ in range(20):
+        r.plc.set("heat_meter_energy", float(r.plc.values["heat_meter_energy"]) + 0.5)
+        await r.scans(1)
+    mv = r.ctl.meter_view()
+    assert mv is not None
+    s = scrape(m)
+    totals = mv["totals"]
+    assert one(s, "heatloop_heat_delivered_kwh_total") == totals["delivered_kwh"]
+    assert one(s, "heatloop_it_energy_kwh_total") == totals["it_energy_kwh"]
+    assert totals["delivered_kwh"] > 0.0
+    classes = series(s, "heatloop_metering_class_seconds_total", "class")
+    assert classes == {k: float(v) for k, v in totals["class_s"].items()}

@@ -1,0 +1,253 @@
+"""The scan's cost of metering and the NOC's endpoint (issue: scan p99 ratio <= 1.1).
+
+Two controllers on the in-memory PLC, each at the real scan period with its journal in a
+temporary state directory, run in alternating blocks in the same process (so a busy machine
+weighs on both alike):
+- "with": metering on and the Prometheus endpoint served and scraped every second by an HTTP
+  GET in a thread;
+- "baseline": `Controller(..., metering=False)` and no endpoint.
+Each scan's time is `ctl.status.last_scan_s`, taken by a scan hook. Printed: both p99 and
+their ratio, and what a scrape costs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import os
+import socket
+import statistics
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import structlog
+from prometheus_client.parser import text_string_to_metric_families
+
+from controller.journal import JournalKeeper
+from controller.metrics import Metrics
+from controller.runtime import Controller, Status
+from plc_io.memory import MemoryPlc, MemoryTransport
+from plc_io.site import MetricsConfig, Site, demo_site
+
+TARGET_RATIO = 1.1
+SCANS = int(os.environ.get("HEATLOOP_BENCH_METRICS_SCANS", "480"))  # per arm
+BLOCKS = 4  # alternating blocks per arm
+SCRAPE_EVERY_S = 1.0
+
+# a healthy plant: the customer takes heat, so the controller reaches NORMAL_REUSE and the meter
+# accounts delivered energy every scan
+PLANT: dict[str, float | bool] = {
+    "it_supply_temp": 35.0,
+    "it_return_temp": 45.0,
+    "primary_flow": 18.0,
+    "primary_pressure": 2.5,
+    "hx_primary_out_temp": 40.0,
+    "hx_secondary_in_temp": 38.0,
+    "hx_secondary_out_temp": 43.0,
+    "secondary_flow": 15.0,
+    "secondary_pressure": 2.0,
+    "tank_top_temp": 45.0,
+    "tank_mid_temp": 42.0,
+    "tank_bottom_temp": 38.0,
+    "customer_supply_temp": 44.0,
+    "customer_return_temp": 30.0,
+    "customer_flow": 10.0,
+    "drycooler_out_temp": 35.0,
+    "ambient_temp": 15.0,
+    "it_power": 200.0,
+    "heat_meter_power": 120.0,
+    "heat_meter_energy": 1000.0,
+    "reuse_valve_pos": 50.0,
+    "leak_primary": False,
+    "leak_reuse": False,
+    "customer_ready": True,
+    "primary_pump_a_running": True,
+    "primary_pump_b_running": False,
+    "secondary_pump_running": True,
+    "drycooler_fault": False,
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _p(xs: list[float], q: float) -> float:
+    s = sorted(xs)
+    return s[min(len(s) - 1, round(q * (len(s) - 1)))]
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """No log lines on the console during the timing (both arms alike)."""
+    structlog.configure(logger_factory=structlog.ReturnLoggerFactory())
+    logging.disable(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+        structlog.reset_defaults()
+
+
+class _Plant:
+    """A scan hook keeping the PLC's inputs live: loop temperatures wiggle (a flat line is a
+    frozen sensor), actuator feedback follows the commands, the meter's totaliser counts."""
+
+    def __init__(self, plc: MemoryPlc, period_s: float) -> None:
+        self.plc = plc
+        self.period_s = period_s
+        self.n = 0
+        self.energy = float(PLANT["heat_meter_energy"])
+        plc.set_many(PLANT)
+
+    def __call__(self, st: Status) -> None:
+        self.n += 1
+        w = 0.02 * (self.n % 2)
+        self.energy += float(PLANT["heat_meter_power"]) * self.period_s / 3600.0
+        cmd = self.plc.commanded()
+        self.plc.set_many(
+            {
+                "it_supply_temp": 35.0 + w,
+                "it_return_temp": 45.0 + w,
+                "heat_meter_energy": round(self.energy, 3),
+                "reuse_valve_pos": float(cmd["reuse_valve_cmd"]),
+                "primary_pump_a_running": bool(cmd["primary_pump_a_cmd"]),
+                "primary_pump_b_running": bool(cmd["primary_pump_b_cmd"]),
+                "secondary_pump_running": bool(cmd["secondary_pump_cmd"]),
+            }
+        )
+
+
+def _controller(site: Site, folder: Path, metered: bool) -> tuple[Controller, MemoryPlc]:
+    plc = MemoryPlc(site)
+    kw: dict[str, Any] = {}
+    if "metering" in inspect.signature(Controller.__init__).parameters:
+        kw["metering"] = metered
+    folder.mkdir(parents=True, exist_ok=True)
+    journal = JournalKeeper(folder / "heatloop.db")
+    ctl = Controller(site, MemoryTransport(site, plc), journal=journal, **kw)
+    ctl.scan_hooks.append(_Plant(plc, site.scan.period_s))
+    return ctl, plc
+
+
+class _Scraper(threading.Thread):
+    """GET /metrics every second, as Prometheus would (which parses in its own process: the
+    last body is parsed here after the timing, to count its samples)."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(name="scraper", daemon=True)
+        self.url = url
+        self.stop = threading.Event()
+        self.times: list[float] = []
+        self.body = ""
+        self.errors = 0
+
+    def run(self) -> None:
+        while not self.stop.wait(SCRAPE_EVERY_S):
+            t = time.perf_counter()
+            try:
+                with urllib.request.urlopen(self.url, timeout=5) as resp:
+                    self.body = resp.read().decode("utf-8")
+            except Exception:
+                self.errors += 1
+                continue
+            self.times.append(time.perf_counter() - t)
+
+
+async def _block(ctl: Controller, n: int, times: list[float]) -> None:
+    """Run the controller as a service until `n` more scans have completed."""
+    stop = asyncio.Event()
+    start = ctl.status.scans
+
+    def hook(st: Status) -> None:
+        times.append(st.last_scan_s)
+        if st.scans - start >= n:
+            stop.set()
+
+    ctl.scan_hooks.append(hook)
+    try:
+        await ctl.run(stop)
+    finally:
+        ctl.scan_hooks.remove(hook)
+
+
+async def _arm(site: Site, folder: Path, metered: bool, n: int, times: list[float]) -> Any:
+    """One block: a fresh controller on the arm's state directory (restored from it)."""
+    ctl, _ = _controller(site, folder, metered)
+    metrics = scraper = None
+    if metered:
+        metrics = Metrics(site, ctl)
+        metrics.start()
+        ctl.scan_hooks.insert(0, metrics.on_scan)
+        scraper = _Scraper(f"http://{metrics.address}/metrics")
+        scraper.start()
+    try:
+        await _block(ctl, n, times)
+    finally:
+        if scraper is not None:
+            scraper.stop.set()
+            scraper.join(5)
+        if metrics is not None:
+            metrics.close()
+    return scraper, ctl
+
+
+def run() -> list[str]:
+    base = demo_site().with_control(
+        customer_ready_dwell_s=0.0,
+        reject_dwell_s=1.0,
+        min_mode_dwell_s=1.0,
+        reuse_reentry_min_s=0.0,
+    )
+    site = base.model_copy(update={"metrics": MetricsConfig(host="127.0.0.1", port=_free_port())})
+    times: dict[bool, list[float]] = {True: [], False: []}
+    scrapes: list[float] = []
+    series = errors = 0
+    modes: set[str] = set()
+    wired = "metering" in inspect.signature(Controller.__init__).parameters
+    per_block = max(1, SCANS // BLOCKS)
+    with tempfile.TemporaryDirectory() as tmp, _quiet():
+        for _ in range(BLOCKS):
+            for metered in (True, False):
+                folder = Path(tmp) / ("with" if metered else "baseline")
+                scraper, ctl = asyncio.run(_arm(site, folder, metered, per_block, times[metered]))
+                if scraper is not None:
+                    scrapes += scraper.times
+                    fams = text_string_to_metric_families(scraper.body)
+                    series = max(series, sum(len(f.samples) for f in fams))
+                    errors += scraper.errors
+                d = ctl.status.decision
+                if d is not None:
+                    modes.add(d.mode.value)
+    p_with, p_base = _p(times[True], 0.99), _p(times[False], 0.99)
+    ratio = p_with / p_base
+    verdict = "OK" if ratio <= TARGET_RATIO else "ABOVE TARGET"
+    lines = [
+        f"scan time at the real period ({base.scan.period_s:g} s), in-memory PLC, journal on "
+        f"disk; {len(times[True])} + {len(times[False])} scans in {BLOCKS} alternating blocks "
+        f"per arm; modes reached: {', '.join(sorted(modes))}",
+        f"  with metering + endpoint scraped every {SCRAPE_EVERY_S:g} s: p99 "
+        f"{p_with * 1000:6.2f} ms, median {statistics.median(times[True]) * 1000:6.2f} ms",
+        f"  baseline (no metering, no endpoint):          p99 "
+        f"{p_base * 1000:6.2f} ms, median {statistics.median(times[False]) * 1000:6.2f} ms",
+        f"  ratio p99 {ratio:5.3f} (target <= {TARGET_RATIO}): {verdict}",
+        f"  scrapes: {len(scrapes)} ({errors} failed), {series} samples each, GET "
+        f"median {statistics.median(scrapes) * 1000 if scrapes else float('nan'):.1f} ms",
+    ]
+    if not wired:
+        lines.append("  NOTE: Controller has no metering switch yet: both arms meter alike")
+    return lines
+
+
+if __name__ == "__main__":
+    for line in run():
+        print(line)
