@@ -302,3 +302,113 @@ def test_a_bad_range_is_refused() -> None:
         build(to_wall=T0)
     with pytest.raises(ValueError, match="from_wall nan"):
         build(from_wall=float("nan"))
+
+
+# ---- the real meter, through the store and in memory ----
+
+
+def _scan_inputs(now: float, meter: float, mode: Any, *, ready: bool, leak: bool) -> tuple:
+    from controller.arbitration import Level, Output
+    from controller.supervisor import Decision
+    from plc_io.image import ProcessImage, Quality, Sample
+
+    latched = frozenset({"IL-04"}) if leak else frozenset()
+    d = Decision(
+        now_s=now,
+        mode=mode,
+        mode_since_s=0.0,
+        outputs={"drycooler_fan_cmd": Output(50.0, Level.SEQUENCE)},
+        active=latched,
+        latched=latched,
+        bypassed=frozenset(),
+        events=(),
+        blocked=(),
+        reject_reasons=(),
+        invalid={},
+    )
+    vals: dict[str, Any] = {
+        "customer_ready": ready,
+        "heat_meter_energy": meter,
+        "it_power": 200.0,
+        "customer_flow": 12.0 if mode.name == "NORMAL_REUSE" else 0.0,
+        "customer_supply_temp": 45.0,
+        "customer_return_temp": 35.0,
+    }
+    return ProcessImage({k: Sample(v, Quality.GOOD, now) for k, v in vals.items()}), d
+
+
+def test_the_real_meters_rows_state_the_same_through_the_store_and_in_memory(
+    tmp_path: Path,
+) -> None:
+    """Item 5: one statement for a running controller (rows from the store, written scan by
+    scan in the scan's transaction) and for a study (the meter's rows in memory)."""
+    from controller import metering as m
+    from controller.journal import JournalKeeper
+    from controller.modes import Mode
+    from controller.supervisor import Commands
+    from plc_io.site import MeteringConfig
+
+    cfg = MeteringConfig(interval_s=900)
+    state = m.new_state(cfg)
+    wall = {"t": T0 + 6 * 3600.0}
+    keeper = JournalKeeper(tmp_path / "heatloop.db", wall=lambda: wall["t"])
+    rows: dict[float, dict[str, Any]] = {}
+    irows: dict[int, dict[str, Any]] = {}
+    pairs: list[tuple[Event, float]] = []
+    meter_kwh, now = 5000.0, 0.0
+    # 3 h: reuse at 120 kW, a leak trip of 20 min, a customer outage of 15 min, reuse again
+    plan = [(3600, Mode.NORMAL_REUSE, True, False, 120.0)]
+    plan += [(1200, Mode.LEAK_TRIP, True, True, 0.0), (2700, Mode.NORMAL_REUSE, True, False, 120.0)]
+    plan += [(900, Mode.CUSTOMER_OFFLINE, False, False, 0.0)]
+    plan += [(2400, Mode.NORMAL_REUSE, True, False, 120.0)]
+    for seconds, mode, ready, leak, kw in plan:
+        for _ in range(seconds // 10):
+            now += 10.0
+            wall["t"] += 10.0
+            meter_kwh += kw * 10.0 / 3600.0
+            image, d = _scan_inputs(now, meter_kwh, mode, ready=ready, leak=leak)
+            state, out = m.step(state, cfg, image, d, Commands(), wall["t"])
+            for r in out.intervals:
+                rows[r["start_wall"]] = r
+            for r in out.interruptions:
+                irows[r["id"]] = r
+            pairs += [(e, wall["t"]) for e in out.events]
+            keeper.record(
+                out.events,
+                d.latched,
+                meter=MeterWrite(out.intervals, out.interruptions, m.state_to_json(state)),
+            )
+    assert keeper.problem is None
+    keeper.close()
+    lo, hi = T0, T0 + DAY
+    data = read_meter(tmp_path / "heatloop.db", lo, hi, kinds=statement.EVENT_KINDS)
+    kw_ = {"site": "s", "from_wall": lo, "to_wall": hi, "interval_s": 900}
+    from_store = statement.build(
+        intervals=data.intervals,
+        interruptions=data.interruptions,
+        events=data.events,
+        commands=data.commands,
+        source="controller",
+        **kw_,
+    )
+    events = [e for e in statement.event_dicts(pairs) if e["kind"] in statement.EVENT_KINDS]
+    from_memory = statement.build(
+        intervals=list(rows.values()),
+        interruptions=list(irows.values()),
+        events=events,
+        commands=[],
+        source="controller",
+        **kw_,
+    )
+    assert statement.to_json(from_store) == statement.to_json(from_memory)
+    # and the figures are the meter's own: billed = the totaliser's count after its baseline
+    v = m.view(state)
+    assert from_store["delivered_kwh"] == pytest.approx(v["totals"]["delivered_kwh"])
+    assert from_store["delivered_kwh"] == pytest.approx(
+        120.0 * (3600 + 2700 + 2400) / 3600, abs=1.0
+    )
+    assert from_store["availability_pct"] == pytest.approx(v["availability_pct"])
+    assert [i["cls"] for i in from_store["interruptions"]] == ["trip", "customer_side"]
+    j = Journal(tmp_path / "heatloop.db")
+    assert j.load_state()["meter"] == m.state_to_json(state)  # the memory matches the rows
+    j.close()
