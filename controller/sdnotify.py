@@ -153,8 +153,25 @@ class _Hook:
                 self.last_ping = now
 
 
+def watchdog_floor_s(ctl: Controller) -> float:
+    """The shortest systemd watchdog that suits the site: the PLC's watchdog must act first
+    (twice its time plus its hold-off), and a healthy scan must ping in time (4 periods)."""
+    plc, period = ctl.site.plc, ctl.site.scan.period_s
+    return max(2.0 * plc.watchdog_s + plc.watchdog_holdoff_s, 4.0 * period)
+
+
 def attach(ctl: Controller, notifier: Notifier) -> None:
     """A scan hook: READY=1 (with STATUS=) after the first completed scan, WATCHDOG=1 after
     completed scans at most every WATCHDOG_USEC/2, STATUS= on a change at most every
-    STATUS_EVERY_S. A send that fails is tried again after the next scan."""
+    STATUS_EVERY_S. A send that fails is tried again after the next scan. A systemd watchdog
+    shorter than the site needs (`watchdog_floor_s`) is logged at once: it would restart a
+    healthy controller, or act before the PLC's watchdog."""
+    wd, floor = notifier.watchdog_s, watchdog_floor_s(ctl)
+    if wd is not None and wd < floor:
+        ctl.log.warning(
+            "systemd_watchdog_short",
+            watchdog_s=wd,
+            needed_s=floor,
+            fix=f"set WatchdogSec= to at least {floor:g}s in heatloop.service",
+        )
     ctl.scan_hooks.append(_Hook(ctl, notifier))

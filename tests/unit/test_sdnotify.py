@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.sdnotify import Notifier, attach
+from controller.sdnotify import Notifier, attach, watchdog_floor_s
 from plc_io.image import ProcessImage
 from tests.unit.test_runtime import PERIOD_S, QUICK, FakeClock, Rig, Trace, TracedTransport
 
@@ -229,3 +229,21 @@ def test_fields_stay_one_line_and_unknown_keys_are_dropped(short_dir: Path) -> N
         assert n.notify(bad="x") is False  # nothing left to send
     finally:
         sd.close()
+
+
+def test_a_systemd_watchdog_too_short_for_the_site_is_logged_at_attach(
+    systemd: FakeSystemd,
+) -> None:
+    trace = Trace()
+    rig = Rig(QUICK, trace=trace)
+    floor = watchdog_floor_s(rig.ctl)
+    p = QUICK.plc
+    assert floor == max(2 * p.watchdog_s + p.watchdog_holdoff_s, 4 * QUICK.scan.period_s)
+    n = Notifier.from_env(env(systemd, usec=int(floor * 1e6) - 1))
+    assert n is not None
+    attach(rig.ctl, n)
+    assert [d["needed_s"] for d in trace.of("log", "systemd_watchdog_short")] == [floor]
+    ok = Notifier.from_env(env(systemd, usec=10_000_000))  # the unit's WatchdogSec=10s
+    assert ok is not None and ok.watchdog_s is not None and ok.watchdog_s >= floor
+    attach(rig.ctl, ok)
+    assert len(trace.of("log", "systemd_watchdog_short")) == 1
