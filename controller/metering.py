@@ -257,6 +257,8 @@ _CONSTS: dict[int, _Const] = {}
 def _const(cfg: MeteringConfig) -> _Const:
     c = _CONSTS.get(id(cfg))
     if c is None or c.cfg is not cfg:  # the entry keeps its cfg alive, so ids are not reused
+        if len(_CONSTS) >= 64:  # a process has one site; tests make many: stay small
+            _CONSTS.clear()
         c = _CONSTS[id(cfg)] = _Const(cfg)
     return c
 
@@ -803,8 +805,10 @@ def step(
             )
             if kind != "meter_rollover":
                 what = "jumped" if kind == "meter_jump" else "went backwards (meter replaced?)"
+                # the interval holding the reading (the one the span ends in), and the next
+                read_in = max(w.open_start or 0.0, (math.ceil(wall_s / iv) - 1) * iv)
                 w.alarms[0] = (
-                    (w.open_start or 0.0) + 2 * iv,
+                    read_in + 2 * iv,
                     f"totaliser {what}: {last:.3f} -> {reading:.3f} kWh, allowed step "
                     f"{allow:.3f} kWh; not billed, counted again from {reading:.3f}",
                 )
