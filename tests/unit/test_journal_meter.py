@@ -5,8 +5,12 @@ closed interval is final), the keeper merges pending rows by key while the store
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -278,15 +282,22 @@ def test_the_keeper_refuses_a_malformed_meter_row_with_an_event_never_raises(
     tmp_path: Path,
 ) -> None:
     k = JournalKeeper(tmp_path / "j.db", clock=Clock())
+    trip = Event("trip_latched", 1.0, "IL-04", {"hazard": "leak"})
     k.record(
-        [],
-        frozenset(),
+        [trip],
+        frozenset({"IL-04"}),
         meter=MeterWrite([{"start_wall": "soon"}, interval(T0)], [], {"ok": True}),
     )
     assert k.problem is None
     ev = k.events(kinds=["journal_meter_refused"])
     assert len(ev) == 1 and "start_wall 'soon'" in str(ev[0][3]["why"])
     k.close()
+    # the scan's trip and latch are on disk with the good row: a bad meter row never holds
+    # back the safety record
+    j = Journal(tmp_path / "j.db")
+    assert j.latched() == {"IL-04"} and j.events(kinds=["trip_latched"])
+    assert j.load_state() == {"meter": {"ok": True}}
+    j.close()
     assert [i["start_wall"] for i in read_meter(tmp_path / "j.db", 0, 2e9).intervals] == [T0]
 
 
@@ -340,3 +351,57 @@ def test_read_meter_refuses_a_bad_range_and_a_missing_store(tmp_path: Path) -> N
     (tmp_path / "junk.db").write_text("not a database, just text\n" * 100)
     with pytest.raises(StoreUnreadable, match="cannot read the state store"):
         read_meter(tmp_path / "junk.db", 0.0, 5.0)
+
+
+# ---- kill -9 ----
+
+WRITER = """
+import sys
+from pathlib import Path
+from controller.journal import Journal, MeterWrite
+T0, IV = float(sys.argv[2]), float(sys.argv[3])
+j = Journal(Path(sys.argv[1]))
+for n in range(100_000):
+    start = T0 + (n // 10) * IV  # ten scans per interval; the last one closes it
+    row = {"start_wall": start, "end_wall": start + IV, "closed": n % 10 == 9,
+           "delivered_kwh": float(n % 10 + 1), "scan": n}
+    j.write([(float(n), "scan", "test", "{}")], frozenset(),
+            meter=MeterWrite([row], [], {"scan": n}))
+    print(n, flush=True)
+"""
+
+
+def test_after_kill_9_the_meters_memory_matches_its_rows_and_no_closed_interval_is_lost(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "heatloop.db"
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path), repr(T0), repr(IV)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert proc.stdout is not None
+        acked = -1
+        while acked < 45:
+            line = proc.stdout.readline()
+            assert line, f"the writer ended early (exit {proc.poll()})"
+            acked = int(line)
+        os.kill(proc.pid, signal.SIGKILL)  # in the middle of later writes
+    finally:
+        proc.kill()
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    j = open_checked(path)
+    n = j.load_state()["meter"]["scan"]
+    assert n >= acked  # every acknowledged scan is there
+    assert len(j.events(limit=10_000)) == n + 1  # and its event with it, no more
+    j.close()
+    rows = read_meter(path, T0, T0 + 1e6).intervals
+    # every interval finished before the kill is closed, whole; the newest row is the
+    # memory's scan exactly (one transaction), so a restart continues from both alike
+    assert [r["start_wall"] for r in rows] == [T0 + k * IV for k in range(n // 10 + 1)]
+    assert all(r["closed"] and r["delivered_kwh"] == 10.0 for r in rows[:-1])
+    assert rows[-1]["scan"] == n and rows[-1]["closed"] == (n % 10 == 9)
