@@ -47,8 +47,8 @@ ENERGY_KEYS = (
     "fan_kwh",
 )
 REJECTED_METHOD = (
-    "estimated: primary flow x rho*cp(T) x (mixed temperature before the dry cooler - "
-    "dry-cooler outlet temperature), integrated scan by scan"
+    "estimated: primary flow x rho*cp(T) x (the mix after the reuse valve - the dry-cooler "
+    "outlet temperature), scan by scan (docs/metering.md)"
 )
 BYPASS_EVENTS = ("bypass_active", "bypass_ended", "bypass_refused", "bypass_expired")
 FORCE_EVENTS = ("force_ended", "force_expired", "input_force_ended", "input_force_expired")
@@ -554,7 +554,7 @@ def to_markdown(st: Mapping[str, Any]) -> str:
                 ["stored (tank change)", f"{_kwh(st['stored_kwh'])} kWh",
                  "buffer-tank content at the end minus at the start"],
                 ["dry-cooler fans", f"{_kwh(st['fan_kwh'])} kWh",
-                 "estimated: rated power x (fan command)^3"],
+                 "estimated: rated power x (fan command / 100 %)^3"],
                 ["reuse fraction", _p(st["reuse_fraction_pct"]), "billed / IT energy"],
                 ["availability", _p(st["availability_pct"]),
                  "available / (available + fault + trip + plc_link + planned_maintenance)"],
