@@ -346,6 +346,16 @@ def snapshot(
     energy: dict[str, list[Any]] = {name: list(NOT_METERED) for name in ENERGY}
     if any(t.name == HEAT_METER for t in site.inputs):
         energy["HeatDelivered_kWh"] = inputs[HEAT_METER]
+    meter = ctl.meter_view()
+    if meter is not None:  # the meter's lifetime figures (docs/metering.md)
+        totals = meter["totals"]
+        for name, x in (
+            ("HeatRejected_kWh", totals["rejected_kwh"]),
+            ("ItEnergy_kWh", totals["it_energy_kwh"]),
+            ("HeatLoopAvailability_pct", meter["availability_pct"]),
+        ):
+            if x is not None:
+                energy[name] = [_num(x), Quality.GOOD.value, wall]
     alarms = [
         {
             "id": a.id,

@@ -96,13 +96,13 @@ STATUS_POINTS: tuple[tuple[str, str, bool, str, str], ...] = (
 ENERGY_POINTS: tuple[tuple[str, str, tuple[float, float] | None, str], ...] = (
     # browse name, unit, range, description
     ("HeatDelivered_kWh", "kWh", None, "Heat delivered to the customer (the heat meter's count)"),
-    ("HeatRejected_kWh", "kWh", None, "Heat rejected by the dry cooler"),
-    ("ItEnergy_kWh", "kWh", None, "Energy drawn by the IT load"),
+    ("HeatRejected_kWh", "kWh", None, "Heat rejected by the dry cooler (estimated, lifetime)"),
+    ("ItEnergy_kWh", "kWh", None, "Energy drawn by the IT load (from it_power, lifetime)"),
     (
         "HeatLoopAvailability_pct",
         "%",
         (0.0, 100.0),
-        "Share of time the heat-reuse loop was available to the customer",
+        "Heat-loop availability since the state store was created (docs/metering.md)",
     ),
 )
 

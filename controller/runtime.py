@@ -72,11 +72,11 @@ from typing import Any, TypeVar
 
 import structlog
 
-from controller import arbitration
+from controller import arbitration, metering
 from controller.arbitration import Output
 from controller.authority import MAX_REASON, Answer, Cmd, Request, permitted, remaining_s
 from controller.core import Core, ProofTest, ScanInput, ScanResult, proof_schedule
-from controller.journal import JournalKeeper
+from controller.journal import JournalKeeper, MeterWrite
 from controller.modes import Mode
 from controller.supervisor import Commands, Decision, Supervisor, SupervisorConfig
 from interlocks.engine import Event
@@ -198,6 +198,16 @@ def command_row(e: Event) -> tuple[Any, ...]:
     )
 
 
+def _merge_meter(old: MeterWrite | None, new: MeterWrite) -> MeterWrite:
+    """`new` over `old`, row by row (interval start, interruption id), and the newer memory."""
+    if old is None:
+        return new
+    intervals = {r["start_wall"]: r for r in (*old.intervals, *new.intervals)}
+    stops = {r["id"]: r for r in (*old.interruptions, *new.interruptions)}
+    state = new.state if new.state is not None else old.state
+    return MeterWrite(tuple(intervals.values()), tuple(stops.values()), state)
+
+
 class Controller:
     """Runs the decision core against a transport at the site's scan period."""
 
@@ -215,6 +225,7 @@ class Controller:
         on_scan: Callable[[Status], None] | None = None,
         log: Any = None,
         channel: Path | None = None,
+        metering: bool = True,
     ) -> None:
         """`channel` is the Unix socket people's requests arrive on (none: in-process only).
         `journal.state()` (what the last run persisted) restores latches, fault memory,
@@ -250,6 +261,10 @@ class Controller:
             self.log.warning("trip_restored", latched=sorted(latched))
         self.version = package_version()
         self.created_wall = self._created_wall(restored)
+        # the meter (controller.metering): off only for a benchmark's baseline
+        self._meter_discarded: str | None = None  # why the saved meter could not be restored
+        self.meter = self._restore_meter(restored) if metering else None
+        self._meter_pending: MeterWrite | None = None  # rows for the next commit, newest per key
         self._last_passed: dict[str, float] = {}
         self._proof_next = -float("inf")  # monotonic time of the next schedule evaluation
         self._filings = 0  # commissioning records being filed or waiting
@@ -304,6 +319,26 @@ class Controller:
         if self.journal is not None and known is not None and self.journal.problem is None:
             self.journal.record((), known, {"created_wall": now})
         return now
+
+    def _restore_meter(self, restored: Mapping[str, Any]) -> metering.MeterState:
+        """The meter as the last run persisted it. One that cannot be restored (a changed
+        `[metering] interval_s`, a damaged memory) starts anew, loudly: metering never keeps
+        the controller from cooling, and the `meter_state_discarded` event tells the statement
+        that the totaliser's baseline starts again (the energy until the first reading after the
+        start is then not billed)."""
+        saved = restored.get("meter")
+        if saved is None:
+            return metering.new_state(self.site.metering)
+        try:
+            return metering.state_from_json(self.site.metering, saved)
+        except ValueError as e:
+            self.log.error("meter_state_discarded", why=str(e))
+            self._meter_discarded = str(e)
+            return metering.new_state(self.site.metering)
+
+    def meter_view(self) -> dict[str, Any] | None:
+        """The meter's lifetime and today's figures (status, BMS, metrics), or None when off."""
+        return metering.view(self.meter) if self.meter is not None else None
 
     def _read_last_passed(self) -> dict[str, float]:
         """Step id -> newest live pass, from the journal's records (never raises)."""
@@ -607,8 +642,12 @@ class Controller:
         notes: list[tuple[str, dict[str, Any]]] = []
         if link_ok:
             notes += await self._write(decision, image, now)
-        # outputs first, then the journal, then anyone else (the module's theory of operation)
-        events = [*result.events, *self._command_events(inp, result)]
+        # outputs first, then the meter and the journal, then anyone else
+        events = [
+            *result.events,
+            *self._command_events(inp, result),
+            *self._meter(image, result, wall),
+        ]
         state = self.core.durable(now, wall) if events else None
         told = await self._persist(events, decision.latched, state)
         self._record(inp, result, fallback)
@@ -733,6 +772,7 @@ class Controller:
                 else None
             ),
             "proof_tests": {k: p.to_json() for k, p in self.proof_tests(st.wall).items()},
+            "meter": self.meter_view(),
         }
         return view
 
@@ -883,6 +923,38 @@ class Controller:
             why=ans.why,
         )
 
+    def _meter(self, image: ProcessImage, result: ScanResult, wall: float) -> list[Event]:
+        """Account this scan in the meter (raw readings: a forced input never bills); its rows
+        go with the scan's commit. A meter that fails never touches the scan's outputs."""
+        if self.meter is None:
+            return []
+        notes: list[Event] = []
+        if self._meter_discarded is not None:
+            why, self._meter_discarded = self._meter_discarded, None
+            notes.append(
+                Event("meter_state_discarded", result.decision.now_s, "metering", {"why": why})
+            )
+        try:
+            self.meter, out = metering.step(
+                self.meter,
+                self.site.metering,
+                image,
+                result.decision,
+                result.commands,
+                wall,
+            )
+            write = MeterWrite(out.intervals, out.interruptions, metering.state_to_json(self.meter))
+        except Exception as e:
+            self._note_scan_error("metering", e)
+            return notes
+        conditions = dict(out.conditions)
+        if conditions != self.core.meter_conditions:
+            self.core.meter_conditions = conditions
+            self._new_core_built = True  # the recorder's replay follows the alarm inputs
+        if self.journal is not None:  # nothing to keep rows for without a store
+            self._meter_pending = _merge_meter(self._meter_pending, write)
+        return [*notes, *out.events]
+
     def _snapshot_if_due(self, wall: float) -> None:
         """The recorder starts every replayable window from a snapshot of the core."""
         if self.recorder is None:
@@ -916,19 +988,24 @@ class Controller:
             await asyncio.shield(self._inflight)
             self._inflight = None
         state, self._waiting_state = self._waiting_state, None
-        await self.offload(partial(self._store, self._waiting, self._latched(), state))
+        meter, self._meter_pending = self._meter_pending, None
+        await self.offload(partial(self._store, self._waiting, self._latched(), state, meter))
         self._waiting = []
         await self.offload(self.journal.close)
 
     def _store(
-        self, batch: list[Event], latched: frozenset[str], state: dict[str, Any] | None
+        self,
+        batch: list[Event],
+        latched: frozenset[str],
+        state: dict[str, Any] | None,
+        meter: MeterWrite | None = None,
     ) -> None:
         """The journal's work for one commit (in the worker thread): events, the latch set,
-        the durable state and the answered requests, in one transaction."""
+        the durable state, the answered requests and the meter's rows, in one transaction."""
         assert self.journal is not None
         events = [e for e in batch if e.kind != COMMAND]
         commands = [command_row(e) for e in batch if e.kind == COMMAND]
-        self.journal.record(events, latched, state, commands)
+        self.journal.record(events, latched, state, commands, meter=meter)
 
     def _latched(self) -> frozenset[str]:
         d = self.status.decision
@@ -970,6 +1047,7 @@ class Controller:
         if (
             not self._waiting
             and self._waiting_state is None
+            and self._meter_pending is None
             and latched == self._sent_latched
             and not self.journal.problem
         ):
@@ -977,13 +1055,19 @@ class Controller:
         batch, already = self._waiting, self._waiting_told
         self._waiting, self._waiting_told = [], 0
         state, self._waiting_state = self._waiting_state, None
+        # the meter's rows go with every commit; while one runs they merge in memory (newest
+        # row per interval and interruption), so a kill -9 loses at most the scans since the
+        # last commit finished: one scan while the store keeps up
+        meter, self._meter_pending = self._meter_pending, None
         # The plant's events and a changed latch set are told in the scan that raised them, so
         # that scan waits for the commit (at most persist_wait_s). A batch that only answers
         # people's requests holds no scan: its answers go out when the commit is done.
         urgent = latched != self._sent_latched or any(e.kind != COMMAND for e in batch)
         self._sent_latched = latched
         try:
-            fut = asyncio.ensure_future(self.offload(partial(self._store, batch, latched, state)))
+            fut = asyncio.ensure_future(
+                self.offload(partial(self._store, batch, latched, state, meter))
+            )
             wait_s = self.persist_wait_s if urgent else 0.0
             await asyncio.wait_for(asyncio.shield(fut), timeout=wait_s)
         except TimeoutError:
@@ -994,6 +1078,12 @@ class Controller:
         except Exception as e:  # the keeper never raises; handing it the work did
             if self._waiting_state is None:
                 self._waiting_state = state
+            if meter is not None:  # older than what waits: what waits wins, key by key
+                self._meter_pending = (
+                    meter
+                    if self._meter_pending is None
+                    else _merge_meter(meter, self._meter_pending)
+                )
             return told + self._hand_off_failed(e, batch, already)
         self._persist_error = None
         return told + batch[already:]
@@ -1144,9 +1234,9 @@ class Controller:
         latched = self.supervisor.latched | restored
         self.log.warning("trip_restored", latched=sorted(latched), late=True)
         state = self.core.durable(now, wall)
-        proof = self.core.proof_overdue
+        proof, meter = self.core.proof_overdue, self.core.meter_conditions
         self.core = self._new_core(now, wall, state, latched)
-        self.core.proof_overdue = proof
+        self.core.proof_overdue, self.core.meter_conditions = proof, meter
         self._new_core_built = True  # the recorder needs a new starting point
 
     def _note_scan_error(self, where: str, e: Exception) -> None:
@@ -1202,7 +1292,8 @@ async def run_service(site: Site, transport: Transport, *, json_logs: bool = Tru
     from controller.journal import StateCorrupt
     from controller.logs import configure
 
-    configure(json=json_logs)
+    # JSON lines on stdout for journald (DESIGN §11; docs/deploy.md); a console keeps stderr
+    configure(json=json_logs, stream=sys.stdout if json_logs else None)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -1235,6 +1326,22 @@ async def run_service(site: Site, transport: Transport, *, json_logs: bool = Tru
         )
         journal.close()
         return 2
+    from controller.metrics import Metrics, MetricsBindError
+    from controller.sdnotify import Notifier, attach
+
+    metrics = None
+    if site.metrics is not None:
+        metrics = Metrics(site, ctl)
+        try:
+            metrics.start()  # before the first scan: an address in use stops start-up
+        except MetricsBindError as e:
+            print(f"heatloop: {e}", file=sys.stderr)
+            journal.close()
+            return 2
+        ctl.scan_hooks.append(metrics.on_scan)
+    notifier = Notifier.from_env()
+    if notifier is not None:
+        attach(ctl, notifier)  # READY after the first scan, WATCHDOG while scans complete
     link_task = start_bms_link(site, ctl, stop, json_logs=json_logs)
     try:
         await ctl.run(stop)
@@ -1243,7 +1350,11 @@ async def run_service(site: Site, transport: Transport, *, json_logs: bool = Tru
         return 2
     finally:
         stop.set()
+        if notifier is not None:
+            notifier.notify(STOPPING="1")
         await stop_bms_link(link_task)
+        if metrics is not None:
+            metrics.close()
     return 0
 
 

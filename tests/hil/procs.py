@@ -135,7 +135,8 @@ def stop_process(p: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
 
 
 class ControllerProc:
-    """`heatloop run` with its stderr JSON lines parsed by a reader thread."""
+    """`heatloop run` with its JSON log lines (stdout, and stderr merged in) parsed by a reader
+    thread."""
 
     def __init__(self, site_path: Path, name: str, *extra: str) -> None:
         self.name = name
@@ -147,15 +148,15 @@ class ControllerProc:
             heatloop("run", "--site", str(site_path), *extra),
             cwd=ROOT,
             stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
         )
-        self._reader = threading.Thread(target=self._read, name=f"stderr-{name}", daemon=True)
+        self._reader = threading.Thread(target=self._read, name=f"log-{name}", daemon=True)
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
+        assert self.proc.stdout is not None
+        for raw in self.proc.stdout:
             line = raw.decode("utf-8", "replace").rstrip("\n")
             self.lines.append(line)
             with contextlib.suppress(ValueError):

@@ -202,8 +202,23 @@ async def test_snapshot_applies_staleness_and_gives_wall_read_times() -> None:
     assert {q for _, q, _ in old["inputs"].values()} == {"stale"}
     assert old["inputs"]["it_supply_temp"][0] == v
     assert old["inputs"]["it_supply_temp"][2] == pytest.approx(WALL0 + read_at)
-    # the billing meter's totaliser is the delivered heat, with its quality; the rest unmetered
+    # the billing meter's totaliser is the delivered heat, with its quality; the rest are the
+    # meter's lifetime figures (controller.metering)
     assert old["energy"]["HeatDelivered_kWh"] == old["inputs"]["heat_meter_energy"]
+    meter = ctl.meter_view()
+    assert meter is not None and meter["totals"]["it_energy_kwh"] > 0
+    for name, x in (
+        ("HeatRejected_kWh", meter["totals"]["rejected_kwh"]),
+        ("ItEnergy_kWh", meter["totals"]["it_energy_kwh"]),
+        ("HeatLoopAvailability_pct", meter["availability_pct"]),
+    ):
+        assert snap["energy"][name][:2] == [x, "good"]
+
+
+async def test_a_controller_without_a_meter_serves_its_figures_as_unmetered() -> None:
+    rig = Rig(metering=False)
+    await rig.until_mode(Mode.NORMAL_REUSE)
+    snap = snapshot(rig.ctl)
     for name in ("HeatRejected_kWh", "ItEnergy_kWh", "HeatLoopAvailability_pct"):
         assert snap["energy"][name] == [None, "none", None]
 
