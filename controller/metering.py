@@ -78,6 +78,7 @@ RESOLUTION_KWH = 0.2
 # The customer is being delivered to while its flow is above this (m³/h): LOW-DT applies.
 DELIVERING_M3H = 0.1
 LOW_DT_ALARM_S = 60.0  # customer dT below the meter's minimum this long: METER:LOW-DT
+POWER_LIMIT_KW = 1e7  # no power of a heat-reuse plant is near this: beyond it, a bad reading
 # The baseline power of an interruption: the billed energy over the available seconds in the
 # lost_energy_basis_h before it, in RING buckets; below BASELINE_MIN_S of available time there
 # is no fresh baseline and the previous interruption's is kept (interruptions back to back).
@@ -673,7 +674,9 @@ def step(
             vals.append(_NAN)
         else:
             v = smp[0]
-            vals.append(v if type(v) is float else float(v) if type(v) is int else _NAN)
+            if type(v) is int:
+                v = float(v) if -1e15 < v < 1e15 else _NAN
+            vals.append(v if type(v) is float and v - v == 0.0 else _NAN)  # inf, NaN: unknown
     (
         flow_c,
         t_cs,
@@ -707,10 +710,16 @@ def step(
     )
     if samples.get("drycooler_fault", (None,))[0] is True and "drycooler_fault" not in invalid:
         fan_kw = 0.0  # tripped fans draw nothing
+    # a reading far outside any plant (validation's ranges let it through only when a site
+    # widens them) is unknown rather than an infinite counter that the store cannot hold
+    calc_kw, it_kw, it_heat_kw, rej_kw = (
+        p if -POWER_LIMIT_KW < p < POWER_LIMIT_KW else _NAN
+        for p in (calc_kw, it_kw, it_heat_kw, rej_kw)
+    )
     tank_kj = (
         cfg.tank_volume_m3 / 3.0 * (_h(c.tank_h, t_top) + _h(c.tank_h, t_mid) + _h(c.tank_h, t_bot))
     )
-    if tank_kj != tank_kj:
+    if not -1e15 < tank_kj < 1e15:  # NaN (a sensor unknown) or beyond any tank
         tank_kj_s: float | None = state.tank_kj
         stored = 0.0
         tank_missing = True

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from controller import metering as m
 from controller.modes import Mode
 from controller.supervisor import Commands
+from plc_io.image import ProcessImage, Quality, Sample
 from plc_io.site import MeteringConfig
-from tests.unit.test_metering import CUSTOMER, DAY0, LEAK, Run
+from tests.unit.test_metering import CUSTOMER, DAY0, LEAK, Run, decision
 
 CFG = MeteringConfig(interval_s=60)  # short intervals: many boundaries in a short run
 
@@ -183,3 +184,54 @@ def test_a_clock_going_back_never_reopens_and_never_counts_a_second_twice(
     covered = sum(x["covered_s"] for x in r.rows.values())
     assert covered == pytest.approx(max(200.0, wall - DAY0), abs=1e-6)
     assert math.isclose(r.state.cursor_wall or 0.0, max(DAY0 + 200.0, wall))
+
+
+ANY_VALUE = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=3),
+)
+
+
+@PROPS
+@given(
+    st.lists(
+        st.tuples(
+            st.dictionaries(
+                st.sampled_from((*m._USED, "customer_ready", "drycooler_fault")), ANY_VALUE
+            ),
+            st.sampled_from(list(Quality)),
+            st.integers(0, len(SITUATIONS) - 1),
+        ),
+        min_size=1,
+        max_size=30,
+    )
+)
+def test_any_reading_of_any_type_never_breaks_the_meter(scans: list[Any]) -> None:
+    """Garbage in (wrong types, NaN, infinities, huge numbers, bad quality): the meter goes on,
+    its state stays finite JSON that restores, and nothing is billed from a garbage reading."""
+    r = Run(CFG)
+    for vals, quality, sit in scans:
+        mode, kwargs = SITUATIONS[sit]
+        r.t += 10.0
+        samples = {k: Sample(v, quality, r.t) for k, v in vals.items()}
+        kwargs = dict(kwargs)
+        cmds = kwargs.pop("cmds", None) or Commands()
+        kwargs.pop("vals", None)
+        kwargs.pop("ready", None)
+        r.state, out = m.step(
+            r.state, CFG, ProcessImage(samples), decision(r.t, mode, **kwargs), cmds, DAY0 + r.t
+        )
+        for row in out.intervals:
+            r.rows[row["start_wall"]] = row
+        for row in out.interruptions:
+            r.irows[row["id"]] = row
+        r.events += out.events
+    text = json.dumps(m.state_to_json(r.state), allow_nan=False)
+    m.state_from_json(CFG, json.loads(text))
+    json.dumps(list(r.rows.values()), allow_nan=False)
+    json.dumps(list(r.irows.values()), allow_nan=False)
+    json.dumps(m.view(r.state), allow_nan=False)
+    assert r.total("delivered_kwh") <= 1000.0 * r.t / 3600.0 + 0.2 * len(scans)
