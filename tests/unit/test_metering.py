@@ -636,3 +636,19 @@ def test_availability_formulas() -> None:
     cs.update(available=90.0, fault=5.0, planned_maintenance=5.0, customer_side=1000.0)
     assert m.availability_pct(cs) == pytest.approx(90.0)
     assert m.availability_excl_planned_pct(cs) == pytest.approx(100 * 90 / 95)
+
+
+def test_a_forced_meter_reading_is_never_billed() -> None:
+    r = Run()
+    r.scan(0.0, 100.0)
+    r.t += 10.0
+    forced = ProcessImage(
+        {
+            "heat_meter_energy": Sample(150.0, Quality.FORCED, r.t),
+            "customer_ready": Sample(True, Quality.GOOD, r.t),
+        }
+    )
+    r.state, out = m.step(r.state, CFG, forced, decision(r.t), Commands(), DAY0 + r.t)
+    assert out.intervals[-1]["delivered_kwh"] == 0.0
+    assert "meter_invalid" in out.intervals[-1]["flags"]
+    assert r.state.meter_kwh == 100.0
