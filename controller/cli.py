@@ -192,12 +192,12 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     site = load_checked_site(args.site)
     scenario = _scenario(args.scenario)
-    loop = ClosedLoop(site, seed=args.seed, scenario=scenario, dt_s=args.step)
+    loop = ClosedLoop(site, seed=args.seed, scenario=scenario, dt_s=args.step, metered=True)
     t0 = time.perf_counter()
     result = loop.run(args.days * 86400.0)
     wall = time.perf_counter() - t0
     print(f"study of {site.site.name!r}: {args.days:g} days at {args.step:g} s steps")
-    print("\n".join(result.lines()))
+    print("\n".join([*result.lines(), *loop.metered_lines()]))
     print(f"speed                  {result.sim_s / wall:10.0f} × real time ({wall:.1f} s wall)")
     if args.report is not None:
         from controller.study import write_statement

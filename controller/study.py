@@ -10,15 +10,23 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
+from controller import metering, statement
 from controller.modes import REUSE_MODES, Mode
-from controller.supervisor import Commands, Supervisor, SupervisorConfig
+from controller.supervisor import Commands, Decision, Supervisor, SupervisorConfig
+from interlocks.engine import Event
 from plc_io.image import ProcessImage, Quality, Sample
 from plc_io.site import Site
-from sim.plant import PlantState, accounts, initial, measure, step
+from sim.plant import Model, PlantState, accounts, initial, measure, step
 from sim.scenario import Scenario
 
 DAY_S = 86400.0
+# A study's wall clock: the plant's seconds since Jan 1 00:00 (`[sim] start_day`) on this year,
+# so a statement's dates fall on the simulated days of the year.
+STUDY_EPOCH = datetime(2026, 1, 1, tzinfo=UTC).timestamp()
 
 
 @dataclass
@@ -76,6 +84,51 @@ class StudyResult:
         ]
 
 
+class StudyMeter:
+    """The controller's meter (controller.metering) on a study: what the PLC serves, and beside
+    it the same meter on perfect instruments (no sensor noise, no sensor fault), the ground
+    truth that the statement's figures are held against. Rows are kept as the state store
+    keeps them (newest per interval start and interruption id)."""
+
+    def __init__(self, site: Site, state: PlantState) -> None:
+        cfg = site.metering
+        self.cfg = cfg
+        self.measured = metering.new_state(cfg)
+        self.perfect = metering.new_state(cfg)
+        quiet = site.plant.model_copy(update={"sensor_noise": False})
+        self.quiet: Model = initial(quiet, 0, state.t_s, site.tags).model
+        self.intervals: dict[float, dict[str, Any]] = {}
+        self.interruptions: dict[int, dict[str, Any]] = {}
+        self.events: list[tuple[Event, float]] = []
+
+    def account(
+        self, state: PlantState, image: ProcessImage, d: Decision, cmds: Commands, wall: float
+    ) -> None:
+        self.measured, out = metering.step(self.measured, self.cfg, image, d, cmds, wall)
+        for r in out.intervals:
+            self.intervals[r["start_wall"]] = r
+        for r in out.interruptions:
+            self.interruptions[r["id"]] = r
+        self.events += [(e, wall) for e in (*d.events, *out.events)]
+        if cmds.link_ok:  # perfect instruments: the plant as it is, faults and all
+            truth = replace(state, model=self.quiet, fx=state.fx._replace(sensors=()))
+            image = image_of(measure(truth), d.now_s)
+        self.perfect, _ = metering.step(self.perfect, self.cfg, image, d, cmds, wall)
+
+    def statement(self, site: Site, from_wall: float, to_wall: float) -> dict[str, Any]:
+        return statement.build(
+            site=site.site.name,
+            intervals=self.intervals.values(),
+            interruptions=self.interruptions.values(),
+            events=statement.event_dicts(self.events),
+            commands=(),
+            from_wall=from_wall,
+            to_wall=to_wall,
+            interval_s=self.cfg.interval_s,
+            source="study",
+        )
+
+
 def image_of(meas: dict[str, float | bool], now_s: float) -> ProcessImage:
     """What a healthy PLC link would serve: every reading good, stamped now."""
     new, good = tuple.__new__, Quality.GOOD  # Sample(...) minus a Python frame, 30 a step
@@ -86,8 +139,15 @@ class ClosedLoop:
     """Plant and supervisor stepped together; `link_ok=False` spans simulate a lost PLC link."""
 
     def __init__(
-        self, site: Site, *, seed: int = 0, scenario: Scenario | None = None, dt_s: float = 1.0
+        self,
+        site: Site,
+        *,
+        seed: int = 0,
+        scenario: Scenario | None = None,
+        dt_s: float = 1.0,
+        metered: bool = False,
     ) -> None:
+        """`metered`: run the controller's meter beside (`self.meter`), for a statement."""
         self.site = site
         self.dt_s = dt_s
         self.scenario = scenario
@@ -102,6 +162,7 @@ class ClosedLoop:
         self.decision = None
         if scenario is not None:
             self.state = scenario.apply_due(self.state, -math.inf, 0.0)
+        self.meter = StudyMeter(site, self.state) if metered else None
 
     @property
     def elapsed_s(self) -> float:
@@ -116,14 +177,18 @@ class ClosedLoop:
     def tick(self) -> None:
         dt, r = self.dt_s, self.result
         now = self.elapsed_s
-        meas = measure(self.state)
-        if self.commands.link_ok:
-            d = self.sup.step(image_of(meas, now), now, self.commands)
+        cmds = self.commands
+        if cmds.link_ok:
+            image = image_of(measure(self.state), now)
+            d = self.sup.step(image, now, cmds)
             self.outputs = d.values()
         else:  # no link: the PLC watchdog holds the safe values
-            d = self.sup.step(ProcessImage(), now, self.commands)
+            image = ProcessImage()
+            d = self.sup.step(image, now, cmds)
             self.outputs = dict(self.site.safe_outputs())
         self.decision = d
+        if self.meter is not None:
+            self.meter.account(self.state, image, d, cmds, self.wall)
         if self.commands.reset:  # a reset is a one-scan command; the rest stand
             self.commands = replace(self.commands, reset=False)
         for e in d.events:
@@ -160,3 +225,35 @@ class ClosedLoop:
     @property
     def mode(self) -> Mode:
         return self.sup.mode
+
+    @property
+    def wall(self) -> float:
+        """The study's wall clock now (STUDY_EPOCH + the plant's seconds since Jan 1)."""
+        return STUDY_EPOCH + self.state.t_s
+
+    def metered_lines(self) -> list[str]:
+        """The meter's figures beside the plant's ground truth (needs `metered=True`)."""
+        assert self.meter is not None, "ClosedLoop(metered=True) keeps a meter"
+        got, ref = metering.view(self.meter.measured), metering.view(self.meter.perfect)
+        billed, truth = got["totals"]["delivered_kwh"], accounts(self.state).delivered_kwh
+        diff = 100.0 * (billed - truth) / truth if truth > 0 else 0.0
+        a, b = got["availability_pct"], ref["availability_pct"]
+        return [
+            "metering (controller.metering, as a running controller meters)",
+            f"  billed (totaliser)   {billed:10.1f} kWh (plant truth {truth:.1f}, {diff:+.3f} %)",
+            f"  availability         {_pct(a)} (perfect instruments {_pct(b)})",
+        ]
+
+
+def _pct(x: float | None) -> str:
+    return "    n/a" if x is None else f"{x:8.3f} %"
+
+
+def write_statement(loop: ClosedLoop, folder: Path, site: Site) -> list[Path]:
+    """The study's statement (JSON, Markdown, HTML) over the simulated span, built by the same
+    code as `heatloop report` on a running controller's store."""
+    if loop.meter is None:
+        raise ValueError("a statement needs ClosedLoop(metered=True)")
+    start = STUDY_EPOCH + loop.t0
+    st = loop.meter.statement(site, start, max(loop.wall, start + 1.0))
+    return statement.write_all(st, folder)
