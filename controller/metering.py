@@ -1067,6 +1067,8 @@ def state_from_json(cfg: MeteringConfig, d: object) -> MeterState:
             and isinstance(it[2], str)
         ):
             raise _bad("interruption", it, "[id, class, detail, start, baseline kW, kWh]")
+        if it[0] >= kw["next_id"]:
+            raise _bad("interruption", it, f"an id below next_id {kw['next_id']}")
         kw["interruption"] = (
             it[0],
             it[1],
@@ -1077,6 +1079,8 @@ def state_from_json(cfg: MeteringConfig, d: object) -> MeterState:
         )
     if (kw["cursor_wall"] is None) != (kw["open_start"] is None):
         raise _bad("open_start", kw["open_start"], "present exactly when cursor_wall is")
+    if kw["flags"] >= 1 << len(FLAGS) or kw["missing"] > _M_CALC | _M_BAL:
+        raise _bad("flags", kw["flags"], f"bits of the {len(FLAGS)} flags")
     if kw["interval_s"] != cfg.interval_s:
         raise _bad(
             "interval_s",

@@ -618,6 +618,8 @@ def test_state_json_is_small_exact_and_continues_identically() -> None:
         ({"alarms": [[None, "x"]]}, "alarms"),
         ({"prev": [1.0, None]}, "prev"),
         ({"bal_missing": 0}, "bal_missing"),
+        ({"interruption": [99, "trip", "x", 0.0, 0.0, 0.0]}, "interruption"),
+        ({"flags": 1 << 20}, "flags"),
     ],
 )
 def test_a_malformed_state_is_refused_naming_the_part(change: dict[str, Any], part: str) -> None:
