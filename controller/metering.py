@@ -87,6 +87,9 @@ BASELINE_MIN_S = 60.0
 # A closed interval is judged (cross-check) only when the scans covered nearly all of it.
 FULL_COVER = 0.99
 GAP_DETAIL = "controller not running"
+# A gap is covered (as fault) by at most this many synthetic intervals (104 days at 900 s);
+# the rest of it is skipped like a clock step. Bounds the work of one scan and one commit.
+MAX_GAP_INTERVALS = 10_000
 TRIP_RULES = frozenset({"IL-03", "IL-04", "IL-05", "IL-06", "IL-07"})  # each stops delivery
 
 # accumulator layout: one tuple per interval (open), lifetime and UTC day (closed sums)
@@ -364,6 +367,16 @@ class _W:
         """Account the wall span (cursor, end] into the intervals, closing each one crossed."""
         pos = self.cursor
         assert pos is not None and self.open_start is not None
+        if kind == 2:  # skipped wall time: no rows for the intervals it jumps over
+            self.flags |= _F_CLOCK
+            if end >= self.open_start + self.iv:
+                self.close()
+                self.open_start = end - end % self.iv
+                self.flags |= _F_CLOCK
+            if readings is not None:
+                self.add_readings(readings)
+            self.cursor = end
+            return
         total = end - pos
         while True:
             i_end = self.open_start + self.iv
@@ -835,7 +848,10 @@ def step(
         if it is not None and billed:  # what the customer got while nobody was scanning
             w.interruption = (it[0], it[1], it[2], it[3], it[4], it[5] + billed)
             credited = True
-        if wd > 0.0:
+        if wd > MAX_GAP_INTERVALS * iv:  # beyond, the gap is skipped rather than covered
+            w.advance(cursor + MAX_GAP_INTERVALS * iv, 1, None, 0, 0, None, 0.0)
+            w.advance(wall_s, 2, None, 0, 0, readings, 0.0)
+        elif wd > 0.0:
             w.advance(wall_s, 1, None, 0, 0, readings, 0.0)
         else:
             w.add_readings(readings)

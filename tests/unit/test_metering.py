@@ -654,3 +654,27 @@ def test_a_forced_meter_reading_is_never_billed() -> None:
     assert out.intervals[-1]["delivered_kwh"] == 0.0
     assert "meter_invalid" in out.intervals[-1]["flags"]
     assert r.state.meter_kwh == 100.0
+
+
+def test_a_huge_wall_step_forward_emits_no_rows_for_the_skipped_time() -> None:
+    """A PC that boots with its clock at 1970 and is set by NTP a scan later: one scan's work."""
+    r = Run()
+    r.scan(0.0, 0.0, wall=1000.0)
+    out = r.scan(1.0, 0.001, wall=DAY0 + 5.0)
+    assert [x["start_wall"] for x in out.intervals] == [900.0, DAY0]
+    assert out.intervals[0]["closed"] and "clock" in out.intervals[0]["flags"]
+    assert out.intervals[-1]["covered_s"] == pytest.approx(1.0)
+    assert out.intervals[-1]["delivered_kwh"] == pytest.approx(0.001)
+    assert r.state.open_start == DAY0
+
+
+def test_a_gap_longer_than_the_bound_is_covered_only_up_to_it() -> None:
+    cfg = MeteringConfig(interval_s=60)
+    r = Run(cfg)
+    r.scan(0.0, 0.0)
+    gap = (m.MAX_GAP_INTERVALS + 500) * 60.0
+    out = r.scan(gap, 77.0)
+    assert len(out.intervals) <= m.MAX_GAP_INTERVALS + 2
+    assert r.total("covered_s") == pytest.approx(m.MAX_GAP_INTERVALS * 60.0)
+    assert r.total("delivered_kwh") == pytest.approx(77.0)  # the meter bridges it all
+    assert "clock" in out.intervals[-1]["flags"]
