@@ -22,12 +22,14 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from controller.logs import configure
+from controller.metrics import Metrics
 from controller.runtime import Controller, Status, start_bms_link, stop_bms_link
 from controller.study import ClosedLoop
 from plc_io.modbus import ModbusTransport
-from plc_io.site import Site, demo_site
+from plc_io.site import MetricsConfig, Site, demo_site
 from sim.plc import SimPlc
 
 
@@ -55,10 +57,11 @@ def demo_story_site() -> Site:
 
 BMS_HOST = "127.0.0.1"  # the demo's users and passwords are printed: serve this machine only
 BMS_PORT = 4840
+METRICS_PORT = 9640  # the Prometheus endpoint ([metrics]), another free port when taken
 BMS_ROLES = ("viewer", "operator", "engineer")
 
 
-def bms_port(host: str = BMS_HOST, preferred: int = BMS_PORT) -> int:
+def free_port(host: str = BMS_HOST, preferred: int = BMS_PORT) -> int:
     """`preferred` when it can be bound now, else a free port."""
     for port in (preferred, 0):
         with socket.socket() as s:
@@ -68,17 +71,19 @@ def bms_port(host: str = BMS_HOST, preferred: int = BMS_PORT) -> int:
             except OSError:
                 continue
             return int(s.getsockname()[1])
-    raise OSError(f"no free TCP port on {host} for the BMS server")
+    raise OSError(f"no free TCP port on {host}")
 
 
-def demo_bms_site(site: Site, state_dir: Path, port: int) -> Site:
-    """`site` with its state in `state_dir` and the BMS server on BMS_HOST:`port`."""
-    return site.model_copy(
-        update={
-            "state": site.state.model_copy(update={"dir": str(state_dir)}),
-            "bms": site.bms.model_copy(update={"enabled": True, "host": BMS_HOST, "port": port}),
-        }
-    )
+def demo_bms_site(site: Site, state_dir: Path, port: int, metrics_port: int | None = None) -> Site:
+    """`site` with its state in `state_dir`, the BMS server on BMS_HOST:`port` and, when given,
+    the metrics endpoint on BMS_HOST:`metrics_port`."""
+    update = {
+        "state": site.state.model_copy(update={"dir": str(state_dir)}),
+        "bms": site.bms.model_copy(update={"enabled": True, "host": BMS_HOST, "port": port}),
+    }
+    if metrics_port is not None:
+        update["metrics"] = MetricsConfig(host=BMS_HOST, port=metrics_port)
+    return site.model_copy(update=update)
 
 
 def make_users(site: Site) -> dict[str, str]:
@@ -93,7 +98,7 @@ def make_users(site: Site) -> dict[str, str]:
     return made
 
 
-def status_line(elapsed_s: float, st: Status) -> str:
+def status_line(elapsed_s: float, st: Status, meter: dict[str, Any] | None = None) -> str:
     d = st.decision
     if d is None:
         return "waiting for the first scan"
@@ -104,18 +109,24 @@ def status_line(elapsed_s: float, st: Status) -> str:
         return "  ?  " if x is None else f"{float(x):5.1f}"
 
     ils = ",".join(sorted(d.active)) or "-"
+    billed = ""
+    if meter is not None:
+        a = meter["availability_pct"]
+        billed = f"billed {meter['totals']['delivered_kwh']:7.2f} kWh " + (
+            f"avail {a:5.1f}% " if a is not None else ""
+        )
     return (
         f"t={elapsed_s:7.0f}s {d.mode.value:<17} supply {t('it_supply_temp')} "
         f"return {t('it_return_temp')} tank {t('tank_top_temp')}/{t('tank_bottom_temp')} °C "
-        f"delivered {t('heat_meter_power')} kW valve {float(v['reuse_valve_cmd']):5.1f}% "
+        f"delivered {t('heat_meter_power')} kW {billed}valve {float(v['reuse_valve_cmd']):5.1f}% "
         f"fans {float(v['drycooler_fan_cmd']):5.1f}% link {st.health.state.value} "
         f"interlocks {ils}" + (f" DEGRADED: {'; '.join(st.degraded)}" if st.degraded else "")
     )
 
 
 async def _demo(minutes: float | None, speed: float, state_dir: Path) -> int:
-    port = bms_port()
-    site = demo_bms_site(demo_story_site(), state_dir, port)
+    port = free_port()
+    site = demo_bms_site(demo_story_site(), state_dir, port, free_port(preferred=METRICS_PORT))
     users = make_users(site)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -126,12 +137,17 @@ async def _demo(minutes: float | None, speed: float, state_dir: Path) -> int:
         t0 = loop.time()
         transport = ModbusTransport(site, port=plc.modbus_port)
         ctl = Controller(site, transport)
+        metrics = Metrics(site, ctl)
+        metrics.start()
+        ctl.scan_hooks.append(metrics.on_scan)
+        assert site.metrics is not None
         busy = "" if port == BMS_PORT else f" ({BMS_PORT} is taken)"
         print(
             f"heatloop demo: simulated PLC on Modbus 127.0.0.1:{plc.modbus_port} and OPC UA "
             f"opc.tcp://127.0.0.1:{plc.opcua_port}/, plant ×{speed:g}; Ctrl-C stops\n"
             f"BMS server: opc.tcp://{BMS_HOST}:{port}/heatloop{busy}, Basic256Sha256 Sign or "
             f"SignAndEncrypt; state in {state_dir}\n"
+            f"metrics for Prometheus: http://{BMS_HOST}:{site.metrics.port}/metrics\n"
             "BMS users (shown only now):\n"
             + "".join(f"  {name:<9} password {pw}\n" for name, pw in users.items())
             + f"story: {'; '.join(f'{a.at_s:g} s {a.what}' for a in STORY)}",
@@ -157,7 +173,7 @@ async def _demo(minutes: float | None, speed: float, state_dir: Path) -> int:
                         plc.clear(name, target)
                     else:
                         ctl.reset_trip()
-                print(status_line(now, ctl.status), flush=True)
+                print(status_line(now, ctl.status, ctl.meter_view()), flush=True)
                 bms = ctl.status_view()["bms"]
                 if bms["state"] != bms_state:
                     bms_state = bms["state"]
@@ -168,6 +184,7 @@ async def _demo(minutes: float | None, speed: float, state_dir: Path) -> int:
             stop.set()
             await task
             await stop_bms_link(link)
+            metrics.close()
         st = ctl.status
         print(
             f"stopped after {st.scans} scans, {st.overruns} overruns, "
@@ -175,7 +192,8 @@ async def _demo(minutes: float | None, speed: float, state_dir: Path) -> int:
             flush=True,
         )
     print("\na simulated day of the same site, plant and supervisor in-process (10 s steps):")
-    print("\n".join(ClosedLoop(demo_site(), dt_s=10.0).run(86400.0).lines()), flush=True)
+    day = ClosedLoop(demo_site(), dt_s=10.0, metered=True)
+    print("\n".join([*day.run(86400.0).lines(), *day.metered_lines()]), flush=True)
     return 0
 
 

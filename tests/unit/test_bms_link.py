@@ -563,7 +563,7 @@ def test_the_demo_takes_4840_unless_busy_and_makes_one_user_per_role(tmp_path: P
         s.bind(("127.0.0.1", 0))
         s.listen()
         taken = s.getsockname()[1]
-        other = demo.bms_port("127.0.0.1", taken)
+        other = demo.free_port("127.0.0.1", taken)
         assert other != taken and other > 0
     site = demo.demo_bms_site(demo.demo_story_site(), tmp_path, 4840)
     assert (site.bms.enabled, site.bms.host, site.bms.port) == (True, "127.0.0.1", 4840)
