@@ -529,6 +529,23 @@ def status_lines(st: Mapping[str, object]) -> list[str]:
             line += f"; next due {_when(min(dues))}"
         out += ["", line]
 
+    meter = _map(st.get("meter"))
+    if meter:
+        today, life = _map(meter.get("today")), _map(meter.get("totals"))
+        out += [
+            "",
+            f"meter: billed today {_kwh(today.get('delivered_kwh'))}, since the store was "
+            f"created {_kwh(life.get('delivered_kwh'))}; availability today "
+            f"{_pct(meter.get('availability_today_pct'))}, since created "
+            f"{_pct(meter.get('availability_pct'))}",
+        ]
+        stop = _map(meter.get("open_interruption"))
+        if stop:
+            out.append(
+                f"  interrupted since {_when(stop.get('start_wall'))}: {stop.get('cls')} "
+                f"({stop.get('detail')})"
+            )
+
     link, scan = _map(st.get("link")), _map(st.get("scan"))
     errors = link.get("failures", link.get("errors", 0))
     out += [
@@ -578,6 +595,14 @@ def journal_lines(data: Mapping[str, object]) -> list[str]:
         rows.append((wall if isinstance(wall, (int, float)) else 0.0, line))
     rows.sort(key=lambda r: r[0])
     return [line for _, line in rows]
+
+
+def _kwh(x: object) -> str:
+    return f"{x:.1f} kWh" if isinstance(x, int | float) and not isinstance(x, bool) else "?"
+
+
+def _pct(x: object) -> str:
+    return f"{x:.2f} %" if isinstance(x, int | float) and not isinstance(x, bool) else "n/a"
 
 
 def cmd_status(args: argparse.Namespace) -> int:

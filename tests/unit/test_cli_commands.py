@@ -406,6 +406,25 @@ def test_the_status_page_shows_a_held_heartbeat_and_overdue_proof_tests() -> Non
     assert "proof tests: none overdue; next due" in page
 
 
+def test_the_status_page_shows_the_meter_and_an_interruption_in_progress() -> None:
+    now = STATUS["wall"]
+    meter = {
+        "today": {"delivered_kwh": 12.34},
+        "totals": {"delivered_kwh": 5678.9},
+        "availability_today_pct": 87.5,
+        "availability_pct": None,  # no time yet the customer wanted heat
+        "open_interruption": {"start_wall": now - 60.0, "cls": "trip", "detail": "IL-04 latched"},
+    }
+    page = "\n".join(status_lines({**STATUS, "meter": meter}))
+    assert (
+        "meter: billed today 12.3 kWh, since the store was created 5678.9 kWh; availability "
+        "today 87.50 %, since created n/a" in page
+    )
+    assert "interrupted since " in page and ": trip (IL-04 latched)" in page
+    odd = "\n".join(status_lines({**STATUS, "meter": {"today": "x", "availability_pct": True}}))
+    assert "billed today ?" in odd and "since created n/a" in odd
+
+
 def test_the_status_page_survives_an_empty_or_odd_status() -> None:
     assert status_lines({})[0].startswith("site ?")
     odd = {"mode": 5, "alarms": "x", "outputs": [1], "interlocks": None, "wall": float("nan")}
