@@ -833,7 +833,8 @@ def plot(st: Mapping[str, Any], path: Path) -> None:
     ax2.set_ylabel("availability (%)")
     step = max(1, len(days) // 12)
     ax.set_xticks(x[::step], [d["date"] for d in days][::step], rotation=30, ha="right")
-    title = f"{st['site']}: {st['from'][:10]} to {st['to'][:10]}"
+    last = _days(st["from_wall"], st["to_wall"])[-1]  # the last day in the range, not the end
+    title = f"{st['site']}: {st['from'][:10]} to {last.isoformat()} (UTC days)"
     if st["empty"]:
         title += f" ({empty_line(st)})"
     ax.set_title(title, fontsize=10)
