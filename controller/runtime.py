@@ -330,7 +330,10 @@ class Controller:
         if saved is None:
             return metering.new_state(self.site.metering)
         try:
-            return metering.state_from_json(self.site.metering, saved)
+            # no scan of this process vouches for the time since the saved one: its first scan
+            # covers it as a gap ("controller not running"), however short the restart (the
+            # monotonic clock is system-wide and would pass a kill -9 off as one long scan)
+            return replace(metering.state_from_json(self.site.metering, saved), last_now_s=None)
         except ValueError as e:
             self.log.error("meter_state_discarded", why=str(e))
             self._meter_discarded = str(e)
