@@ -13,7 +13,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from controller.journal import Journal, JournalKeeper
+import pytest
+
+from controller.journal import Journal, JournalKeeper, read_meter
 from controller.modes import Mode
 from controller.runtime import Controller, guarded_safe_outputs, inline
 from controller.supervisor import SupervisorConfig
@@ -663,3 +665,45 @@ async def test_every_supervisor_event_is_logged_in_the_scan_that_raised_it() -> 
         assert [k for k in logged if k in want] == want
         seen |= set(want)
     assert "mode_changed" in seen
+
+
+# ---- the meter in the scan ----
+
+
+async def test_the_meters_rows_go_with_the_scans_commit_and_a_restart_bills_on(
+    tmp_path: Path,
+) -> None:
+    """The meter's open interval is on disk after each scan; a controller started again on
+    the same store carries on from its memory, billing the totaliser's count in between."""
+    clock = FakeClock()
+    path = tmp_path / "heatloop.db"
+    rig = Rig(clock=clock, journal=keeper(path, clock))
+    rig.plc.set("heat_meter_energy", 1000.0)
+    await rig.until_mode(Mode.NORMAL_REUSE)
+    for kwh in (1000.1, 1000.2, 1000.3):  # 0.1 kWh a second: 360 kW, a real meter's pace
+        rig.plc.set("heat_meter_energy", kwh)
+        await rig.scans(4)
+    stored = read_meter(path, 0.0, 4e9)
+    assert sum(r["delivered_kwh"] for r in stored.intervals) == pytest.approx(0.3)
+    await rig.ctl.close_journal()
+    # down for a few seconds while the meter counts on, then started again
+    clock.t += 5.0
+    again = Rig(clock=clock, journal=keeper(path, clock), plc=rig.plc)
+    again.plc.set("heat_meter_energy", 1000.6)  # the new rig set a healthy plant: meter too
+    await again.scans(4)
+    meter = again.ctl.meter_view()
+    assert meter is not None and meter["totals"]["delivered_kwh"] == pytest.approx(0.6)
+    await again.ctl.close_journal()
+    stored = read_meter(path, 0.0, 4e9)
+    assert sum(r["delivered_kwh"] for r in stored.intervals) == pytest.approx(0.6)
+
+
+async def test_a_meter_that_fails_never_stops_the_scan_or_its_outputs() -> None:
+    rig = Rig()
+    await rig.until_mode(Mode.NORMAL_REUSE)
+    rig.ctl.meter = "not a meter state"  # type: ignore[assignment]  # step raises on it
+    rig.plc.set("leak_reuse", True)
+    await rig.scans(2)
+    assert rig.plc.commanded()["reuse_isolation_cmd"] is False  # the trip still acts
+    assert rig.ctl.supervisor.mode is Mode.LEAK_TRIP
+    assert any(n == "scan_error" and d.get("where") == "metering" for _, n, d in rig.trace.items)
