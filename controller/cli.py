@@ -191,7 +191,7 @@ def cmd_study(args: argparse.Namespace) -> int:
     from controller.study import ClosedLoop
 
     site = load_checked_site(args.site)
-    scenario = _scenario(args.scenario)
+    scenario = _scenario(args.scenario, site)
     loop = ClosedLoop(site, seed=args.seed, scenario=scenario, dt_s=args.step, metered=True)
     t0 = time.perf_counter()
     result = loop.run(args.days * 86400.0)
@@ -207,21 +207,24 @@ def cmd_study(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _scenario(path: str | None) -> Scenario | None:
-    """Load a scenario file; a bad one is a UsageError (exit 2)."""
+def _scenario(path: str | None, site: Site) -> Scenario | None:
+    """Load a scenario file and check it against the site's plant; a bad one is a UsageError
+    (exit 2)."""
     if path is None:
         return None
     from sim.scenario import ScenarioError, load_scenario
 
     try:
-        return load_scenario(path)
+        scenario = load_scenario(path)
+        scenario.check_plant(site.plant)
+        return scenario
     except ScenarioError as e:
         raise UsageError(str(e)) from None
 
 
 def cmd_sim_serve(args: argparse.Namespace) -> int:
     site = load_checked_site(args.site)
-    scenario = _scenario(args.scenario)
+    scenario = _scenario(args.scenario, site)
     from sim.serve import run_serve
 
     return run_serve(site, scenario, args.speed)

@@ -68,6 +68,7 @@ class SimPlc:
         self._t0_s = site.sim.start_day * 86400.0
         self._state = plant.initial(site.plant, seed=self.seed, t0_s=self._t0_s, tags=site.tags)
         if scenario is not None:
+            scenario.check_plant(site.plant)  # refused now, not half-way through the run
             self._state = scenario.apply_due(self._state, -1.0, 0.0)  # events at 0 s
         self._plant_cmds = frozenset(plant.COMMAND_TAGS)
         self._safe: dict[str, Value] = {t.name: t.safe for t in site.outputs if t.safe is not None}

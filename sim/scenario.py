@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from plc_io.plant_config import PlantConfig
 from plc_io.site import parse_toml, read_text_file
 
 from . import faults
@@ -53,6 +54,17 @@ class Scenario:
             else:
                 state = faults.clear_all(state)
         return state
+
+    def check_plant(self, params: PlantConfig) -> None:
+        """Refuse an event this plant cannot take (a `meter_replace` reading at or above the
+        meter's rollover count), once before the run, so a run never stops half-way."""
+        rollover_kwh = params.heat_meter_rollover_kwh
+        for e in self.events:
+            if e.action == "inject" and e.name == "meter_replace" and not e.value < rollover_kwh:
+                raise ScenarioError(
+                    f"{self.source}: meter_replace at_s = {e.at_s:g}: value = {e.value!r}: "
+                    f"expected a reading below [plant] heat_meter_rollover_kwh ({rollover_kwh:g})"
+                )
 
 
 def _fail(source: str, index: int, field: str, value: Any, expected: str) -> ScenarioError:

@@ -5,16 +5,18 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
+from controller.cli import main
 from plc_io.codec import decode, encode
 from plc_io.plant_config import PlantConfig
 from plc_io.site import SiteError, demo_site, demo_site_text, loads_site
 from sim import plant
 from sim.faults import FaultError, active, clear, clear_all, inject
 from sim.plc import SimPlc
-from sim.scenario import parse_scenario
+from sim.scenario import ScenarioError, load_scenario, parse_scenario
 from tests.hil.conftest import free_port
 
 RUN = {
@@ -214,3 +216,30 @@ def test_the_simulated_plc_takes_the_swap_by_name() -> None:
         plc.inject("meter_replace", "", 1e8)
     plc.clear("meter_replace")
     assert plc.measured()["heat_meter_energy"] == pytest.approx(0.0)
+
+
+def test_a_scenario_swapping_to_a_reading_beyond_the_rollover_is_refused_before_the_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    site_path = tmp_path / "site.toml"
+    site_path.write_text(_with_plant(heat_meter_rollover_kwh=1000.0), encoding="utf-8")
+    bad = tmp_path / "swap.toml"
+    bad.write_text('[[event]]\nat_s = 3600\nname = "meter_replace"\nvalue = 1500.0\n')
+    scenario = load_scenario(bad)  # a reading is a reading: the file alone is fine
+    with pytest.raises(ScenarioError) as info:
+        scenario.check_plant(loads_site(site_path.read_text()).plant)
+    for word in ("swap.toml", "at_s = 3600", "1500.0", "heat_meter_rollover_kwh (1000)"):
+        assert word in str(info.value), str(info.value)
+    with pytest.raises(ScenarioError, match="1500"):
+        SimPlc(
+            loads_site(site_path.read_text()),
+            scenario=scenario,
+            modbus_port=free_port(),
+            opcua_port=free_port(),
+        )
+    # the command line says so in one line and exits 2 before it serves anything
+    assert main(["sim", "serve", "--site", str(site_path), "--scenario", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "1500.0" in err and "heat_meter_rollover_kwh" in err and "\n" not in err
+    assert main(["study", "--site", str(site_path), "--scenario", str(bad), "--days", "1"]) == 2
+    assert "heat_meter_rollover_kwh" in capsys.readouterr().err
