@@ -6,7 +6,7 @@ against the plant's own truth from the simulated PLC's OPC UA `Sim/Plant` folder
 Two plants, each shared by the tests of its class (one sim and one controller per class, so the
 file stays within its wall-time budget):
 
-- a fast plant (a simulated day in a minute of wall time) with an exact meter: the bill over a
+- a fast plant (a simulated day in 48 s of wall time) with an exact meter: the bill over a
   day against the true delivered heat, then kill -9 of the controller mid-run;
 - a plant whose meter reads 1 % high and starts just below a small rollover count: the bill
   across the rollover and across a meter swap, then a leak trip, a customer outage and a
