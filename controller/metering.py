@@ -179,7 +179,7 @@ class MeterState:
     today_start: float | None  # the UTC day `today` sums (start, wall)
     today: tuple[float, ...]  # sums of the closed intervals of that day
     meter_kwh: float | None  # the last accepted totaliser reading
-    meter_idle_s: float  # seconds since the accepted reading last changed
+    meter_idle_s: float  # seconds heat could flow since the accepted reading last changed
     prev: tuple[float, float, float, float, float]  # kW read at the previous scan: calc, IT
     # power, IT heat, rejected, fans (NaN: unknown)
     tank_kj: float | None  # the buffer tank's content at the last valid reading
@@ -777,7 +777,11 @@ def step(
 
     # ---- the totaliser: billing truth ----
     billed = unbilled = 0.0
-    idle_s = state.meter_idle_s + real_s
+    # the meter counts only while heat flows to the customer: its allowance grows only with
+    # the time flow x dT says heat flowed, or cannot say (unknown, or nobody scanning), so a
+    # meter swapped for one reading higher while the loop stood still is a jump, not a sale
+    could_count = gap or not (calc_kw <= 0.0) or not (state.prev[0] <= 0.0)
+    idle_s = state.meter_idle_s + (real_s if could_count else 0.0)
     rollover = cfg.meter_rollover_kwh
     last = state.meter_kwh
     if not (0.0 <= reading < rollover):  # NaN, bad quality, impossible count: skip it

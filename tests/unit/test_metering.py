@@ -181,6 +181,26 @@ def test_a_jump_beyond_the_meters_largest_power_is_not_billed() -> None:
     assert ev.detail["step_kwh"] == pytest.approx(300.0)
 
 
+def test_a_meter_swapped_higher_while_no_heat_flowed_is_a_jump_not_billed() -> None:
+    """A technician swaps the meter with the loop standing still; the new one reads higher.
+    No heat flowed, so the meter cannot have counted it: however long the loop stood, the
+    step is a jump. With the flow unknown the same step after the same hour is billed."""
+    still = {"customer_flow": 0.0, "customer_supply_temp": 40.0, "customer_return_temp": 40.0}
+    r = Run()
+    r.scan(0.0, 100.0, vals=still)
+    for _ in range(360):  # an hour: at 1000 kW the meter could have counted 1000 kWh
+        r.scan(10.0, 100.0, vals=still)
+    r.scan(10.0, 150.0, vals=still)
+    assert r.total("delivered_kwh") == 0.0 and r.total("unbilled_kwh") == pytest.approx(50.0)
+    assert "meter_jump" in r.kinds() and "METER:TOTALISER" in r.conditions
+    unknown = Run()
+    unknown.scan(0.0, 100.0)
+    for _ in range(360):
+        unknown.scan(10.0, 100.0)
+    unknown.scan(10.0, 150.0)
+    assert unknown.total("delivered_kwh") == pytest.approx(50.0)
+
+
 def test_a_step_just_within_the_allowance_is_billed() -> None:
     r = Run()
     r.scan(0.0, 100.0)
