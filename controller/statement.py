@@ -32,20 +32,10 @@ from controller.metering import (
     availability_excl_planned_pct,
     availability_pct,
 )
+from controller.metering import ENERGIES as ENERGY_KEYS  # an interval row's figures (kWh)
 from interlocks.engine import Event
 
 DAY_S = 86400.0
-# the energy figures of an interval row, summed as they are (kWh)
-ENERGY_KEYS = (
-    "delivered_kwh",
-    "unbilled_kwh",
-    "delivered_calc_kwh",
-    "rejected_kwh",
-    "it_energy_kwh",
-    "it_heat_kwh",
-    "stored_kwh",
-    "fan_kwh",
-)
 REJECTED_METHOD = (
     "estimated: primary flow x rho*cp(T) x (the mix after the reuse valve - the dry-cooler "
     "outlet temperature), scan by scan (docs/metering.md)"
