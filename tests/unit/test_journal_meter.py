@@ -5,12 +5,8 @@ closed interval is final), the keeper merges pending rows by key while the store
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +23,7 @@ from controller.journal import (
     read_meter,
 )
 from interlocks.engine import Event
+from tests.unit.test_store import kill_writer
 
 ROOT = Path(__file__).resolve().parents[2]
 V3 = ROOT / "tests" / "data" / "state" / "v3.db"
@@ -375,25 +372,7 @@ def test_after_kill_9_the_meters_memory_matches_its_rows_and_no_closed_interval_
     tmp_path: Path,
 ) -> None:
     path = tmp_path / "heatloop.db"
-    proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(path), repr(T0), repr(IV)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    try:
-        assert proc.stdout is not None
-        acked = -1
-        while acked < 45:
-            line = proc.stdout.readline()
-            assert line, f"the writer ended early (exit {proc.poll()})"
-            acked = int(line)
-        os.kill(proc.pid, signal.SIGKILL)  # in the middle of later writes
-    finally:
-        proc.kill()
-        proc.wait(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
+    acked = kill_writer(WRITER, str(path), repr(T0), repr(IV), after=45)
     j = open_checked(path)
     n = j.load_state()["meter"]["scan"]
     assert n >= acked  # every acknowledged scan is there

@@ -512,10 +512,11 @@ while True:
 """
 
 
-def test_a_write_that_returned_survives_sigkill_of_its_process(tmp_path: Path) -> None:
-    path = tmp_path / "heatloop.db"
+def kill_writer(script: str, *args: str, after: int) -> int:
+    """Run `script` (it prints each write it has returned from, counting from 0) and SIGKILL it
+    in the middle of later writes once `after` have returned; the last count it printed."""
     proc = subprocess.Popen(
-        [sys.executable, "-c", WRITER, str(path)],
+        [sys.executable, "-c", script, *args],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -524,15 +525,21 @@ def test_a_write_that_returned_survives_sigkill_of_its_process(tmp_path: Path) -
     try:
         assert proc.stdout is not None
         acked = -1
-        while acked < 40:
+        while acked < after:
             line = proc.stdout.readline()
             assert line, f"the writer ended early (exit {proc.poll()})"
             acked = int(line)
-        os.kill(proc.pid, signal.SIGKILL)  # in the middle of later writes
+        os.kill(proc.pid, signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
+    return acked
+
+
+def test_a_write_that_returned_survives_sigkill_of_its_process(tmp_path: Path) -> None:
+    path = tmp_path / "heatloop.db"
+    acked = kill_writer(WRITER, str(path), after=40)
     j = open_checked(path)  # the store is whole (the log is recovered, the checks pass)
     seq = j.load_state()["seq"]
     assert isinstance(seq, int) and seq >= acked  # every acknowledged write is there
