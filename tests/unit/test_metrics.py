@@ -280,6 +280,16 @@ async def test_every_metric_the_dashboard_uses_is_served(rig: tuple[Rig, Metrics
     assert isinstance(dash.get("schemaVersion"), int) and dash.get("panels")
     variables = [v["name"] for v in dash["templating"]["list"]]
     assert "instance" in variables
+    # what Grafana needs to lay out and query every panel: unique ids, a place, a data source
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        assert {"h", "w", "x", "y"} <= set(p["gridPos"]) and p["gridPos"]["x"] + p["gridPos"][
+            "w"
+        ] <= 24
+        if p["type"] != "row":
+            assert p["datasource"]["uid"] == "${datasource}" and p["targets"], p["title"]
+            assert all(t["refId"] and t["expr"] for t in p["targets"]), p["title"]
     used = {name for e in exprs(dash) for name in METRIC.findall(e)}
     assert len(used) >= 15, used
     assert used <= served, f"not served: {sorted(used - served)}"
