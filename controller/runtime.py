@@ -198,14 +198,26 @@ def command_row(e: Event) -> tuple[Any, ...]:
     )
 
 
-def _merge_meter(old: MeterWrite | None, new: MeterWrite) -> MeterWrite:
+@dataclass(frozen=True)
+class _MeterRows:
+    """The meter's rows for the next commit and its newest memory (made JSON in the store's
+    thread, after the scan: the scan only hands over references)."""
+
+    intervals: tuple[Mapping[str, Any], ...]
+    interruptions: tuple[Mapping[str, Any], ...]
+    memory: metering.MeterState
+
+    def write(self) -> MeterWrite:
+        return MeterWrite(self.intervals, self.interruptions, metering.state_to_json(self.memory))
+
+
+def _merge_meter(old: _MeterRows | None, new: _MeterRows) -> _MeterRows:
     """`new` over `old`, row by row (interval start, interruption id), and the newer memory."""
     if old is None:
         return new
     intervals = {r["start_wall"]: r for r in (*old.intervals, *new.intervals)}
     stops = {r["id"]: r for r in (*old.interruptions, *new.interruptions)}
-    state = new.state if new.state is not None else old.state
-    return MeterWrite(tuple(intervals.values()), tuple(stops.values()), state)
+    return _MeterRows(tuple(intervals.values()), tuple(stops.values()), new.memory)
 
 
 class Controller:
@@ -264,7 +276,7 @@ class Controller:
         # the meter (controller.metering): off only for a benchmark's baseline
         self._meter_discarded: str | None = None  # why the saved meter could not be restored
         self.meter = self._restore_meter(restored) if metering else None
-        self._meter_pending: MeterWrite | None = None  # rows for the next commit, newest per key
+        self._meter_pending: _MeterRows | None = None  # for the next commit, newest per key
         self._last_passed: dict[str, float] = {}
         self._proof_next = -float("inf")  # monotonic time of the next schedule evaluation
         self._filings = 0  # commissioning records being filed or waiting
@@ -946,7 +958,7 @@ class Controller:
                 result.commands,
                 wall,
             )
-            write = MeterWrite(out.intervals, out.interruptions, metering.state_to_json(self.meter))
+            rows = _MeterRows(out.intervals, out.interruptions, self.meter)
         except Exception as e:
             self._note_scan_error("metering", e)
             return notes
@@ -955,7 +967,7 @@ class Controller:
             self.core.meter_conditions = conditions
             self._new_core_built = True  # the recorder's replay follows the alarm inputs
         if self.journal is not None:  # nothing to keep rows for without a store
-            self._meter_pending = _merge_meter(self._meter_pending, write)
+            self._meter_pending = _merge_meter(self._meter_pending, rows)
         return [*notes, *out.events]
 
     def _snapshot_if_due(self, wall: float) -> None:
@@ -1001,14 +1013,16 @@ class Controller:
         batch: list[Event],
         latched: frozenset[str],
         state: dict[str, Any] | None,
-        meter: MeterWrite | None = None,
+        meter: _MeterRows | None = None,
     ) -> None:
         """The journal's work for one commit (in the worker thread): events, the latch set,
         the durable state, the answered requests and the meter's rows, in one transaction."""
         assert self.journal is not None
         events = [e for e in batch if e.kind != COMMAND]
         commands = [command_row(e) for e in batch if e.kind == COMMAND]
-        self.journal.record(events, latched, state, commands, meter=meter)
+        self.journal.record(
+            events, latched, state, commands, meter=meter.write() if meter is not None else None
+        )
 
     def _latched(self) -> frozenset[str]:
         d = self.status.decision
@@ -1071,8 +1085,11 @@ class Controller:
             fut = asyncio.ensure_future(
                 self.offload(partial(self._store, batch, latched, state, meter))
             )
-            wait_s = self.persist_wait_s if urgent else 0.0
-            await asyncio.wait_for(asyncio.shield(fut), timeout=wait_s)
+            if not urgent:
+                # answers and the meter's rows hold no scan: the commit starts when the scan
+                # is over and the loop idles (no await here, so it never takes the GIL mid-scan)
+                raise TimeoutError
+            await asyncio.wait_for(asyncio.shield(fut), timeout=self.persist_wait_s)
         except TimeoutError:
             # slow storage: let the commit finish on its own; the next scans go on
             self._inflight, self._inflight_events, self._inflight_told = fut, batch, already

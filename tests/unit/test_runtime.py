@@ -171,6 +171,7 @@ class Rig:
             wiggle(self.plc, self.clock)
             await self.ctl.scan_once()
             self.clock.t += PERIOD_S
+            await asyncio.sleep(0)  # the loop idles between scans, as in the service
 
     async def until_mode(self, mode: Mode, max_scans: int = 200) -> None:
         for _ in range(max_scans):
