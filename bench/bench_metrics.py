@@ -26,7 +26,6 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import structlog
 from prometheus_client.parser import text_string_to_metric_families
@@ -36,44 +35,16 @@ from controller.metrics import Metrics
 from controller.runtime import Controller, Status
 from plc_io.memory import MemoryPlc, MemoryTransport
 from plc_io.site import MetricsConfig, Site, demo_site
+from tests.unit.core_helpers import HEALTHY
 
 TARGET_RATIO = 1.1
 SCANS = int(os.environ.get("HEATLOOP_BENCH_METRICS_SCANS", "400"))  # per arm
 BLOCKS = 4  # alternating blocks per arm
 SCRAPE_EVERY_S = 1.0
 
-# a healthy plant: the customer takes heat, so the controller reaches NORMAL_REUSE and the meter
-# accounts delivered energy every scan
-PLANT: dict[str, float | bool] = {
-    "it_supply_temp": 35.0,
-    "it_return_temp": 45.0,
-    "primary_flow": 18.0,
-    "primary_pressure": 2.5,
-    "hx_primary_out_temp": 40.0,
-    "hx_secondary_in_temp": 38.0,
-    "hx_secondary_out_temp": 43.0,
-    "secondary_flow": 15.0,
-    "secondary_pressure": 2.0,
-    "tank_top_temp": 45.0,
-    "tank_mid_temp": 42.0,
-    "tank_bottom_temp": 38.0,
-    "customer_supply_temp": 44.0,
-    "customer_return_temp": 30.0,
-    "customer_flow": 10.0,
-    "drycooler_out_temp": 35.0,
-    "ambient_temp": 15.0,
-    "it_power": 200.0,
-    "heat_meter_power": 120.0,
-    "heat_meter_energy": 1000.0,
-    "reuse_valve_pos": 50.0,
-    "leak_primary": False,
-    "leak_reuse": False,
-    "customer_ready": True,
-    "primary_pump_a_running": True,
-    "primary_pump_b_running": False,
-    "secondary_pump_running": True,
-    "drycooler_fault": False,
-}
+# a healthy plant (the core tests' own): the customer takes heat, so the controller reaches
+# NORMAL_REUSE and the meter accounts delivered energy every scan
+PLANT = HEALTHY
 
 
 def _free_port() -> int:
@@ -108,7 +79,7 @@ class _Plant:
         self.period_s = period_s
         self.n = 0
         self.energy = float(PLANT["heat_meter_energy"])
-        plc.set_many(PLANT)
+        plc.set_many({k: v for k, v in PLANT.items() if k in plc.measured()})
 
     def __call__(self, st: Status) -> None:
         self.n += 1
@@ -130,12 +101,9 @@ class _Plant:
 
 def _controller(site: Site, folder: Path, metered: bool) -> tuple[Controller, MemoryPlc]:
     plc = MemoryPlc(site)
-    kw: dict[str, Any] = {}
-    if "metering" in inspect.signature(Controller.__init__).parameters:
-        kw["metering"] = metered
     folder.mkdir(parents=True, exist_ok=True)
     journal = JournalKeeper(folder / "heatloop.db")
-    ctl = Controller(site, MemoryTransport(site, plc), journal=journal, **kw)
+    ctl = Controller(site, MemoryTransport(site, plc), journal=journal, metering=metered)
     ctl.scan_hooks.append(_Plant(plc, site.scan.period_s))
     return ctl, plc
 
